@@ -1,0 +1,1 @@
+"""Rollout actors, their engines and the sample records they produce."""

@@ -1,0 +1,58 @@
+"""The record that crosses process boundaries: one sampled answer, and how it is grouped.
+
+A rollout actor returns `Sample`s, reward workers fill in `reward` and `reward_breakdown`,
+the driver turns them into a train batch. Token arrays travel as numpy arrays (never lists
+of floats) so Ray moves them without pickling per element.
+
+Invariants (checked by `Sample.__post_init__` and `check_groups`):
+- `len(logprobs) == len(response_ids)`: one sampling log-prob per generated token;
+- `finish_reason` is "stop" (stop string or end of sequence) or "length" (truncated);
+- every group holds exactly G samples of one prompt, made by one weight version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    prompt_id: str
+    """Id of the task problem this answers; the G samples of a group share it."""
+    prompt_ids: np.ndarray
+    """int32 [P]: the prompt's token ids as the engine saw them."""
+    response_ids: np.ndarray
+    """int32 [R]: generated token ids, stop string included."""
+    logprobs: np.ndarray
+    """float32 [R]: the engine's log-prob of each generated token (at the sampling temperature)."""
+    text: str
+    """The decoded response."""
+    finish_reason: str
+    """ "stop" or "length" (hit max_new_tokens: the answer is truncated)."""
+    weight_version: int
+    """Version of the policy weights that generated it (0 = the initial model)."""
+    reward: float = 0.0
+    """Total reward, filled in by a reward worker."""
+    reward_breakdown: dict[str, float] = field(default_factory=dict)
+    """Named reward components (e.g. correct, format) before weighting."""
+
+    def __post_init__(self) -> None:
+        if len(self.logprobs) != len(self.response_ids):
+            raise ValueError(f"sample {self.prompt_id}: {len(self.logprobs)} log-probs for "
+                             f"{len(self.response_ids)} response tokens")
+        if self.finish_reason not in ("stop", "length"):
+            raise ValueError(f"sample {self.prompt_id}: finish_reason {self.finish_reason!r} "
+                             "is not 'stop' or 'length'")
+
+
+def check_groups(samples: list[Sample], group_size: int) -> None:
+    """Raise unless `samples` is contiguous groups of `group_size`, one prompt and version each."""
+    if len(samples) % group_size:
+        raise ValueError(f"{len(samples)} samples do not form groups of {group_size}")
+    for start in range(0, len(samples), group_size):
+        group = samples[start:start + group_size]
+        if len({s.prompt_id for s in group}) != 1 or len({s.weight_version for s in group}) != 1:
+            raise ValueError(f"group at {start} mixes prompts or weight versions: "
+                             f"{[(s.prompt_id, s.weight_version) for s in group]}")

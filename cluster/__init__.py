@@ -1,0 +1,1 @@
+"""The driver, config, placement, weight sync and logging."""

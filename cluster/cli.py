@@ -1,0 +1,27 @@
+"""The `r1ray` command: `r1ray train [--config X] [key=value ...]`.
+
+Subcommands dispatch with a plain `if` so every entry point can be found with grep.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: r1ray train [--config FILE] [key=value ...]\n\n"
+              "  train   cold-start SFT then GRPO on a local or remote Ray cluster")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from cluster.train import main as train_main
+
+        return train_main(rest)
+    print(f"r1ray: unknown command {command!r}; valid: train", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The typed configuration tree: frozen dataclasses, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("configs/default.yaml", ["learner.lr=1e-5", "algorithm.group_size=4"])
+
+One group per component; each component receives only its own group. Every field carries
+a docstring and, where it has one, its valid range or set in `metadata`, which `load_config`
+checks once, with errors that name the dotted key, the bad value and what would be valid.
+Unknown keys are errors. Cross-field checks and derived sizes live in `Config.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
+       hi: float | None = None, lo_open: bool = False) -> Any:
+    """A field with its valid set (`choices`) or range (`lo`..`hi`, `lo_open` excludes lo)."""
+    return field(default=default, metadata=dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("tiny")
+    """An HF model folder, or "tiny" for a Llama built on the fly from the fields below."""
+    hidden_size: int = _f(128, lo=32)
+    """Tiny model only: width (head size = hidden_size / num_heads must be a multiple of 32)."""
+    num_layers: int = _f(4, lo=1)
+    """Tiny model only: transformer blocks."""
+    num_heads: int = _f(4, lo=1)
+    """Tiny model only: attention heads."""
+    intermediate_size: int = _f(512, lo=1)
+    """Tiny model only: MLP width."""
+    init_seed: int = _f(0)
+    """Tiny model only: seed of the random initialisation."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = _f("arithmetic", choices=("arithmetic",))
+    """Which verifiable task supplies prompts and checks answers."""
+    min_digits: int = _f(1, lo=1, hi=12)
+    """Smallest number of digits of an operand."""
+    max_digits: int = _f(2, lo=1, hi=12)
+    """Largest number of digits of an operand."""
+    num_operands: int = _f(2, lo=2, hi=6)
+    """Operands per problem."""
+    operation: str = _f("+", choices=("+", "-"))
+    """The arithmetic operation."""
+    eval_prompts: int = _f(200, lo=0)
+    """Held-out prompts scored greedily before and after RL (0 to skip)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_cpus: float = _f(0.9, lo=0.0, lo_open=True)
+    """CPUs reserved for the rollout actor (fractions let it share a core)."""
+    threads: int = _f(2, lo=1)
+    """Compute threads of the engine; they run while the learner idles."""
+    temperature: float = _f(1.0, lo=0.0, lo_open=True)
+    """Sampling temperature; the learner divides its logits by the same value."""
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = _f(48, lo=1)
+    """Longest answer; longer ones stop with finish reason "length"."""
+    max_model_len: int = _f(256, lo=16)
+    """Prompt plus answer tokens the engine holds per sequence."""
+    kv_cache_gib: int = _f(1, lo=1)
+    """KV-cache memory of the CPU engine."""
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    num_workers: int = _f(1, lo=1)
+    """Reward worker actors; a step's samples are split among them."""
+    num_cpus: float = _f(0.1, lo=0.0, lo_open=True)
+    """CPUs reserved per reward worker."""
+    correct_weight: float = _f(1.0, lo=0.0)
+    """Weight of the task checker's score (1 correct, 0 wrong)."""
+    format_weight: float = _f(0.1, lo=0.0)
+    """Weight of the R1 format score (<think>..</think><answer>..</answer>)."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = _f(1, lo=1)
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    num_cpus: float = _f(1.0, lo=0.0, lo_open=True)
+    """CPUs reserved per learner rank."""
+    threads: int = _f(2, lo=1)
+    """Torch compute threads per rank."""
+    zero_stage: int = _f(2, choices=(1, 2, 3))
+    """DeepSpeed ZeRO stage."""
+    dtype: str = _f("float32", choices=("float32", "bfloat16"))
+    """Training precision (fp16 is not supported on CPU)."""
+    lr: float = _f(5e-4, lo=0.0, lo_open=True)
+    """Peak learning rate of the RL stage."""
+    warmup_steps: int = _f(0, lo=0)
+    """Linear warm-up steps of the learning rate."""
+    weight_decay: float = _f(0.0, lo=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = _f(1.0, lo=0.0)
+    """Gradient norm clip (0 disables)."""
+    micro_batch_size: int = _f(64, lo=1)
+    """Sequences per forward/backward on one rank; gradients accumulate over the rest."""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    steps: int = _f(60, lo=0)
+    """GRPO steps."""
+    prompts_per_step: int = _f(16, lo=1)
+    """B: prompts sampled per step."""
+    group_size: int = _f(8, lo=2)
+    """G: answers sampled per prompt; advantages are relative within a group."""
+    clip_low: float = _f(0.2, lo=0.0, hi=1.0)
+    """PPO clip below 1 (ratio >= 1 - clip_low)."""
+    clip_high: float = _f(0.2, lo=0.0)
+    """PPO clip above 1 (ratio <= 1 + clip_high); larger than clip_low is "clip-higher"."""
+    kl_beta: float = _f(0.0, lo=0.0)
+    """Weight of the k3 KL penalty to the frozen reference (0: no reference model)."""
+    aggregation: str = _f("token", choices=("token", "sequence"))
+    """Average the loss over all tokens of the batch, or per sequence then over sequences."""
+    updates_per_step: int = _f(1, lo=1)
+    """Optimizer steps per batch (mini-batches); 1 is exactly on-policy and never clips."""
+    normalize_std: bool = _f(True)
+    """Divide advantages by the group's standard deviation."""
+    seed: int = _f(0)
+    """Seed of prompt sampling, engine sampling and the learner."""
+
+
+@dataclass(frozen=True)
+class ColdStartConfig:
+    steps: int = _f(60, lo=0)
+    """SFT optimizer steps on reference reasoning traces before RL (0 skips)."""
+    batch_size: int = _f(64, lo=1)
+    """Traces per SFT step."""
+    lr: float = _f(3e-3, lo=0.0, lo_open=True)
+    """SFT learning rate (constant)."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = _f("local")
+    """Ray address: "local" starts a private single-node cluster; "auto" or host:port joins one."""
+    num_cpus: int = _f(2, lo=1)
+    """CPUs of the local cluster (ignored when joining one)."""
+    cache_dir: str = _f("~/.cache/r1ray")
+    """Built models and other reusable artefacts."""
+    runs_dir: str = _f("runs")
+    """Each run writes a folder here (metrics.jsonl, config, final model)."""
+    timeout_s: float = _f(600.0, lo=0.0, lo_open=True)
+    """Longest wait for any remote call before the run fails with a clear error."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb_mode: str = _f("offline", choices=("online", "offline", "disabled"))
+    """W&B mode: online needs an API key; offline writes a local run folder to sync later."""
+    project: str = _f("r1ray")
+    """W&B project."""
+    run_name: str = _f("")
+    """Run name; empty picks one from the time."""
+    progress: bool = _f(True)
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.task.min_digits > self.task.max_digits:
+            raise ConfigError(f"task.min_digits={self.task.min_digits} must be <= "
+                              f"task.max_digits={self.task.max_digits}")
+        if self.model.path == "tiny" and (self.model.hidden_size % self.model.num_heads
+                                          or (self.model.hidden_size // self.model.num_heads) % 32):
+            raise ConfigError(f"model.hidden_size={self.model.hidden_size} / model.num_heads="
+                              f"{self.model.num_heads} must be a whole multiple of 32 "
+                              "(head sizes the CPU attention kernels support)")
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
+                              f"rollout.max_model_len={self.rollout.max_model_len}")
+        parts = self.learner.num_ranks * self.algorithm.updates_per_step
+        if self.samples_per_step % parts:
+            raise ConfigError(f"samples per step (algorithm.prompts_per_step * group_size = "
+                              f"{self.samples_per_step}) must divide evenly over learner.num_ranks="
+                              f"{self.learner.num_ranks} x algorithm.updates_per_step="
+                              f"{self.algorithm.updates_per_step}")
+
+    @property
+    def samples_per_step(self) -> int:
+        """B * G: sequences generated, scored and learned from per step."""
+        return self.algorithm.prompts_per_step * self.algorithm.group_size
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/command-line value to the field's type, or raise naming the key."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        try:
+            number = float(value)  # YAML reads 1e-5 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
+        if typ is int and not number.is_integer():
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return typ(number)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    low_bad = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    if low_bad or (hi is not None and value > hi):
+        left = "(" if meta.get("lo_open") else "["
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"{key}={value!r} is out of range; valid: {rng}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    """Build dataclass `cls` from a nested dict, checking names, types and ranges."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key, typ = prefix + name, hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ)
+            _check_range(key, kwargs[name], fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a group")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load `path` (YAML; None for the built-in defaults), apply `key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-5")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return _build(Config, tree, "")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as a plain nested dict (for YAML dumps and W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings of a config dataclass, read from its source (for `--help`)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+

@@ -1,0 +1,76 @@
+"""Metrics: every RL step goes to `metrics.jsonl` in the run folder and to W&B.
+
+Names are `/`-namespaced and identical in both places (`reward/mean`, `timing/generate`,
+...), one JSON object per step with its `step`. W&B runs online with an API key, offline by
+default (a local folder under the run folder, `wandb sync` uploads it later) or disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cluster.config import LoggingConfig
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, total_steps: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.wandb = None
+        if cfg.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir),
+                                    mode=cfg.wandb_mode, config=config)
+        self.bar = None
+        if cfg.progress and total_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Record one step's metrics (must include "step")."""
+        record = {"step": int(metrics["step"]), "time": time.time(), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",
+                                 acc=f"{metrics.get('reward/correct', 0):.2f}", refresh=False)
+            self.bar.update(1)
+
+    def summary(self, values: dict[str, float]) -> None:
+        """Run-level results (e.g. accuracy before/after), written to W&B's summary."""
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:
+    """Reward, accuracy, format and length statistics of one step's scored samples."""
+    import numpy as np
+
+    rewards = np.array([s.reward for s in samples], dtype=np.float64)  # [N]
+    lengths = np.array([len(s.response_ids) for s in samples], dtype=np.float64)  # [N]
+    groups = rewards.reshape(-1, group_size)  # [B, G]
+    out = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/clipped_fraction": float(np.mean([s.finish_reason == "length" for s in samples])),
+        # Groups whose answers all score the same have zero advantage: they teach nothing.
+        "groups/all_equal_fraction": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+    }
+    for name in samples[0].reward_breakdown:
+        out[f"reward/{name}"] = float(np.mean([s.reward_breakdown[name] for s in samples]))
+    return out

@@ -1,0 +1,268 @@
+"""The driver: cold-start SFT, then GRPO, on a local or remote Ray cluster.
+
+    r1ray train [--config configs/default.yaml] [key=value ...]
+    python -m cluster.train --config configs/default.yaml learner.lr=1e-4   # same code; a
+                                                    # `ray job submit` entrypoint
+
+One GRPO step (`train`, below): sample B prompts -> the rollout actor returns B*G answers ->
+reward workers score them -> group-relative advantages -> the learner ranks take an
+optimizer step -> the new weights go to the rollout actor -> metrics are logged. The run
+folder (printed at start and end) holds config.yaml, metrics.jsonl, results.json, the W&B
+offline run and the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster import placement
+from cluster.config import Config, ConfigError, load_config, to_dict
+from cluster.metrics import MetricsLogger, rollout_metrics
+from cluster.weight_sync import WeightSyncError, check_sync, sync_weights
+from rewards.arithmetic import ArithmeticTask, Problem
+from rewards.format import STOP_STRINGS, render_prompt
+
+
+@dataclass
+class Actors:
+    learners: list
+    rollout: Any
+    rewarders: list
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run cold-start SFT then `algorithm.steps` GRPO steps; returns the run's results."""
+    import ray
+    import torch
+
+    from learner.grpo import group_advantages
+
+    model_path = resolve_model(cfg)
+    placement.connect(cfg)
+    placement.check_fits(cfg)
+    run_dir = _make_run_dir(cfg)
+    print(f"r1ray: run folder {run_dir}", flush=True)
+    actors = start_actors(cfg, model_path)
+    task, timeout = _task(cfg), cfg.cluster.timeout_s
+    eval_set = task.problems(cfg.algorithm.seed, cfg.task.eval_prompts, "eval")
+    rng = random.Random(cfg.algorithm.seed)
+    results = {"accuracy/initial": evaluate(cfg, actors, eval_set)}
+    version = cold_start(cfg, actors, task, model_path, rng)
+    results["accuracy/before_rl"] = evaluate(cfg, actors, eval_set)
+    logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps)
+    G = cfg.algorithm.group_size
+    for step in range(1, cfg.algorithm.steps + 1):
+        timings: dict[str, float] = {}
+        problems = task.sample(rng, cfg.algorithm.prompts_per_step)
+        with _timed(timings, "generate"):
+            samples = ray.get(actors.rollout.generate.remote(
+                [p.id for p in problems], [render_prompt(p.prompt) for p in problems], G,
+                seed=cfg.algorithm.seed + 1000 * step, stop=STOP_STRINGS), timeout=timeout)
+        with _timed(timings, "reward"):
+            score(actors.rewarders, samples, [p.answer for p in problems for _ in range(G)], timeout)
+        rewards = torch.tensor([s.reward for s in samples])  # [N]
+        advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
+        with _timed(timings, "learn"):
+            learned = learn(actors.learners, samples, advantages.numpy(), lr_at(cfg, step),
+                            cfg.algorithm.updates_per_step, timeout)
+        version += 1
+        synced = sync_weights(actors.learners, [actors.rollout], version, timeout)
+        logger.log({"step": step, **rollout_metrics(samples, G), **learned, **synced,
+                    "learner/lr": lr_at(cfg, step), **{f"timing/{k}": v for k, v in timings.items()}})
+    results["accuracy/after_rl"] = evaluate(cfg, actors, eval_set)
+    ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
+            timeout=timeout)
+    _finish(run_dir, logger, results)
+    return results
+
+
+# ---- the phases the loop calls ---------------------------------------------------------------
+
+def start_actors(cfg: Config, model_path: str) -> Actors:
+    """Create the learner ranks (packed in a placement group), the rollout actor, reward workers."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.rollout import RolloutActor
+    from actors.vllm_engine import vllm_env
+    from learner.learner import Learner
+    from rewards.worker import RewardWorker
+
+    pg = placement.learner_group(cfg)
+    port = placement.free_port()
+    learner_env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "DS_ACCELERATOR": "cpu",
+                   "TORCH_EXTENSIONS_DIR": str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions")}
+    learners = [
+        ray.remote(Learner).options(
+            num_cpus=cfg.learner.num_cpus, runtime_env={"env_vars": learner_env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        ).remote(model_path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank, "127.0.0.1", port)
+        for rank in range(cfg.learner.num_ranks)
+    ]
+    rollout = ray.remote(RolloutActor).options(
+        num_cpus=cfg.rollout.num_cpus, runtime_env={"env_vars": vllm_env(cfg.rollout)},
+    ).remote(model_path, cfg.rollout, cfg.algorithm.seed)
+    rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.rewards.num_cpus).remote(cfg.rewards)
+                 for _ in range(cfg.rewards.num_workers)]
+    # Constructors run remotely: wait for them here so a failure surfaces at start-up.
+    ready = [a.__ray_ready__.remote() for a in [*learners, rollout, *rewarders]]
+    ray.get(ready, timeout=cfg.cluster.timeout_s)
+    return Actors(learners, rollout, rewarders)
+
+
+def score(rewarders: list, samples: list, answers: list[str], timeout: float) -> None:
+    """Fill in each sample's reward and breakdown, splitting the batch over the workers."""
+    import ray
+
+    chunks = np.array_split(np.arange(len(samples)), len(rewarders))
+    futures = [w.score.remote([samples[i].text for i in idx], [answers[i] for i in idx])
+               for w, idx in zip(rewarders, chunks)]
+    for idx, scores in zip(chunks, ray.get(futures, timeout=timeout)):
+        for i, s in zip(idx, scores):
+            samples[i].reward, samples[i].reward_breakdown = s.reward, s.breakdown
+
+
+def learn(learners: list, samples: list, advantages: np.ndarray, lr: float, updates: int,
+          timeout: float) -> dict[str, float]:
+    """One GRPO optimizer step (or `updates` of them) over the batch, sharded across ranks."""
+    import ray
+
+    from learner.batch import collate
+
+    batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=0,
+                    advantages=advantages, sampling_logprobs=[s.logprobs for s in samples])
+    shards = batch.split(len(learners))
+    per_rank = ray.get([l.train_step.remote(shard, lr, updates) for l, shard in zip(learners, shards)],
+                       timeout=timeout)
+    return {f"learner/{k}": float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
+
+
+def evaluate(cfg: Config, actors: Actors, problems: list[Problem]) -> float:
+    """Greedy accuracy of the rollout engine's current weights on held-out problems."""
+    import ray
+
+    if not problems:
+        return float("nan")
+    samples = ray.get(actors.rollout.generate.remote(
+        [p.id for p in problems], [render_prompt(p.prompt) for p in problems], 1,
+        seed=cfg.algorithm.seed, stop=STOP_STRINGS, greedy=True), timeout=cfg.cluster.timeout_s)
+    score(actors.rewarders, samples, [p.answer for p in problems], cfg.cluster.timeout_s)
+    return float(np.mean([s.reward_breakdown["correct"] for s in samples]))
+
+
+def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: str,
+               rng: random.Random) -> int:
+    """SFT on the task's reference traces so the policy is sometimes right; returns the version."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from learner.batch import collate
+
+    if cfg.cold_start.steps == 0:
+        return 0
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    for _ in range(cfg.cold_start.steps):
+        problems = task.sample(rng, cfg.cold_start.batch_size)
+        prompts = [np.asarray(tokenizer(render_prompt(p.prompt))["input_ids"]) for p in problems]
+        traces = [np.asarray(tokenizer(task.reference_trace(p), add_special_tokens=False)["input_ids"])
+                  for p in problems]
+        shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
+        ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
+                timeout=cfg.cluster.timeout_s)
+    sync_weights(actors.learners, [actors.rollout], 1, cfg.cluster.timeout_s)
+    fixed = prompts[0]
+    check_sync(actors.learners, [actors.rollout], np.concatenate([fixed, traces[0]]),
+               cfg.learner.dtype, cfg.cluster.timeout_s)
+    return 1
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Constant learning rate after a linear warm-up over `learner.warmup_steps`."""
+    warm = cfg.learner.warmup_steps
+    return cfg.learner.lr * (min(1.0, step / warm) if warm else 1.0)
+
+
+def resolve_model(cfg: Config) -> str:
+    """The policy's HF folder: built on first use for "tiny", else checked to exist."""
+    from learner.models import TinyLlamaSpec, tiny_llama_path
+
+    m = cfg.model
+    if m.path == "tiny":
+        spec = TinyLlamaSpec(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                             intermediate_size=m.intermediate_size, seed=m.init_seed,
+                             max_position_embeddings=cfg.rollout.max_model_len)
+        return str(tiny_llama_path(spec, cfg.cluster.cache_dir))
+    path = Path(m.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={m.path!r} is not a Hugging Face model folder "
+                          f"(no {path / 'config.json'}); give a local folder or \"tiny\"")
+    return str(path.resolve())
+
+
+def _task(cfg: Config) -> ArithmeticTask:
+    t = cfg.task
+    return ArithmeticTask(min_digits=t.min_digits, max_digits=t.max_digits,
+                          num_operands=t.num_operands, operation=t.operation)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def _make_run_dir(cfg: Config) -> Path:
+    import yaml
+
+    name = cfg.logging.run_name or time.strftime("grpo-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.cluster.runs_dir).expanduser().resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float]) -> None:
+    logger.summary(results)
+    logger.close()
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print("r1ray: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
+    print(f"r1ray: run folder {run_dir}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1ray train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. learner.lr=1e-5")
+    args = parser.parse_args(argv)
+    import ray
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, placement.ClusterError, WeightSyncError) as err:
+        print(f"r1ray: error: {err}", file=sys.stderr)
+        return 2
+    except ray.exceptions.GetTimeoutError:
+        print(f"r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
+        return 1
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Learner: the process that owns the policy weights and the optimizer."""

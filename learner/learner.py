@@ -1,0 +1,216 @@
+"""The learner: one DeepSpeed ZeRO rank per Ray actor; GRPO and SFT optimizer steps.
+
+Each rank holds a DeepSpeed engine over the policy (ZeRO stage 1, 2 or 3; fp32 or bf16; the
+CPU accelerator with gloo on CPU machines) and, when the KL penalty is on, a frozen
+reference copy of the initial policy. The driver sends each rank its shard of the batch;
+gradients are averaged across ranks by DeepSpeed.
+
+Loss normalisation across micro-batches and ranks: every micro-batch's loss is weighted by
+its share of the optimizer step's tokens (or sequences, for sequence aggregation), counted
+over all ranks, so the accumulated gradient equals that of the whole batch at once, however
+it is cut. DeepSpeed's own 1/gas scaling is switched off for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cluster.config import AlgorithmConfig, LearnerConfig
+from learner.batch import TrainBatch
+
+
+class Learner:
+    """One data-parallel rank. Create `num_ranks` of these as Ray actors (see cluster/placement)."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
+                 temperature: float, rank: int, master_addr: str, master_port: int):
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cpu")
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(algo.seed)
+        self.cfg, self.algo, self.temperature, self.rank = cfg, algo, temperature, rank
+        self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.reference = None
+        if algo.kl_beta > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            self.reference.requires_grad_(False)
+        # A torch optimizer: DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self._ds_config())
+
+    def _ds_config(self) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # the real sizes are ours; see module docstring
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "bf16": {"enabled": self.cfg.dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    # ---- one optimizer step -------------------------------------------------------------
+
+    def train_step(self, shard: TrainBatch, lr: float, num_updates: int = 1) -> dict[str, float]:
+        """GRPO on this rank's shard: `num_updates` optimizer steps over equal mini-batches.
+
+        With one update the old policy is the current one (ratio 1, exact on-policy gradient);
+        with several, old log-probs are computed once before the first update.
+        """
+        import torch
+
+        from learner import grpo
+
+        plan = self._plan(shard, num_updates)
+        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1)
+        metrics: dict[str, list[float]] = {}
+        for mini, mini_fixed in zip(plan, fixed):
+            total = self._global_count(mini)
+            for micro, (old, ref) in zip(mini, mini_fixed):
+                logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
+                loss, stats = grpo.policy_loss(
+                    logprobs, logprobs.detach() if old is None else old,
+                    torch.tensor(micro.advantages), torch.tensor(micro.loss_mask),
+                    clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
+                    kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy)
+                share = self._count(micro) / total * self.cfg.num_ranks
+                self.engine.backward(loss * share, scale_wrt_gas=False)
+                stats["logprob_gap"] = _masked_abs_diff(logprobs, micro)
+                for k, v in stats.items():
+                    metrics.setdefault(k, []).append(v)
+            metrics.setdefault("grad_norm", []).append(self._optimizer_step(lr))
+        return {k: float(np.mean(v)) for k, v in metrics.items()}
+
+    def sft_step(self, shard: TrainBatch, lr: float) -> dict[str, float]:
+        """One cross-entropy optimizer step on reference traces (loss on masked tokens only)."""
+        import torch
+
+        from learner.grpo import masked_mean
+
+        (micros,) = self._plan(shard, 1)
+        total = self._global_count(micros, tokens=True)
+        losses = []
+        for micro in micros:
+            logprobs, _ = self._logprobs(micro, with_entropy=False)  # [n, L-1]
+            mask = torch.tensor(micro.loss_mask)  # [n, L-1]
+            loss = -masked_mean(logprobs, mask)
+            share = float(mask.sum()) / total * self.cfg.num_ranks
+            self.engine.backward(loss * share, scale_wrt_gas=False)
+            losses.append(loss.item())
+        return {"loss": float(np.mean(losses)), "grad_norm": self._optimizer_step(lr)}
+
+    def _optimizer_step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # One micro-step per optimizer step as far as DeepSpeed knows (gas = 1).
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    # ---- log-probs ----------------------------------------------------------------------
+
+    def _logprobs(self, micro: TrainBatch, with_entropy: bool):
+        """Log-probs [n, L-1] of each next token under the policy, at the sampling temperature."""
+        import torch
+
+        from learner.grpo import token_entropy
+
+        ids = torch.tensor(micro.input_ids)  # [n, L]
+        logits = self.engine(input_ids=ids, attention_mask=torch.tensor(micro.attention_mask),
+                             use_cache=False).logits[:, :-1].float() / self.temperature  # [n, L-1, V]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [n, L-1]
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = token_entropy(logits)  # [n, L-1]
+        return logprobs, entropy
+
+    def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
+        """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for mini in plan:
+                out.append([])
+                for micro in mini:
+                    old = self._logprobs(micro, with_entropy=False)[0] if need_old else None
+                    ref = None
+                    if self.reference is not None:
+                        ids = torch.tensor(micro.input_ids)  # [n, L]
+                        logits = self.reference(input_ids=ids, attention_mask=torch.tensor(
+                            micro.attention_mask), use_cache=False).logits[:, :-1].float()  # [n, L-1, V]
+                        logits = logits / self.temperature
+                        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                    out[-1].append((old, ref))
+        return out
+
+    def score(self, token_ids: np.ndarray) -> np.ndarray:
+        """Raw (temperature 1) log-probs [T-1] of a fixed sequence, for the weight-sync check."""
+        import torch
+
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)[None]  # [1, T]
+        with torch.no_grad():
+            logits = self.engine(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).numpy()
+
+    def gather_weights(self) -> dict[str, np.ndarray] | None:
+        """Full weights for the rollout engines (rank 0; the others only join the gather)."""
+        from cluster.weight_sync import gather_weights
+
+        return gather_weights(self.engine, self.cfg.zero_stage)
+
+    def save(self, out_dir: str, tokenizer_dir: str) -> None:
+        """Write the policy as an HF folder (safetensors + tokenizer) that vLLM loads as is."""
+        from transformers import AutoTokenizer
+
+        weights = self.gather_weights()
+        if weights is None:
+            return
+        import torch
+
+        module = self.engine.module
+        module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
+                               safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+
+    # ---- batching -----------------------------------------------------------------------
+
+    def _plan(self, shard: TrainBatch, num_updates: int) -> list[list[TrainBatch]]:
+        """Mini-batches (one per optimizer step), each cut into micro-batches."""
+        plan = []
+        for mini in shard.split(num_updates):
+            plan.append(mini.split(-(-len(mini) // self.cfg.micro_batch_size)))
+        return plan
+
+    def _count(self, batch: TrainBatch, tokens: bool = False) -> float:
+        """This batch's weight in the loss: its tokens, or its non-empty sequences."""
+        if tokens or self.algo.aggregation == "token":
+            return float(batch.loss_mask.sum())
+        return float((batch.loss_mask.sum(axis=1) > 0).sum())
+
+    def _global_count(self, micros: list[TrainBatch], tokens: bool = False) -> float:
+        """`_count` summed over micro-batches and over all ranks (one all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([sum(self._count(m, tokens) for m in micros)], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return max(float(total[0]), 1.0)
+
+
+def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
+    """Mean |learner - engine| log-prob over response tokens: the off-policy gap."""
+    mask = micro.loss_mask
+    diff = np.abs(logprobs.detach().float().numpy() - micro.sampling_logprobs) * mask
+    return float(diff.sum() / max(mask.sum(), 1.0))

@@ -1,0 +1,137 @@
+"""Policy models without a hub: build a tiny Llama and its tokenizer as a normal HF folder.
+
+No model can be downloaded at run time on the machines this project is developed on, so the
+default job and the tests train a tiny causal LM built here: a Llama config with random
+weights and a byte-level BPE tokenizer trained in a fraction of a second on in-memory text.
+The result is an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer
+files) that transformers, DeepSpeed and vLLM load like any other model, so every path that
+later loads a real checkpoint is exercised by the same code.
+
+Folders are cached under `cache_dir/models/tiny-llama-<hash of the spec>`; building is atomic
+(written to a temporary folder, then renamed) so an interrupted build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# The R1 template tags are atomic tokens so a tiny model learns the format in a few steps.
+# They are added as normal (not "special") tokens: engines strip special tokens from text.
+TEMPLATE_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+
+# Text the tokenizer's merges are learned from: the words of the R1 template and the
+# arithmetic tasks. Any other text still encodes (byte-level), only less compactly.
+_CORPUS = (
+    "User: What is 12+34? Calculate 7-5 and 3*4.\nAssistant: <think> Let me add the columns. "
+    "2+4=6 1+3=4 carry 1 so the answer is 46. Wait, let me check. </think> <answer>46</answer>\n"
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively.\n"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlamaSpec:
+    """Shape of a tiny Llama; the defaults give about 0.9M parameters."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    vocab_size: int = 320
+    seed: int = 0
+
+
+def build_tokenizer(vocab_size: int):
+    """Train a byte-level BPE tokenizer (digits split one per token) on the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # One token per digit: multi-digit tokens would make column arithmetic much harder to learn.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(TEMPLATE_TOKENS),
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.add_tokens(list(TEMPLATE_TOKENS))
+    return fast
+
+
+def build_tiny_llama(spec: TinyLlamaSpec, out_dir: str | Path) -> Path:
+    """Write a randomly initialised tiny Llama and its tokenizer to `out_dir` (an HF folder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "r1ray_spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    return out_dir
+
+
+def tiny_llama_path(spec: TinyLlamaSpec, cache_dir: str | Path) -> Path:
+    """The cached folder for `spec`, built on first use (atomically: temp folder + rename)."""
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    final = Path(cache_dir).expanduser() / "models" / f"tiny-llama-{key}"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
+    try:
+        build_tiny_llama(spec, tmp)
+        os.replace(tmp, final)
+    except OSError:
+        # Another process finished the same build first; theirs is identical.
+        if not (final / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Number of parameters in a saved model folder, read from its safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total

@@ -1,0 +1,1 @@
+"""Rewards: pure verifier functions of strings, task sources paired with their checkers."""

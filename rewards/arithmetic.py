@@ -1,0 +1,237 @@
+"""Synthetic multi-digit arithmetic: problems with exact answers, their checker, SFT traces.
+
+The smallest reasoning task with an exact verifier, sized for a ~3M-parameter policy trained
+on a CPU: a cold-start SFT on `ArithmeticTask.reference_trace`, then GRPO with `check` (and
+`rewards.format.format_reward`) as rule rewards. Difficulty is set by the digits per operand
+and the number of operands.
+
+Prompts are compact (`47+38=?`) because tokens drive speed. The template around them lives
+in `rewards.format`.
+
+Train/eval split: an operand tuple is held out for "eval" iff
+`zlib.crc32(",".join(sorted operands)) % EVAL_BUCKETS == 0` (about 10%). The key is sorted so
+that 38+47 is held out with 47+38 (addition commutes; seeing one would leak the other).
+Both splits sample by rejection, so they are disjoint for every seed and every task config,
+and crc32 (unlike `hash`) is stable across processes and Python versions.
+
+Pure functions of strings: imports neither Ray nor torch (STYLE.md point 9).
+"""
+
+import random
+import zlib
+from dataclasses import dataclass
+
+from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
+
+EVAL_BUCKETS = 10  # one operand tuple in EVAL_BUCKETS is held out
+MAX_DIGITS = 20
+MAX_OPERANDS = 8
+OPERATIONS = ("+", "-")
+SPLITS = ("train", "eval")
+_MAX_REJECTIONS = 100_000  # per draw; only hit by configs with (almost) no valid tuples
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question. `answer` is the exact gold integer as a string, e.g. "85".
+
+    `id` is derived from the content (`add-47-38`), so the same problem has the same id in
+    every run; two draws of the same operands share it.
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    operands: tuple[int, ...]
+
+
+def in_eval_split(operands: tuple[int, ...]) -> bool:
+    """Whether this operand tuple belongs to the held-out eval split (see module docstring)."""
+    key = ",".join(str(x) for x in sorted(operands))
+    return zlib.crc32(key.encode()) % EVAL_BUCKETS == 0
+
+
+def check(response: str, problem_answer: str) -> tuple[float, str]:
+    """1.0 iff the content of the LAST `<answer>...</answer>` is the gold integer, else 0.0.
+
+    The content must be an ASCII integer after stripping whitespace: an optional sign, then
+    digits (leading zeros are fine). No commas, spaces or decimals: the task never needs
+    them, and a strict parser cannot be gamed. Text outside the answer tag is never scored.
+    The last tag counts because a model may restate or correct itself.
+    """
+    end = response.rfind(ANSWER_CLOSE)
+    start = response.rfind(ANSWER_OPEN, 0, end) if end >= 0 else -1
+    if start < 0:
+        return 0.0, "no answer tag"
+    content = response[start + len(ANSWER_OPEN) : end].strip()
+    if not _is_int(content):
+        return 0.0, f"unparsable: {content[:30]!r}"
+    if int(content) != int(problem_answer):
+        return 0.0, f"wrong: got {int(content)}"
+    return 1.0, "correct"
+
+
+def _is_int(text: str) -> bool:
+    # Not int(): it also accepts "1_000" and non-ASCII digits such as "٨٥".
+    digits = text[1:] if text[:1] in "+-" else text
+    return digits.isascii() and digits.isdigit()
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """A generator of arithmetic problems. Each operand has between `min_digits` and
+    `max_digits` digits (the count drawn uniformly, then the value; 1 digit includes 0)."""
+
+    min_digits: int = 1
+    """Fewest digits per operand, in [1, MAX_DIGITS]."""
+    max_digits: int = 2
+    """Most digits per operand, in [min_digits, MAX_DIGITS]."""
+    num_operands: int = 2
+    """Operands per problem, in [2, MAX_OPERANDS]."""
+    operation: str = "+"
+    """Either "+" or "-". For "-" the operands are ordered largest first and only tuples whose
+    result is non-negative are kept, so answers are never negative."""
+
+    def __post_init__(self):
+        if not 1 <= self.min_digits <= MAX_DIGITS:
+            raise ValueError(
+                f"min_digits={self.min_digits} is invalid; must be in [1, {MAX_DIGITS}]"
+            )
+        if not self.min_digits <= self.max_digits <= MAX_DIGITS:
+            raise ValueError(
+                f"max_digits={self.max_digits} is invalid; "
+                f"must be in [min_digits={self.min_digits}, {MAX_DIGITS}]"
+            )
+        if not 2 <= self.num_operands <= MAX_OPERANDS:
+            raise ValueError(
+                f"num_operands={self.num_operands} is invalid; must be in [2, {MAX_OPERANDS}]"
+            )
+        if self.operation not in OPERATIONS:
+            raise ValueError(
+                f"operation={self.operation!r} is invalid; must be one of {OPERATIONS}"
+            )
+
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Problem]:
+        """`n` problems drawn with replacement from `split`; deterministic given `rng`'s state."""
+        _check_split(split)
+        return [self._problem(self._draw(rng, split)) for _ in range(n)]
+
+    def problems(self, seed: int, n: int, split: str) -> list[Problem]:
+        """`n` distinct problems of `split`, the same list for the same seed and task.
+
+        Distinct so that ids are unique within the list and an eval score is not weighted by
+        repeats. Raises ValueError if the split has too few distinct problems; `sample`
+        draws with replacement instead.
+        """
+        _check_split(split)
+        rng = random.Random(seed)
+        seen: set[tuple[int, ...]] = set()
+        out: list[Problem] = []
+        # Coupon collecting all k tuples of a small space takes ~k*ln(k) draws.
+        for _ in range(50 * n + 1000):
+            if len(out) == n:
+                break
+            operands = self._draw(rng, split)
+            if operands not in seen:
+                seen.add(operands)
+                out.append(self._problem(operands))
+        if len(out) < n:
+            raise ValueError(
+                f"found only {len(out)} distinct {split} problems for {self}, asked for n={n}; "
+                "widen the task or use sample() to draw with replacement"
+            )
+        return out
+
+    def reference_trace(self, problem: Problem) -> str:
+        """A worked solution for cold-start SFT: what follows the prompt's `<think>`.
+
+        Column by column from the least significant digit, one step per column, separated by
+        spaces. Addition writes the column's digits, then the carry if non-zero, and their
+        sum; 47+38 gives `7+8=15 4+3+1=8</think><answer>85</answer>`, and the answer digits
+        are the last digits of the step results read backwards, plus the final carry.
+        Subtraction (first operand minus the rest) writes the top digit plus the 10s it
+        borrows, the digits below it, then the borrow owed to the previous column if
+        non-zero; 47-38 gives `17-8=9 4-3-1=0</think><answer>9</answer>`. Operands without a
+        digit in a column are skipped; the answer has no leading zeros.
+        """
+        if _evaluate(self.operation, problem.operands) != int(problem.answer):
+            raise ValueError(
+                f"problem {problem.id} has answer {problem.answer}, which is not the result of "
+                f"operation={self.operation!r} on {problem.operands}"
+            )
+        if self.operation == "+":
+            steps = _addition_steps(problem.operands)
+        else:
+            steps = _subtraction_steps(problem.operands)
+        return f"{' '.join(steps)}{THINK_CLOSE}{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
+
+    def _draw(self, rng: random.Random, split: str) -> tuple[int, ...]:
+        # Rejection sampling keeps the train distribution the same as without a split,
+        # minus the held-out tuples.
+        for _ in range(_MAX_REJECTIONS):
+            operands = [self._draw_operand(rng) for _ in range(self.num_operands)]
+            if self.operation == "-":
+                operands.sort(reverse=True)
+                if operands[0] < sum(operands[1:]):
+                    continue
+            if in_eval_split(tuple(operands)) == (split == "eval"):
+                return tuple(operands)
+        raise RuntimeError(f"no valid {split} problem in {_MAX_REJECTIONS} draws for {self}")
+
+    def _draw_operand(self, rng: random.Random) -> int:
+        # Digit count first, so 1-digit operands are as common as 2-digit ones.
+        digits = rng.randint(self.min_digits, self.max_digits)
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(low, 10**digits - 1)
+
+    def _problem(self, operands: tuple[int, ...]) -> Problem:
+        name = "add" if self.operation == "+" else "sub"
+        return Problem(
+            id=f"{name}-{'-'.join(str(x) for x in operands)}",
+            prompt=f"{self.operation.join(str(x) for x in operands)}=?",
+            answer=str(_evaluate(self.operation, operands)),
+            operands=operands,
+        )
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid; must be one of {SPLITS}")
+
+
+def _evaluate(operation: str, operands: tuple[int, ...]) -> int:
+    if operation == "+":
+        return sum(operands)
+    return operands[0] - sum(operands[1:])
+
+
+def _column(x: int, i: int) -> int | None:
+    """The digit of `x` in column `i` (0 = units), or None if `x` has fewer digits."""
+    s = str(x)
+    return int(s[-1 - i]) if i < len(s) else None
+
+
+def _addition_steps(operands: tuple[int, ...]) -> list[str]:
+    steps, carry = [], 0
+    for i in range(max(len(str(x)) for x in operands)):
+        terms = [d for d in (_column(x, i) for x in operands) if d is not None]
+        if carry:
+            terms.append(carry)
+        total = sum(terms)
+        steps.append(f"{'+'.join(str(t) for t in terms)}={total}")
+        carry = total // 10  # can exceed 1 with three or more operands
+    return steps
+
+
+def _subtraction_steps(operands: tuple[int, ...]) -> list[str]:
+    top, below = operands[0], operands[1:]
+    steps, borrow = [], 0
+    for i in range(len(str(top))):  # top >= sum(below), so it has the most digits
+        terms = [d for d in (_column(x, i) for x in below) if d is not None]
+        if borrow:
+            terms.append(borrow)
+        shortfall = sum(terms) - _column(top, i)
+        borrow = max(0, -(-shortfall // 10))  # tens to borrow: ceil(shortfall / 10)
+        minuend = _column(top, i) + 10 * borrow
+        steps.append("-".join(str(t) for t in [minuend, *terms]) + f"={minuend - sum(terms)}")
+    return steps

@@ -1,0 +1,73 @@
+"""The R1 prompt template and the format reward: what a well-formed response looks like.
+
+The policy sees `render_prompt(question)`, which ends inside an open think block, and writes
+    <reasoning> </think> <answer> <final answer> </answer>
+Generation stops at `STOP_STRINGS`; the engine keeps the stop string in the returned text,
+so every checker here (and `rewards.arithmetic.check`) expects the closing `</answer>` to
+be present. The four tags are single special tokens of the tokenizer: decode responses with
+special tokens kept, or the tags vanish and every response scores 0.
+
+Pure functions of strings: imports neither Ray nor torch (STYLE.md point 9).
+"""
+
+import re
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+
+# DeepSeek-R1-Zero's template (Table 1 of the R1 paper) in miniature. The paper opens with a
+# ~70-word system description of the think/answer protocol ("A conversation between User
+# and Assistant ... i.e., <think> reasoning process here </think> <answer> answer here
+# </answer>. User: {prompt}. Assistant:"). A ~3M-parameter model cannot read instructions;
+# it learns the protocol from cold-start SFT and the format reward, so those tokens would
+# only slow every step. We keep the User/Assistant turn and prefill `<think>` (as TinyZero
+# and similar replications do) so that the response starts inside the reasoning block.
+R1_TEMPLATE = "User: {question}\nAssistant: " + THINK_OPEN
+
+# Generation ends once the answer is closed; nothing after it can earn reward.
+STOP_STRINGS = (ANSWER_CLOSE,)
+
+# With each tag present exactly once (checked before matching), this matches iff the tags
+# come in order; the groups let us say which part is malformed.
+_FORMAT_RE = re.compile(
+    r"(?P<think>.*?)</think>(?P<gap>.*?)<answer>(?P<answer>.*?)</answer>(?P<tail>.*)",
+    re.DOTALL,
+)
+
+
+def render_prompt(question: str) -> str:
+    """The text the engine continues: the question in the R1 template, ending with `<think>`."""
+    return R1_TEMPLATE.format(question=question)
+
+
+def format_reward(response: str) -> tuple[float, str]:
+    """1.0 iff `response` (the text generated after the prompt) is well formed, else 0.0.
+
+    Well formed: non-blank reasoning, `</think>`, optional whitespace, `<answer>`, non-blank
+    content, `</answer>`, then only whitespace. Each of those three tags exactly once and no
+    `<think>` at all (the prompt already opened it). Blank reasoning is rejected so that the
+    format reward never pays for skipping the think block.
+    Returns (score, reason); reason is "ok" or names the first defect found.
+    """
+    if THINK_OPEN in response:
+        return 0.0, f"unexpected {THINK_OPEN}"
+    for tag in (THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
+        count = response.count(tag)
+        if count == 0:
+            return 0.0, f"missing {tag}"
+        if count > 1:
+            return 0.0, f"repeated {tag} (x{count})"
+    match = _FORMAT_RE.fullmatch(response)
+    if match is None:
+        return 0.0, "tags out of order"
+    if match["gap"].strip():
+        return 0.0, f"text between {THINK_CLOSE} and {ANSWER_OPEN}"
+    if match["tail"].strip():
+        return 0.0, f"text after {ANSWER_CLOSE}"
+    if not match["think"].strip():
+        return 0.0, "empty reasoning"
+    if not match["answer"].strip():
+        return 0.0, "empty answer"
+    return 1.0, "ok"
