@@ -16,11 +16,11 @@ from cluster.config import RolloutConfig
 
 
 class RolloutActor:
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32"):
         import torch
 
         torch.set_num_threads(cfg.threads)
-        self.engine = VLLMEngine(model_path, cfg, seed)
+        self.engine = VLLMEngine(model_path, cfg, seed, dtype)
         self.weight_version = 0
 
     def generate(self, prompt_ids: list[str], prompts: list[str], group_size: int, seed: int,

@@ -26,6 +26,8 @@ def connect(cfg: Config) -> None:
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster rather than start another.
     if address == "local" and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
+    if address not in ("local", "auto") and not address.startswith("ray://"):
+        _check_reachable(address)
     kwargs = dict(log_to_driver=True, logging_level="WARNING", configure_logging=True)
     try:
         if address == "local":
@@ -35,6 +37,17 @@ def connect(cfg: Config) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"cannot reach a Ray cluster at cluster.address={address!r}: {first}") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail in seconds if nothing listens at host:port (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        raise ClusterError(f"cannot reach a Ray cluster at cluster.address={address!r}: {err}; "
+                           "start one with `ray start --head` or use cluster.address=local") from None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.records import check_groups
 from cluster import placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.metrics import MetricsLogger, rollout_metrics
@@ -68,6 +70,7 @@ def train(cfg: Config) -> dict[str, float]:
             samples = ray.get(actors.rollout.generate.remote(
                 [p.id for p in problems], [render_prompt(p.prompt) for p in problems], G,
                 seed=cfg.algorithm.seed + 1000 * step, stop=STOP_STRINGS), timeout=timeout)
+            check_groups(samples, G)
         with _timed(timings, "reward"):
             score(actors.rewarders, samples, [p.answer for p in problems for _ in range(G)], timeout)
         rewards = torch.tensor([s.reward for s in samples])  # [N]
@@ -100,8 +103,11 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
 
     pg = placement.learner_group(cfg)
     port = placement.free_port()
+    # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
+                                str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))
     learner_env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "DS_ACCELERATOR": "cpu",
-                   "TORCH_EXTENSIONS_DIR": str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions")}
+                   "TORCH_EXTENSIONS_DIR": extensions}
     learners = [
         ray.remote(Learner).options(
             num_cpus=cfg.learner.num_cpus, runtime_env={"env_vars": learner_env},
@@ -111,7 +117,7 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     ]
     rollout = ray.remote(RolloutActor).options(
         num_cpus=cfg.rollout.num_cpus, runtime_env={"env_vars": vllm_env(cfg.rollout)},
-    ).remote(model_path, cfg.rollout, cfg.algorithm.seed)
+    ).remote(model_path, cfg.rollout, cfg.algorithm.seed, cfg.learner.dtype)  # same precision
     rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.rewards.num_cpus).remote(cfg.rewards)
                  for _ in range(cfg.rewards.num_workers)]
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
@@ -170,15 +176,21 @@ def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: st
 
     if cfg.cold_start.steps == 0:
         return 0
+    from tqdm import tqdm
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    for _ in range(cfg.cold_start.steps):
+    bar = tqdm(range(cfg.cold_start.steps), desc="cold-start SFT", unit="step", dynamic_ncols=True,
+               disable=not cfg.logging.progress)
+    for _ in bar:
         problems = task.sample(rng, cfg.cold_start.batch_size)
         prompts = [np.asarray(tokenizer(render_prompt(p.prompt))["input_ids"]) for p in problems]
         traces = [np.asarray(tokenizer(task.reference_trace(p), add_special_tokens=False)["input_ids"])
                   for p in problems]
         shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
-        ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
-                timeout=cfg.cluster.timeout_s)
+        (first, *_) = ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
+                              timeout=cfg.cluster.timeout_s)
+        bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
+    ray.get([l.reset_optimizer.remote() for l in actors.learners], timeout=cfg.cluster.timeout_s)
     sync_weights(actors.learners, [actors.rollout], 1, cfg.cluster.timeout_s)
     fixed = prompts[0]
     check_sync(actors.learners, [actors.rollout], np.concatenate([fixed, traces[0]]),

@@ -108,6 +108,12 @@ class Learner:
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "grad_norm": self._optimizer_step(lr)}
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moments, e.g. between SFT and RL (their gradients differ ~10x
+        in scale, and Adam's second moment would shrink RL's first hundreds of steps)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW under ZeRO
+        inner.state.clear()  # torch optimizers re-create their state on the next step
+
     def _optimizer_step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -4,8 +4,8 @@ The policy sees `render_prompt(question)`, which ends inside an open think block
     <reasoning> </think> <answer> <final answer> </answer>
 Generation stops at `STOP_STRINGS`; the engine keeps the stop string in the returned text,
 so every checker here (and `rewards.arithmetic.check`) expects the closing `</answer>` to
-be present. The four tags are single special tokens of the tokenizer: decode responses with
-special tokens kept, or the tags vanish and every response scores 0.
+be present. The tiny policy's tokenizer has each tag as one token, added as a normal (not
+"special") token so that engines which drop special tokens when decoding keep the tags.
 
 Pure functions of strings: imports neither Ray nor torch (STYLE.md point 9).
 """

@@ -1,0 +1,46 @@
+"""Shared fixtures: a private Ray cluster and a tiny model, built once per test session.
+
+Tests never join a cluster they did not start (`address="local"`), keep torch to one thread
+(the machines have 2 cores shared by everything) and build models into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed's compiled CPU op is reused across test runs (building it takes about a minute).
+EXTENSIONS_DIR = Path(os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1ray/torch_extensions").expanduser())))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache) -> str:
+    """Path of a freshly built tiny Llama HF folder (the default config's model)."""
+    from learner.models import TinyLlamaSpec, tiny_llama_path
+
+    return str(tiny_llama_path(TinyLlamaSpec(), model_cache))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A private local Ray cluster with 4 logical CPUs (actors take fractions of them)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
+                                       "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()

@@ -1,0 +1,92 @@
+"""Config loading: YAML + dotted overrides, and errors that name the key, value and valid range."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import Config, ConfigError, LearnerConfig, field_docs, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["learner.lr=1e-5", "algorithm.group_size=4", "learner.dtype=bfloat16",
+                             "algorithm.normalize_std=false"])
+    assert cfg.learner.lr == 1e-5 and isinstance(cfg.learner.lr, float)
+    assert cfg.algorithm.group_size == 4 and isinstance(cfg.algorithm.group_size, int)
+    assert cfg.learner.dtype == "bfloat16"
+    assert cfg.algorithm.normalize_std is False
+    assert cfg.samples_per_step == cfg.algorithm.prompts_per_step * 4
+
+
+def test_default_yaml_is_the_built_in_default():
+    assert load_config(CONFIGS / "default.yaml") == Config()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learner:\n  lr: 0.1\n  zero_stage: 3\n")
+    cfg = load_config(f, ["learner.lr=0.2"])
+    assert (cfg.learner.lr, cfg.learner.zero_stage) == (0.2, 3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learner.lrr=1", "unknown config key learner.lrr; valid keys in learner: num_ranks"),
+    ("lerner.lr=1", "unknown config key lerner"),
+    ("learner.lr=-1", "learner.lr=-1.0 is out of range; valid: (0.0, inf]"),
+    ("learner.zero_stage=4", "learner.zero_stage=4 is not valid; choose one of 1, 2, 3"),
+    ("learner.dtype=float16", "learner.dtype='float16' is not valid; choose one of 'float32', 'bfloat16'"),
+    ("algorithm.steps=1.5", "algorithm.steps=1.5: expected an integer"),
+    ("algorithm.steps=many", "algorithm.steps='many': expected a number"),
+    ("algorithm.normalize_std=maybe", "algorithm.normalize_std='maybe': expected true or false"),
+    ("rollout.top_p=1.5", "rollout.top_p=1.5 is out of range; valid: (0.0, 1.0]"),
+    ("task.min_digits=3", "task.min_digits=3 must be <= task.max_digits=2"),
+    ("model.hidden_size=96", "model.hidden_size=96 / model.num_heads=4 must be a whole multiple of 32"),
+    ("learner", "override 'learner': expected key=value"),
+])
+def test_bad_values_name_the_key_and_the_valid_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_batch_must_divide_over_learner_ranks():
+    # 3 prompts x 3 answers = 9 sequences cannot be split evenly over 2 ranks.
+    with pytest.raises(ConfigError, match="samples per step .* = 9.* learner.num_ranks=2"):
+        load_config(None, ["algorithm.prompts_per_step=3", "algorithm.group_size=3", "learner.num_ranks=2"])
+
+
+def test_group_given_a_scalar_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learner: 3\n")
+    with pytest.raises(ConfigError, match="learner: expected a mapping"):
+        load_config(f)
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.learner.lr = 1.0  # type: ignore[misc]
+
+
+def test_every_field_has_a_docstring():
+    import dataclasses
+
+    import cluster.config as c
+
+    for group in dataclasses.fields(Config):
+        cls = getattr(c, type(getattr(Config(), group.name)).__name__)
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+    assert "learning rate" in field_docs(LearnerConfig)["lr"]

@@ -1,0 +1,57 @@
+"""The real entry point, end to end: `python -m cluster.train` for two GRPO steps, and the
+bad inputs a user can give it, each of which must stop quickly with one clear message."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["cold_start.steps=2", "algorithm.steps=2", "algorithm.prompts_per_step=4",
+         "algorithm.group_size=4", "task.eval_prompts=8", "logging.progress=false",
+         "rollout.max_new_tokens=16", "logging.wandb_mode=offline"]
+
+
+def run(args, tmp_path, timeout=600):
+    cmd = [sys.executable, "-m", "cluster.train", *args, f"cluster.runs_dir={tmp_path / 'runs'}",
+           f"cluster.cache_dir={tmp_path / 'cache'}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_two_grpo_steps_through_the_real_entry_point(tmp_path):
+    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, "logging.run_name=e2e"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    assert f"run folder {run_dir}" in proc.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ["reward/mean", "reward/std", "reward/correct", "reward/format", "response_length/mean",
+                "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction",
+                "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
+                "timing/sync"]:
+        assert all(key in r for r in rows), key
+    assert [r["sync/version"] for r in rows] == [2, 3]  # cold start made version 1
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) == {"accuracy/initial", "accuracy/before_rl", "accuracy/after_rl"}
+    assert (run_dir / "model" / "model.safetensors").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["learner.lrr=1"], "unknown config key learner.lrr"),
+    (["model.path=/does/not/exist"], "model.path='/does/not/exist' is not a Hugging Face model folder"),
+    (["learner.num_cpus=8"], "asks for 9 CPUs"),
+    (["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'"),
+])
+def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
+    proc, seconds = run(args, tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert seconds < 60
