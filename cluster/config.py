@@ -33,13 +33,13 @@ def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 class ModelConfig:
     path: str = _f("tiny")
     """An HF model folder, or "tiny" for a Llama built on the fly from the fields below."""
-    hidden_size: int = _f(128, lo=32)
+    hidden_size: int = _f(256, lo=32)
     """Tiny model only: width (head size = hidden_size / num_heads must be a multiple of 32)."""
     num_layers: int = _f(4, lo=1)
     """Tiny model only: transformer blocks."""
     num_heads: int = _f(4, lo=1)
     """Tiny model only: attention heads."""
-    intermediate_size: int = _f(512, lo=1)
+    intermediate_size: int = _f(1024, lo=1)
     """Tiny model only: MLP width."""
     init_seed: int = _f(0)
     """Tiny model only: seed of the random initialisation."""
@@ -71,7 +71,7 @@ class RolloutConfig:
     """Sampling temperature; the learner divides its logits by the same value."""
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     """Nucleus sampling mass."""
-    max_new_tokens: int = _f(48, lo=1)
+    max_new_tokens: int = _f(32, lo=1)
     """Longest answer; longer ones stop with finish reason "length"."""
     max_model_len: int = _f(256, lo=16)
     """Prompt plus answer tokens the engine holds per sequence."""
@@ -103,9 +103,9 @@ class LearnerConfig:
     """DeepSpeed ZeRO stage."""
     dtype: str = _f("float32", choices=("float32", "bfloat16"))
     """Training precision (fp16 is not supported on CPU)."""
-    lr: float = _f(5e-4, lo=0.0, lo_open=True)
+    lr: float = _f(5e-5, lo=0.0, lo_open=True)
     """Peak learning rate of the RL stage."""
-    warmup_steps: int = _f(0, lo=0)
+    warmup_steps: int = _f(10, lo=0)
     """Linear warm-up steps of the learning rate."""
     weight_decay: float = _f(0.0, lo=0.0)
     """AdamW weight decay."""
@@ -117,7 +117,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    steps: int = _f(60, lo=0)
+    steps: int = _f(220, lo=0)
     """GRPO steps."""
     prompts_per_step: int = _f(16, lo=1)
     """B: prompts sampled per step."""
@@ -131,8 +131,11 @@ class AlgorithmConfig:
     """Weight of the k3 KL penalty to the frozen reference (0: no reference model)."""
     aggregation: str = _f("token", choices=("token", "sequence"))
     """Average the loss over all tokens of the batch, or per sequence then over sequences."""
-    updates_per_step: int = _f(1, lo=1)
+    updates_per_step: int = _f(2, lo=1)
     """Optimizer steps per batch (mini-batches); 1 is exactly on-policy and never clips."""
+    recompute_old_logprobs: bool = _f(False)
+    """With several updates per step, take the old policy's log-probs from a learner forward
+    pass instead of the engine's sampling log-probs (costs one forward; for bf16 engines)."""
     normalize_std: bool = _f(True)
     """Divide advantages by the group's standard deviation."""
     seed: int = _f(0)
@@ -141,11 +144,11 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class ColdStartConfig:
-    steps: int = _f(60, lo=0)
+    steps: int = _f(100, lo=0)
     """SFT optimizer steps on reference reasoning traces before RL (0 skips)."""
     batch_size: int = _f(64, lo=1)
     """Traces per SFT step."""
-    lr: float = _f(3e-3, lo=0.0, lo_open=True)
+    lr: float = _f(1e-3, lo=0.0, lo_open=True)
     """SFT learning rate (constant)."""
 
 

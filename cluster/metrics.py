@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from cluster.config import LoggingConfig
+from cluster.config import ConfigError, LoggingConfig
 
 
 class MetricsLogger:
@@ -22,13 +22,14 @@ class MetricsLogger:
         if cfg.wandb_mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir),
-                                    mode=cfg.wandb_mode, config=config)
+            try:
+                self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir),
+                                        mode=cfg.wandb_mode, config=config)
+            except Exception as err:  # wandb raises many types (auth, network, usage)
+                raise ConfigError(f"logging.wandb_mode={cfg.wandb_mode!r}: W&B did not start ({err}); "
+                                  "set WANDB_API_KEY, or use offline or disabled") from None
         self.bar = None
-        if cfg.progress and total_steps:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
+        self.progress, self.total_steps = cfg.progress and total_steps > 0, total_steps
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record one step's metrics (must include "step")."""
@@ -37,6 +38,10 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.progress and self.bar is None:  # opened on the first step, after the cold start's bar
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",
                                  acc=f"{metrics.get('reward/correct', 0):.2f}", refresh=False)

@@ -54,6 +54,7 @@ def train(cfg: Config) -> dict[str, float]:
     placement.check_fits(cfg)
     run_dir = _make_run_dir(cfg)
     print(f"r1ray: run folder {run_dir}", flush=True)
+    logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps)
     actors = start_actors(cfg, model_path)
     task, timeout = _task(cfg), cfg.cluster.timeout_s
     eval_set = task.problems(cfg.algorithm.seed, cfg.task.eval_prompts, "eval")
@@ -61,7 +62,6 @@ def train(cfg: Config) -> dict[str, float]:
     results = {"accuracy/initial": evaluate(cfg, actors, eval_set)}
     version = cold_start(cfg, actors, task, model_path, rng)
     results["accuracy/before_rl"] = evaluate(cfg, actors, eval_set)
-    logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps)
     G = cfg.algorithm.group_size
     for step in range(1, cfg.algorithm.steps + 1):
         timings: dict[str, float] = {}
@@ -170,14 +170,13 @@ def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: st
                rng: random.Random) -> int:
     """SFT on the task's reference traces so the policy is sometimes right; returns the version."""
     import ray
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from learner.batch import collate
 
     if cfg.cold_start.steps == 0:
         return 0
-    from tqdm import tqdm
-
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     bar = tqdm(range(cfg.cold_start.steps), desc="cold-start SFT", unit="step", dynamic_ncols=True,
                disable=not cfg.logging.progress)
@@ -192,8 +191,8 @@ def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: st
         bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
     ray.get([l.reset_optimizer.remote() for l in actors.learners], timeout=cfg.cluster.timeout_s)
     sync_weights(actors.learners, [actors.rollout], 1, cfg.cluster.timeout_s)
-    fixed = prompts[0]
-    check_sync(actors.learners, [actors.rollout], np.concatenate([fixed, traces[0]]),
+    # The engine must now score a trace exactly as the learner does.
+    check_sync(actors.learners, [actors.rollout], np.concatenate([prompts[0], traces[0]]),
                cfg.learner.dtype, cfg.cluster.timeout_s)
     return 1
 

@@ -31,12 +31,13 @@ for DeepSeek-R1. Where this module departs from that formula, and why:
 4. Clip-higher. The paper clips the ratio to [1-eps, 1+eps]; here the two sides are
    clip_low and clip_high (DAPO uses 0.2 / 0.28) so unlikely tokens of good answers can
    gain probability faster, which slows entropy collapse. Defaults (0.2, 0.2) are the paper.
-5. Old log-probs. pi_old is the learner's own recompute of the sampled tokens before the
-   update, not the engine's sampling log-probs: those differ numerically (other kernels and
-   precision) and would make the ratio differ from 1 even on-policy. With one gradient step
-   per batch (the paper's single update per exploration stage) the ratio is exactly 1, the
-   clip never acts and the gradient is the plain policy gradient -A * grad(log pi); the clip
-   only matters when a batch is split into several optimizer steps.
+5. Old log-probs. pi_old is chosen by the caller (learner/learner.py). With one gradient step
+   per batch (the paper's single update per exploration stage) it is the current policy,
+   detached: the ratio is exactly 1, the clip never acts and the gradient is the plain
+   policy gradient -A * grad(log pi). With several optimizer steps per batch it is the
+   engine's sampling log-probs (the behaviour policy; in fp32 they match the learner's to
+   ~1e-7, which the learner reports every step as logprob_gap), or, when configured, the
+   learner's own recompute before the first step, for engines whose numerics differ more.
 
 Padding: mask is 1 on response tokens to train on and 0 elsewhere. Masked positions of the
 log-prob tensors may hold anything (0, -inf, NaN); they are zeroed before any exp so they

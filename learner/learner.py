@@ -8,7 +8,8 @@ gradients are averaged across ranks by DeepSpeed.
 Loss normalisation across micro-batches and ranks: every micro-batch's loss is weighted by
 its share of the optimizer step's tokens (or sequences, for sequence aggregation), counted
 over all ranks, so the accumulated gradient equals that of the whole batch at once, however
-it is cut. DeepSpeed's own 1/gas scaling is switched off for that reason.
+it is cut. DeepSpeed's managed accumulation and its 1/gas loss scaling are switched off for
+that reason: every backward() accumulates, and step() is the boundary.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ class Learner:
                  temperature: float, rank: int, master_addr: str, master_port: int):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cpu")
+        import warnings
+
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
+
+        # DeepSpeed calls torch.distributed functions that torch has deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(algo.seed)
@@ -49,7 +55,9 @@ class Learner:
 
     def _ds_config(self) -> dict:
         return {
-            "train_micro_batch_size_per_gpu": 1,  # the real sizes are ours; see module docstring
+            # We own accumulation: any number of backward() calls, then step() is the boundary.
+            "managed_gradient_accumulation": False,
+            "train_micro_batch_size_per_gpu": 1,  # nominal; the real sizes are ours
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.cfg.grad_clip,
             "zero_optimization": {"stage": self.cfg.zero_stage},
@@ -64,21 +72,24 @@ class Learner:
         """GRPO on this rank's shard: `num_updates` optimizer steps over equal mini-batches.
 
         With one update the old policy is the current one (ratio 1, exact on-policy gradient);
-        with several, old log-probs are computed once before the first update.
+        with several it is the engine's sampling log-probs, or the learner's own recompute
+        before the first update when `recompute_old_logprobs` is set (see learner/grpo.py, 5).
         """
         import torch
 
         from learner import grpo
 
         plan = self._plan(shard, num_updates)
-        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1)
+        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and self.algo.recompute_old_logprobs)
         metrics: dict[str, list[float]] = {}
         for mini, mini_fixed in zip(plan, fixed):
             total = self._global_count(mini)
             for micro, (old, ref) in zip(mini, mini_fixed):
                 logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
+                if old is None:
+                    old = logprobs.detach() if num_updates == 1 else torch.tensor(micro.sampling_logprobs)
                 loss, stats = grpo.policy_loss(
-                    logprobs, logprobs.detach() if old is None else old,
+                    logprobs, old,
                     torch.tensor(micro.advantages), torch.tensor(micro.loss_mask),
                     clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
                     kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy)
@@ -117,8 +128,7 @@ class Learner:
     def _optimizer_step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # One micro-step per optimizer step as far as DeepSpeed knows (gas = 1).
-        self.engine.step()
+        self.engine.step()  # finalises the gradients accumulated since the last step
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
@@ -164,7 +174,7 @@ class Learner:
         """Raw (temperature 1) log-probs [T-1] of a fixed sequence, for the weight-sync check."""
         import torch
 
-        ids = torch.as_tensor(token_ids, dtype=torch.int64)[None]  # [1, T]
+        ids = torch.tensor(token_ids, dtype=torch.int64)[None]  # [1, T]
         with torch.no_grad():
             logits = self.engine(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).numpy()

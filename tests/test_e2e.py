@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["cold_start.steps=2", "algorithm.steps=2", "algorithm.prompts_per_step=4",
          "algorithm.group_size=4", "task.eval_prompts=8", "logging.progress=false",
-         "rollout.max_new_tokens=16", "logging.wandb_mode=offline"]
+         "rollout.max_new_tokens=16", "logging.wandb_mode=offline", "algorithm.kl_beta=0.001"]
 
 
 def run(args, tmp_path, timeout=600):
@@ -32,7 +32,7 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ["reward/mean", "reward/std", "reward/correct", "reward/format", "response_length/mean",
-                "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction",
+                "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction", "learner/kl",
                 "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
                 "timing/sync"]:
         assert all(key in r for r in rows), key

@@ -11,7 +11,7 @@ from actors.rollout import RolloutActor
 from actors.vllm_engine import vllm_env
 from cluster.config import RolloutConfig
 from cluster.weight_sync import WeightSyncError, check_sync, sync_weights
-from tests.test_learner import fixed_batch, make_learners, run_on_ranks
+from tests.helpers import fixed_batch, make_learners, run_on_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,33 @@
+"""Builders shared by the learner and weight-sync tests (real actors, tiny fixed batches)."""
+
+import numpy as np
+import ray
+
+from cluster.config import AlgorithmConfig, LearnerConfig
+from cluster.placement import free_port
+from learner.batch import collate
+from learner.learner import Learner
+
+
+def make_learners(model_path, num_ranks, zero_stage, dtype="float32", kl_beta=0.0, micro_batch_size=4,
+                  recompute_old_logprobs=False):
+    cfg = LearnerConfig(num_ranks=num_ranks, zero_stage=zero_stage, dtype=dtype, threads=1,
+                        num_cpus=0.5, micro_batch_size=micro_batch_size)
+    algo = AlgorithmConfig(kl_beta=kl_beta, recompute_old_logprobs=recompute_old_logprobs)
+    port = free_port()
+    actor = ray.remote(Learner).options(num_cpus=0.5)
+    return [actor.remote(model_path, cfg, algo, 1.0, rank, "127.0.0.1", port) for rank in range(num_ranks)]
+
+
+def fixed_batch(advantages=None):
+    # Eight "answers" of 3 to 6 tokens to two prompts; ids are arbitrary tokens of the vocabulary.
+    rng = np.random.default_rng(0)
+    prompts = [np.array([10, 11, 12])] * 4 + [np.array([20, 21])] * 4
+    responses = [rng.integers(30, 60, size=3 + i % 4) for i in range(8)]
+    logprobs = [np.full(len(r), -3.0, dtype=np.float32) for r in responses]
+    return collate(prompts, responses, pad_id=0, advantages=advantages, sampling_logprobs=logprobs)
+
+
+def run_on_ranks(learners, method, batch, *args):
+    shards = batch.split(len(learners))
+    return ray.get([getattr(l, method).remote(s, *args) for l, s in zip(learners, shards)], timeout=300)
