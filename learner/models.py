@@ -40,7 +40,7 @@ _CORPUS = (
 
 @dataclasses.dataclass(frozen=True)
 class TinyLlamaSpec:
-    """Shape of a tiny Llama; the defaults give about 0.9M parameters."""
+    """Shape of a tiny Llama; these defaults give 1.1M parameters (the default job uses 4.4M)."""
 
     hidden_size: int = 128
     num_layers: int = 4

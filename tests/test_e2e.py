@@ -24,8 +24,10 @@ def run(args, tmp_path, timeout=600):
 
 
 @pytest.mark.slow
-def test_two_grpo_steps_through_the_real_entry_point(tmp_path):
-    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, "logging.run_name=e2e"], tmp_path)
+def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model):
+    # The policy is given as a plain HF folder path, as a user's own model would be.
+    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, "logging.run_name=e2e",
+                   f"model.path={tiny_model}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     assert f"run folder {run_dir}" in proc.stdout
