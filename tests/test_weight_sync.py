@@ -11,6 +11,7 @@ from actors.rollout import RolloutActor
 from actors.vllm_engine import vllm_env
 from cluster.config import RolloutConfig
 from cluster.weight_sync import WeightSyncError, check_sync, sync_weights
+from learner.models import count_parameters
 from tests.helpers import fixed_batch, make_learners, run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -56,3 +57,15 @@ def test_samples_are_groups_with_consistent_logprobs(rollout):
     again = ray.get(rollout.generate.remote(["a", "b"], ["User: 1+2=?\nAssistant: <think>",
                                                         "User: 3+4=?\nAssistant: <think>"], 4, 7, ()))
     assert [list(s.response_ids) for s in samples] == [list(s.response_ids) for s in again]  # seeded
+
+
+def test_zero3_weights_are_gathered_from_both_ranks(rollout, tiny_model):
+    learners = make_learners(tiny_model, 2, 3)
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    seq = np.array([1, 10, 11, 12, 40, 41, 42, 43], dtype=np.int64)
+    metrics = sync_weights(learners, [rollout], version=7, timeout_s=120)
+    # Every parameter arrives whole: the engine now scores like the sharded learner.
+    assert check_sync(learners, [rollout], seq, "float32", timeout_s=120) < 1e-4
+    assert metrics["sync/bytes"] == 4 * count_parameters(tiny_model)  # all of it, in fp32
+    for learner in learners:
+        ray.kill(learner)
