@@ -75,13 +75,14 @@ def train(cfg: Config) -> dict[str, float]:
             score(actors.rewarders, samples, [p.answer for p in problems for _ in range(G)], timeout)
         rewards = torch.tensor([s.reward for s in samples])  # [N]
         advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
+        lr = lr_at(cfg, step)
         with _timed(timings, "learn"):
-            learned = learn(actors.learners, samples, advantages.numpy(), lr_at(cfg, step),
+            learned = learn(actors.learners, samples, advantages.numpy(), lr,
                             cfg.algorithm.updates_per_step, timeout)
         version += 1
         synced = sync_weights(actors.learners, [actors.rollout], version, timeout)
         logger.log({"step": step, **rollout_metrics(samples, G), **learned, **synced,
-                    "learner/lr": lr_at(cfg, step), **{f"timing/{k}": v for k, v in timings.items()}})
+                    "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}})
     results["accuracy/after_rl"] = evaluate(cfg, actors, eval_set)
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=timeout)

@@ -140,10 +140,8 @@ class Learner:
 
         from learner.grpo import token_entropy
 
-        ids = torch.tensor(micro.input_ids)  # [n, L]
-        logits = self.engine(input_ids=ids, attention_mask=torch.tensor(micro.attention_mask),
-                             use_cache=False).logits[:, :-1].float() / self.temperature  # [n, L-1, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [n, L-1]
+        logprobs, logits = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
+                                                self.temperature)
         entropy = None
         if with_entropy:
             with torch.no_grad():
@@ -162,11 +160,8 @@ class Learner:
                     old = self._logprobs(micro, with_entropy=False)[0] if need_old else None
                     ref = None
                     if self.reference is not None:
-                        ids = torch.tensor(micro.input_ids)  # [n, L]
-                        logits = self.reference(input_ids=ids, attention_mask=torch.tensor(
-                            micro.attention_mask), use_cache=False).logits[:, :-1].float()  # [n, L-1, V]
-                        logits = logits / self.temperature
-                        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                        ref, _ = _next_token_logprobs(self.reference, micro.input_ids,
+                                                      micro.attention_mask, self.temperature)
                     out[-1].append((old, ref))
         return out
 
@@ -174,10 +169,10 @@ class Learner:
         """Raw (temperature 1) log-probs [T-1] of a fixed sequence, for the weight-sync check."""
         import torch
 
-        ids = torch.tensor(token_ids, dtype=torch.int64)[None]  # [1, T]
+        ids = np.asarray(token_ids, dtype=np.int64)[None]  # [1, T]
         with torch.no_grad():
-            logits = self.engine(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
-        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).numpy()
+            logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0)  # [1, T-1]
+        return logprobs[0].numpy()
 
     def gather_weights(self) -> dict[str, np.ndarray] | None:
         """Full weights for the rollout engines (rank 0; the others only join the gather)."""
@@ -187,13 +182,12 @@ class Learner:
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """Write the policy as an HF folder (safetensors + tokenizer) that vLLM loads as is."""
+        import torch
         from transformers import AutoTokenizer
 
         weights = self.gather_weights()
         if weights is None:
             return
-        import torch
-
         module = self.engine.module
         module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
                                safe_serialization=True)
@@ -225,8 +219,21 @@ class Learner:
         return max(float(total[0]), 1.0)
 
 
+def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float):
+    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, logits [n, L-1, V]) at `temperature`."""
+    import torch
+
+    ids = torch.tensor(input_ids)  # [n, L]
+    logits = model(input_ids=ids, attention_mask=torch.tensor(attention_mask),
+                   use_cache=False).logits[:, :-1].float() / temperature  # [n, L-1, V]
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1), logits
+
+
 def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
     """Mean |learner - engine| log-prob over response tokens: the off-policy gap."""
-    mask = micro.loss_mask
-    diff = np.abs(logprobs.detach().float().numpy() - micro.sampling_logprobs) * mask
-    return float(diff.sum() / max(mask.sum(), 1.0))
+    import torch
+
+    from learner.grpo import masked_mean
+
+    diff = (logprobs.detach() - torch.tensor(micro.sampling_logprobs)).abs()  # [n, L-1]
+    return float(masked_mean(diff, torch.tensor(micro.loss_mask)))

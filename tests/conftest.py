@@ -14,7 +14,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed's compiled CPU op is reused across test runs (building it takes about a minute).
 EXTENSIONS_DIR = Path(os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1ray/torch_extensions").expanduser())))
