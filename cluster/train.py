@@ -241,7 +241,11 @@ def _make_run_dir(cfg: Config) -> Path:
 
     name = cfg.logging.run_name or time.strftime("grpo-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.cluster.runs_dir).expanduser().resolve() / name
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:  # never write into (and mix metrics with) an earlier run
+        raise ConfigError(f"logging.run_name={name!r}: the run folder {run_dir} already exists; "
+                          "choose another name or leave it empty for a timestamp") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return run_dir
 

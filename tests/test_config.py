@@ -90,3 +90,14 @@ def test_every_field_has_a_docstring():
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     assert "learning rate" in field_docs(LearnerConfig)["lr"]
+
+
+def test_an_existing_run_folder_is_never_reused(tmp_path):
+    from cluster.train import _make_run_dir
+
+    cfg = load_config(None, [f"cluster.runs_dir={tmp_path}", "logging.run_name=first"])
+    run_dir = _make_run_dir(cfg)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="logging.run_name='first': the run folder .* already exists"):
+        _make_run_dir(cfg)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'  # the earlier run is untouched
