@@ -1,6 +1,7 @@
-"""The record that crosses process boundaries: one sampled answer, and how it is grouped.
+"""The records that cross process boundaries: how to sample (`Sampling`), and one sampled
+answer (`Sample`) and how answers are grouped.
 
-A rollout actor returns `Sample`s, reward workers fill in `reward` and `reward_breakdown`,
+The driver sends a `Sampling` with each generate call, a rollout actor returns `Sample`s, reward workers fill in `reward` and `reward_breakdown`,
 the driver turns them into a train batch. Token arrays travel as numpy arrays (never lists
 of floats) so Ray moves them without pickling per element.
 
@@ -17,6 +18,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one generate call; both engine backends honour every field."""
+
+    n: int
+    """G: answers per prompt."""
+    seed: int
+    """Seed of this call; vLLM seeds prompt i with seed + i, so results do not depend on how
+    prompts are batched or sharded over engines."""
+    temperature: float = 1.0
+    """0 means greedy decoding (top_p and top_k are then ignored)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()
+    """Stop strings; the answer ends with the first one, which is kept in its text."""
+
+    @classmethod
+    def from_config(cls, cfg, n: int, seed: int, stop: tuple[str, ...] = (), greedy: bool = False) -> "Sampling":
+        """Training sampling from a `RolloutConfig` (or greedy decoding for evaluation)."""
+        return cls(n=n, seed=seed, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+                   top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
 @dataclass
 class Sample:
     prompt_id: str
@@ -30,13 +60,18 @@ class Sample:
     text: str
     """The decoded response."""
     finish_reason: str
-    """ "stop" or "length" (hit max_new_tokens: the answer is truncated)."""
+    """ "stop" (stop string or end of sequence) or "length" (hit max_new_tokens: truncated)."""
     weight_version: int
     """Version of the policy weights that generated it (0 = the initial model)."""
     reward: float = 0.0
     """Total reward, filled in by a reward worker."""
     reward_breakdown: dict[str, float] = field(default_factory=dict)
     """Named reward components (e.g. correct, format) before weighting."""
+
+    @property
+    def truncated(self) -> bool:
+        """The answer was cut by the token budget (the algorithm may mask it out)."""
+        return self.finish_reason == "length"
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.response_ids):

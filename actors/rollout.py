@@ -1,45 +1,104 @@
-"""The rollout actor: hosts one engine, samples groups, carries the weight version.
+"""The rollout actor: hosts one engine (vLLM or transformers), samples groups, carries the
+weight version.
 
-The driver creates it as a Ray actor with the engine's environment (see
-`actors.vllm_engine.vllm_env`) and calls `generate` once per step; the weight-sync protocol
-(cluster/weight_sync.py) calls `update_weights` between steps. A Ray actor runs one method
-at a time, which is what makes "flush before load" hold without locks.
+The driver creates `rollout.num_engines` of these as Ray actors (`actors.pool.RolloutPool`)
+and calls `generate` once per step; the weight-sync protocol (cluster/weight_sync.py) calls
+the `*_weights` methods between steps. A Ray actor runs one method at a time, which is
+what makes "flush before load" hold without locks.
+
+Prompts are tokenized here, with the engine's tokenizer, and fitted to the engine's
+context: a prompt may use `max_model_len - max_new_tokens` tokens, and a longer one is
+handled by `rollout.prompt_too_long` (see `fit_prompt`) before any engine sees it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from actors.records import Sample
-from actors.vllm_engine import VLLMEngine
+from actors.records import Sample, Sampling
 from cluster.config import RolloutConfig
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the engine's context and the policy is "error"."""
+
+
+def fit_prompt(ids: list[int], budget: int, policy: str, prompt_id: str) -> list[int] | None:
+    """The prompt's tokens as the engine will see them, or None to leave the prompt out.
+
+    policy: "error" raises naming the prompt, "truncate_left" keeps the last `budget`
+    tokens (the question usually ends a prompt), "skip" returns None.
+    """
+    if len(ids) <= budget:
+        return ids
+    if policy == "truncate_left":
+        return ids[-budget:]
+    if policy == "skip":
+        return None
+    raise PromptTooLongError(
+        f"prompt {prompt_id!r} has {len(ids)} tokens; rollout.max_model_len - rollout.max_new_tokens "
+        f"leaves {budget} for a prompt. Raise rollout.max_model_len, or set "
+        "rollout.prompt_too_long=truncate_left or skip")
 
 
 class RolloutActor:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32"):
         import torch
 
+        from cluster.weight_sync import WeightReceiver
+
         torch.set_num_threads(cfg.threads)
-        self.engine = VLLMEngine(model_path, cfg, seed, dtype)
+        device = "cuda" if cfg.num_gpus > 0 else "cpu"
+        if cfg.engine == "vllm":
+            from actors.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(model_path, cfg, seed, dtype)
+        else:
+            from actors.hf_engine import TransformersEngine
+
+            self.engine = TransformersEngine(model_path, seed, dtype, device)
+        self.cfg = cfg
         self.weight_version = 0
+        self.receiver = WeightReceiver(model_path, self.engine.load_weights, device)
 
-    def generate(self, prompt_ids: list[str], prompts: list[str], group_size: int, seed: int,
-                 stop: tuple[str, ...], greedy: bool = False) -> list[Sample]:
-        """`group_size` samples per prompt, grouped contiguously in prompt order."""
-        groups = self.engine.generate(prompts, n=group_size, seed=seed, stop=stop, greedy=greedy)
-        return [Sample(prompt_id=pid, weight_version=self.weight_version, **answer)
-                for pid, group in zip(prompt_ids, groups) for answer in group]
+    def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling) -> list[Sample]:
+        """`sampling.n` samples per prompt, grouped contiguously in prompt order.
 
-    def update_weights(self, weights: dict[str, np.ndarray], version: int) -> tuple[int, int]:
-        """Load new weights, then bump the version; returns (version, bytes received)."""
-        self.engine.load_weights(weights)
-        self.weight_version = version
-        return self.weight_version, sum(a.nbytes for a in weights.values())
+        Prompts left out by `rollout.prompt_too_long=skip` have no samples.
+        """
+        budget = self.cfg.max_model_len - sampling.max_new_tokens
+        tokens = [fit_prompt(self.engine.tokenizer.encode(p), budget, self.cfg.prompt_too_long, pid)
+                  for pid, p in zip(prompt_ids, prompts)]
+        kept = [i for i, t in enumerate(tokens) if t is not None]
+        groups = self.engine.generate([tokens[i] for i in kept], sampling)
+        return [Sample(prompt_id=prompt_ids[i], prompt_ids=np.asarray(tokens[i], dtype=np.int32),
+                       weight_version=self.weight_version, **answer)
+                for i, group in zip(kept, groups) for answer in group]
 
     def score(self, token_ids: np.ndarray) -> np.ndarray:
+        """Raw log-probs of a fixed sequence (the weight-sync check)."""
         return self.engine.score(token_ids)
 
     def tokenize(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids as the engine encodes them (no special tokens added)."""
         tok = self.engine.tokenizer
         return [np.asarray(tok.encode(t, add_special_tokens=False), dtype=np.int32) for t in texts]
+
+    # ---- weight sync (the engine half; see cluster/weight_sync.py) -----------------------------
+
+    def stage_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
+        """Object-store transport: hold a whole new version beside the served one."""
+        return self.receiver.stage_arrays(version, weights)
+
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        self.receiver.join(host, port, rank, world_size, timeout_s)
+
+    def receive_weights(self, version: int, manifest: list, bucket_bytes: int, timeout_s: float) -> int:
+        """Broadcast transport: receive a whole new version from learner rank 0 and hold it."""
+        return self.receiver.receive(version, manifest, bucket_bytes, timeout_s)
+
+    def commit_weights(self, version: int) -> int:
+        """Load the held version in place, then serve it; returns the version now served."""
+        self.receiver.commit(version)
+        self.weight_version = version
+        return self.weight_version

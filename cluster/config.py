@@ -63,20 +63,53 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
+    engine: str = _f("vllm", choices=("vllm", "transformers"))
+    """Sampling backend: vLLM, or transformers `generate` where vLLM cannot run."""
+    num_engines: int = _f(1, lo=1)
+    """Rollout actors; a step's prompts are split among them, each group stays on one."""
     num_cpus: float = _f(0.9, lo=0.0, lo_open=True)
-    """CPUs reserved for the rollout actor (fractions let it share a core)."""
+    """CPUs reserved per rollout actor (fractions let it share a core)."""
+    num_gpus: float = _f(0.0, lo=0.0)
+    """GPUs per rollout actor; 0 runs the engine on the CPU (vLLM's CPU build)."""
+    tensor_parallel_size: int = _f(1, lo=1)
+    """GPU engines only: GPUs one vLLM engine shards the model over."""
     threads: int = _f(2, lo=1)
-    """Compute threads of the engine; they run while the learner idles."""
+    """Compute threads per CPU engine; they run while the learner idles."""
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
     """Sampling temperature; the learner divides its logits by the same value."""
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass (below 1 the sampled distribution differs from the learner's:
+    the difference shows in the off-policy gap)."""
+    top_k: int = _f(0, lo=0)
+    """Sample among the k likeliest tokens only (0: all tokens)."""
     max_new_tokens: int = _f(32, lo=1)
-    """Longest answer; longer ones stop with finish reason "length"."""
+    """Longest answer; longer ones stop with finish reason "length" (truncated)."""
     max_model_len: int = _f(256, lo=16)
-    """Prompt plus answer tokens the engine holds per sequence."""
+    """Prompt plus answer tokens an engine holds per sequence: a prompt may use at most
+    max_model_len - max_new_tokens of them."""
+    prompt_too_long: str = _f("error", choices=("error", "truncate_left", "skip"))
+    """What happens to a longer prompt: stop with an error naming it, keep its last tokens,
+    or leave it out of the step (counted in `rollout/skipped_prompts`)."""
+    max_restarts: int = _f(0, lo=0)
+    """Times a dead rollout actor is replaced (and its prompts sampled again) per run; 0
+    makes an engine failure stop the run with the actor's error."""
     kv_cache_gib: int = _f(1, lo=1)
-    """KV-cache memory of the CPU engine."""
+    """KV-cache memory of a CPU vLLM engine."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    transport: str = _f("object_store", choices=("object_store", "broadcast"))
+    """How new weights reach the engines: Ray's object store (one put, every engine reads
+    it), or a torch.distributed broadcast from learner rank 0 (gloo on CPU, NCCL on GPU)."""
+    bucket_mb: float = _f(64.0, lo=0.0, lo_open=True)
+    """Broadcast transport: parameters are sent packed in buckets of about this size."""
+    timeout_s: float = _f(120.0, lo=0.0, lo_open=True)
+    """Longest a sync (or one of its collectives) may take before the run stops; engines
+    then keep serving their previous weights."""
+    check: bool = _f(False)
+    """After every sync, score a fixed sequence on the learner and every engine and stop if
+    their log-probs differ beyond the dtype's tolerance (always done after cold start)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +169,9 @@ class AlgorithmConfig:
     recompute_old_logprobs: bool = _f(False)
     """With several updates per step, take the old policy's log-probs from a learner forward
     pass instead of the engine's sampling log-probs (costs one forward; for bf16 engines)."""
+    mask_truncated: bool = _f(False)
+    """Leave answers cut by rollout.max_new_tokens out of the loss (they still count in
+    their group's advantages); otherwise they are learned from like the others."""
     normalize_std: bool = _f(True)
     """Divide advantages by the group's standard deviation."""
     seed: int = _f(0)
@@ -183,6 +219,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -202,6 +239,12 @@ class Config:
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
                               f"rollout.max_model_len={self.rollout.max_model_len}")
+        if self.rollout.tensor_parallel_size > 1 and self.rollout.num_gpus < self.rollout.tensor_parallel_size:
+            raise ConfigError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs "
+                              f"rollout.num_gpus >= {self.rollout.tensor_parallel_size} per engine "
+                              f"(got {self.rollout.num_gpus:g})")
+        if self.rollout.engine == "transformers" and self.rollout.tensor_parallel_size > 1:
+            raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
         parts = self.learner.num_ranks * self.algorithm.updates_per_step
         if self.samples_per_step % parts:
             raise ConfigError(f"samples per step (algorithm.prompts_per_step * group_size = "

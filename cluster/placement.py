@@ -1,4 +1,4 @@
-"""Starting or joining Ray, and placing the learner ranks, rollout actor and reward workers.
+"""Starting or joining Ray, and placing the learner ranks, rollout actors and reward workers.
 
 Failures a user can cause (no cluster at the address, a request larger than the cluster)
 raise `ClusterError` within seconds with one clear message, instead of a pending placement
@@ -55,28 +55,32 @@ class Request:
     role: str
     count: int
     num_cpus: float
+    num_gpus: float = 0.0
 
 
 def requests(cfg: Config) -> list[Request]:
-    """CPUs asked for by each role."""
+    """CPUs and GPUs asked for by each role."""
     return [
         Request("learner rank", cfg.learner.num_ranks, cfg.learner.num_cpus),
-        Request("rollout actor", 1, cfg.rollout.num_cpus),
+        Request("rollout actor", cfg.rollout.num_engines, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
         Request("reward worker", cfg.rewards.num_workers, cfg.rewards.num_cpus),
     ]
 
 
 def check_fits(cfg: Config) -> None:
-    """Raise `ClusterError` if the cluster has fewer CPUs than the actors need together."""
+    """Raise `ClusterError` if the cluster has fewer CPUs or GPUs than the actors need together."""
     import ray
 
-    available = ray.cluster_resources().get("CPU", 0.0)
-    needed = sum(r.count * r.num_cpus for r in requests(cfg))
-    if needed > available + 1e-9:
-        parts = ", ".join(f"{r.count} {r.role}(s) x {r.num_cpus:g}" for r in requests(cfg))
-        raise ClusterError(f"the config asks for {needed:g} CPUs ({parts}) but the Ray cluster has "
-                           f"{available:g}; lower learner.num_cpus / rollout.num_cpus / "
-                           "rewards.num_cpus or the counts, or add nodes")
+    for resource, attr, knobs in [("CPU", "num_cpus", "learner.num_cpus / rollout.num_cpus / rewards.num_cpus"),
+                                  ("GPU", "num_gpus", "rollout.num_gpus")]:
+        available = ray.cluster_resources().get(resource, 0.0)
+        needed = sum(r.count * getattr(r, attr) for r in requests(cfg))
+        if needed > available + 1e-9:
+            parts = ", ".join(f"{r.count} {r.role}(s) x {getattr(r, attr):g}" for r in requests(cfg)
+                              if getattr(r, attr))
+            raise ClusterError(f"the config asks for {needed:g} {resource}s ({parts}) but the Ray cluster "
+                               f"has {available:g}; lower {knobs} or the counts "
+                               "(rollout.num_engines, ...), or add nodes")
 
 
 def learner_group(cfg: Config, timeout_s: float = 30.0):
@@ -94,7 +98,7 @@ def learner_group(cfg: Config, timeout_s: float = 30.0):
 
 
 def free_port() -> int:
-    """A free TCP port on this host, for the learner ranks' rendezvous."""
+    """A free TCP port on this host (rendezvous of the learner ranks or the weight-sync group)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]

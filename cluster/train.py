@@ -4,9 +4,9 @@
     python -m cluster.train --config configs/default.yaml learner.lr=1e-4   # same code; a
                                                     # `ray job submit` entrypoint
 
-One GRPO step (`train`, below): sample B prompts -> the rollout actor returns B*G answers ->
+One GRPO step (`train`, below): sample B prompts -> the rollout actors return B*G answers ->
 reward workers score them -> group-relative advantages -> the learner ranks take an
-optimizer step -> the new weights go to the rollout actor -> metrics are logged. The run
+optimizer step -> the new weights go to the rollout actors -> metrics are logged. The run
 folder (printed at start and end) holds config.yaml, metrics.jsonl, results.json, the W&B
 offline run and the final model.
 """
@@ -22,15 +22,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from actors.records import check_groups
+from actors.pool import EngineDiedError, RolloutPool
+from actors.records import Sample, Sampling, check_groups
+from actors.rollout import PromptTooLongError
 from cluster import placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.metrics import MetricsLogger, rollout_metrics
-from cluster.weight_sync import WeightSyncError, check_sync, sync_weights
+from cluster.weight_sync import WeightSync, WeightSyncError
 from rewards.arithmetic import ArithmeticTask, Problem
 from rewards.format import STOP_STRINGS, render_prompt
 
@@ -38,8 +39,9 @@ from rewards.format import STOP_STRINGS, render_prompt
 @dataclass
 class Actors:
     learners: list
-    rollout: Any
+    rollouts: RolloutPool
     rewarders: list
+    sync: WeightSync
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -60,28 +62,33 @@ def train(cfg: Config) -> dict[str, float]:
     eval_set = task.problems(cfg.algorithm.seed, cfg.task.eval_prompts, "eval")
     rng = random.Random(cfg.algorithm.seed)
     results = {"accuracy/initial": evaluate(cfg, actors, eval_set)}
-    version = cold_start(cfg, actors, task, model_path, rng)
+    probe = probe_sequence(cfg, actors, task)  # scored by learner and engines after syncs
+    version = cold_start(cfg, actors, task, model_path, rng, probe)
     results["accuracy/before_rl"] = evaluate(cfg, actors, eval_set)
     G = cfg.algorithm.group_size
     for step in range(1, cfg.algorithm.steps + 1):
         timings: dict[str, float] = {}
         problems = task.sample(rng, cfg.algorithm.prompts_per_step)
+        sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, STOP_STRINGS)
         with _timed(timings, "generate"):
-            samples = ray.get(actors.rollout.generate.remote(
-                [p.id for p in problems], [render_prompt(p.prompt) for p in problems], G,
-                seed=cfg.algorithm.seed + 1000 * step, stop=STOP_STRINGS), timeout=timeout)
+            samples = generate(cfg, actors, problems, sampling, version)
             check_groups(samples, G)
+        skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
+        if not samples:  # every prompt was too long and skipped
+            logger.log({"step": step, **skipped})
+            continue
         with _timed(timings, "reward"):
-            score(actors.rewarders, samples, [p.answer for p in problems for _ in range(G)], timeout)
+            score(actors.rewarders, samples, {p.id: p.answer for p in problems}, timeout)
         rewards = torch.tensor([s.reward for s in samples])  # [N]
         advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
         lr = lr_at(cfg, step)
         with _timed(timings, "learn"):
-            learned = learn(actors.learners, samples, advantages.numpy(), lr,
-                            cfg.algorithm.updates_per_step, timeout)
+            learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
         version += 1
-        synced = sync_weights(actors.learners, [actors.rollout], version, timeout)
-        logger.log({"step": step, **rollout_metrics(samples, G), **learned, **synced,
+        synced = actors.sync.push(version)
+        if cfg.sync.check:
+            synced["sync/max_logprob_diff"] = actors.sync.check(probe)
+        logger.log({"step": step, **rollout_metrics(samples, G), **learned, **synced, **skipped,
                     "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}})
     results["accuracy/after_rl"] = evaluate(cfg, actors, eval_set)
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
@@ -93,12 +100,10 @@ def train(cfg: Config) -> dict[str, float]:
 # ---- the phases the loop calls ---------------------------------------------------------------
 
 def start_actors(cfg: Config, model_path: str) -> Actors:
-    """Create the learner ranks (packed in a placement group), the rollout actor, reward workers."""
+    """Create the learner ranks (packed in a placement group), rollout actors, reward workers."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from actors.rollout import RolloutActor
-    from actors.vllm_engine import vllm_env
     from learner.learner import Learner
     from rewards.worker import RewardWorker
 
@@ -116,59 +121,91 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
         ).remote(model_path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank, "127.0.0.1", port)
         for rank in range(cfg.learner.num_ranks)
     ]
-    rollout = ray.remote(RolloutActor).options(
-        num_cpus=cfg.rollout.num_cpus, runtime_env={"env_vars": vllm_env(cfg.rollout)},
-    ).remote(model_path, cfg.rollout, cfg.algorithm.seed, cfg.learner.dtype)  # same precision
+    rollouts = RolloutPool(cfg, model_path)  # engines in the learner's precision
     rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.rewards.num_cpus).remote(cfg.rewards)
                  for _ in range(cfg.rewards.num_workers)]
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
-    ready = [a.__ray_ready__.remote() for a in [*learners, rollout, *rewarders]]
+    ready = [a.__ray_ready__.remote() for a in [*learners, *rewarders]] + rollouts.ready_refs()
     ray.get(ready, timeout=cfg.cluster.timeout_s)
-    return Actors(learners, rollout, rewarders)
+    sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
+    sync.connect()
+    return Actors(learners, rollouts, rewarders, sync)
 
 
-def score(rewarders: list, samples: list, answers: list[str], timeout: float) -> None:
+def generate(cfg: Config, actors: Actors, problems: list[Problem], sampling: Sampling,
+             version: int) -> list[Sample]:
+    """The step's samples; an engine that died is replaced and the step sampled again, up to
+    `rollout.max_restarts` times in a run."""
+    while True:
+        try:
+            return actors.rollouts.generate([p.id for p in problems], [render_prompt(p.prompt) for p in problems],
+                                            sampling, cfg.cluster.timeout_s)
+        except EngineDiedError as err:
+            if actors.rollouts.restarts_left == 0:
+                raise EngineDiedError(err.index, f"{err.reason} (rollout.max_restarts="
+                                      f"{cfg.rollout.max_restarts} used up)") from None
+            print(f"r1ray: {err}; replacing it ({actors.rollouts.restarts_left} restart(s) left)", flush=True)
+            actors.rollouts.restart(err.index)
+            actors.sync.replace(actors.rollouts.actors)
+            if version > 0:  # a fresh engine holds the initial weights
+                actors.sync.push(version)
+
+
+def score(rewarders: list, samples: list[Sample], answers: dict[str, str], timeout: float) -> None:
     """Fill in each sample's reward and breakdown, splitting the batch over the workers."""
     import ray
 
     chunks = np.array_split(np.arange(len(samples)), len(rewarders))
-    futures = [w.score.remote([samples[i].text for i in idx], [answers[i] for i in idx])
+    futures = [w.score.remote([samples[i].text for i in idx], [answers[samples[i].prompt_id] for i in idx])
                for w, idx in zip(rewarders, chunks)]
     for idx, scores in zip(chunks, ray.get(futures, timeout=timeout)):
         for i, s in zip(idx, scores):
             samples[i].reward, samples[i].reward_breakdown = s.reward, s.breakdown
 
 
-def learn(learners: list, samples: list, advantages: np.ndarray, lr: float, updates: int,
-          timeout: float) -> dict[str, float]:
-    """One GRPO optimizer step (or `updates` of them) over the batch, sharded across ranks."""
+def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
+          lr: float) -> dict[str, float]:
+    """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across ranks."""
     import ray
 
     from learner.batch import collate
 
     batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=0,
                     advantages=advantages, sampling_logprobs=[s.logprobs for s in samples])
+    if cfg.algorithm.mask_truncated:
+        batch.loss_mask[[s.truncated for s in samples]] = 0.0
     shards = batch.split(len(learners))
-    per_rank = ray.get([l.train_step.remote(shard, lr, updates) for l, shard in zip(learners, shards)],
-                       timeout=timeout)
+    per_rank = ray.get([l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step)
+                        for l, shard in zip(learners, shards)], timeout=cfg.cluster.timeout_s)
     return {f"learner/{k}": float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
 
 
 def evaluate(cfg: Config, actors: Actors, problems: list[Problem]) -> float:
-    """Greedy accuracy of the rollout engine's current weights on held-out problems."""
-    import ray
-
+    """Greedy accuracy of the rollout engines' current weights on held-out problems."""
     if not problems:
         return float("nan")
-    samples = ray.get(actors.rollout.generate.remote(
-        [p.id for p in problems], [render_prompt(p.prompt) for p in problems], 1,
-        seed=cfg.algorithm.seed, stop=STOP_STRINGS, greedy=True), timeout=cfg.cluster.timeout_s)
-    score(actors.rewarders, samples, [p.answer for p in problems], cfg.cluster.timeout_s)
-    return float(np.mean([s.reward_breakdown["correct"] for s in samples]))
+    samples = actors.rollouts.generate(
+        [p.id for p in problems], [render_prompt(p.prompt) for p in problems],
+        Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, STOP_STRINGS, greedy=True),
+        cfg.cluster.timeout_s)
+    answers = {p.id: p.answer for p in problems}
+    score(actors.rewarders, samples, answers, cfg.cluster.timeout_s)
+    # A prompt skipped as too long counts as wrong.
+    return float(np.sum([s.reward_breakdown["correct"] for s in samples]) / len(problems))
+
+
+def probe_sequence(cfg: Config, actors: Actors, task: ArithmeticTask) -> np.ndarray:
+    """A fixed prompt + reference trace, in the engines' tokens, for the weight-sync check."""
+    import ray
+
+    problem = task.problems(cfg.algorithm.seed, 1, "train")[0]
+    prompt, trace = ray.get(actors.rollouts.actors[0].tokenize.remote(
+        [render_prompt(problem.prompt), task.reference_trace(problem)]), timeout=cfg.cluster.timeout_s)
+    return np.concatenate([prompt, trace])
 
 
 def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: str,
-               rng: random.Random) -> int:
+               rng: random.Random, probe: np.ndarray) -> int:
     """SFT on the task's reference traces so the policy is sometimes right; returns the version."""
     import ray
     from tqdm import tqdm
@@ -191,10 +228,8 @@ def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: st
                               timeout=cfg.cluster.timeout_s)
         bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
     ray.get([l.reset_optimizer.remote() for l in actors.learners], timeout=cfg.cluster.timeout_s)
-    sync_weights(actors.learners, [actors.rollout], 1, cfg.cluster.timeout_s)
-    # The engine must now score a trace exactly as the learner does.
-    check_sync(actors.learners, [actors.rollout], np.concatenate([prompts[0], traces[0]]),
-               cfg.learner.dtype, cfg.cluster.timeout_s)
+    actors.sync.push(1)
+    actors.sync.check(probe)  # the engines must now score a trace exactly as the learner does
     return 1
 
 
@@ -258,6 +293,12 @@ def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float]) -> 
     print(f"r1ray: run folder {run_dir}", flush=True)
 
 
+def _message(err: Exception) -> str:
+    """The error's own message, without the remote traceback Ray wraps around it."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, Exception) else err)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="r1ray train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -268,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, placement.ClusterError, WeightSyncError) as err:
-        print(f"r1ray: error: {err}", file=sys.stderr)
+    except (ConfigError, placement.ClusterError, PromptTooLongError) as err:  # the user can fix these
+        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2
+    except (WeightSyncError, EngineDiedError) as err:
+        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
+        return 1
     except ray.exceptions.GetTimeoutError:
-        print(f"r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
+        print("r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
         return 1
     finally:
         if ray.is_initialized():

@@ -36,8 +36,9 @@ for DeepSeek-R1. Where this module departs from that formula, and why:
    detached: the ratio is exactly 1, the clip never acts and the gradient is the plain
    policy gradient -A * grad(log pi). With several optimizer steps per batch it is the
    engine's sampling log-probs (the behaviour policy; in fp32 they match the learner's to
-   ~1e-7, which the learner reports every step as logprob_gap), or, when configured, the
-   learner's own recompute before the first step, for engines whose numerics differ more.
+   ~1e-7, which the learner reports every step as learner/offpolicy_gap), or, when
+   configured, the learner's own recompute before the first step, for engines whose
+   numerics differ more.
 
 Padding: mask is 1 on response tokens to train on and 0 elsewhere. Masked positions of the
 log-prob tensors may hold anything (0, -inf, NaN); they are zeroed before any exp so they

@@ -44,6 +44,7 @@ class Learner:
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.sync_group = None  # the weight-sync group, on rank 0 with the broadcast transport
         self.reference = None
         if algo.kl_beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
@@ -82,7 +83,7 @@ class Learner:
         plan = self._plan(shard, num_updates)
         fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and self.algo.recompute_old_logprobs)
         metrics: dict[str, list[float]] = {}
-        for mini, mini_fixed in zip(plan, fixed):
+        for index, (mini, mini_fixed) in enumerate(zip(plan, fixed)):
             total = self._global_count(mini)
             for micro, (old, ref) in zip(mini, mini_fixed):
                 logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
@@ -95,7 +96,8 @@ class Learner:
                     kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy)
                 share = self._count(micro) / total * self.cfg.num_ranks
                 self.engine.backward(loss * share, scale_wrt_gas=False)
-                stats["logprob_gap"] = _masked_abs_diff(logprobs, micro)
+                if index == 0:  # before this step's first update: the engine's policy vs ours
+                    stats["offpolicy_gap"] = _masked_abs_diff(logprobs, micro)
                 for k, v in stats.items():
                     metrics.setdefault(k, []).append(v)
             metrics.setdefault("grad_norm", []).append(self._optimizer_step(lr))
@@ -174,11 +176,38 @@ class Learner:
             logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0)  # [1, T-1]
         return logprobs[0].numpy()
 
-    def gather_weights(self) -> dict[str, np.ndarray] | None:
-        """Full weights for the rollout engines (rank 0; the others only join the gather)."""
-        from cluster.weight_sync import gather_weights
+    # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
 
-        return gather_weights(self.engine, self.cfg.zero_stage)
+    def gather_weights(self) -> dict[str, np.ndarray] | None:
+        """Full float32 weights for the object-store transport (rank 0; the others only join)."""
+        from cluster import weight_sync
+
+        return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank)
+
+    def weight_manifest(self) -> list:
+        from cluster import weight_sync
+
+        return weight_sync.learner_manifest(self.engine)
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where this rank would host the sync group's store: its node's IP and a free port."""
+        import ray
+
+        from cluster.placement import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        from cluster import weight_sync
+
+        self.sync_group = weight_sync.join_group(host, port, rank, world_size, timeout_s, "cpu")
+
+    def send_weights(self, bucket_bytes: int, timeout_s: float) -> int:
+        """Broadcast transport: rank 0 sends to the sync group; every rank joins a ZeRO-3 gather."""
+        from cluster import weight_sync
+
+        return weight_sync.send_weights(self.engine, self.cfg.zero_stage, self.rank,
+                                        self.sync_group, bucket_bytes, timeout_s)
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """Write the policy as an HF folder (safetensors + tokenizer) that vLLM loads as is."""

@@ -10,13 +10,13 @@ from learner.learner import Learner
 
 
 def make_learners(model_path, num_ranks, zero_stage, dtype="float32", kl_beta=0.0, micro_batch_size=4,
-                  recompute_old_logprobs=False):
+                  recompute_old_logprobs=False, temperature=1.0):
     cfg = LearnerConfig(num_ranks=num_ranks, zero_stage=zero_stage, dtype=dtype, threads=1,
                         num_cpus=0.5, micro_batch_size=micro_batch_size)
     algo = AlgorithmConfig(kl_beta=kl_beta, recompute_old_logprobs=recompute_old_logprobs)
     port = free_port()
     actor = ray.remote(Learner).options(num_cpus=0.5)
-    return [actor.remote(model_path, cfg, algo, 1.0, rank, "127.0.0.1", port) for rank in range(num_ranks)]
+    return [actor.remote(model_path, cfg, algo, temperature, rank, "127.0.0.1", port) for rank in range(num_ranks)]
 
 
 def fixed_batch(advantages=None):
@@ -31,3 +31,23 @@ def fixed_batch(advantages=None):
 def run_on_ranks(learners, method, batch, *args):
     shards = batch.split(len(learners))
     return ray.get([getattr(l, method).remote(s, *args) for l, s in zip(learners, shards)], timeout=300)
+
+
+def start_rollout(model_path, engine="vllm", seed=0, **overrides):
+    """A rollout actor on a tiny model: one thread, half a logical CPU, short answers."""
+    from actors.rollout import RolloutActor
+    from actors.vllm_engine import vllm_env
+    from cluster.config import RolloutConfig
+
+    cfg = RolloutConfig(**{"engine": engine, "threads": 1, "num_cpus": 0.5, "max_new_tokens": 8, **overrides})
+    env = vllm_env(cfg) if engine == "vllm" else {"OMP_NUM_THREADS": "1"}
+    actor = ray.remote(RolloutActor).options(num_cpus=0.5, runtime_env={"env_vars": env}).remote(model_path, cfg, seed)
+    ray.get(actor.__ray_ready__.remote(), timeout=300)
+    return actor
+
+
+def samples_to_batch(samples, advantages=None):
+    """The learner's view of sampled answers (as the driver collates them)."""
+    adv = np.zeros(len(samples), dtype=np.float32) if advantages is None else advantages
+    return collate([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=0,
+                   advantages=adv, sampling_logprobs=[s.logprobs for s in samples])

@@ -24,9 +24,15 @@ def run(args, tmp_path, timeout=600):
 
 
 @pytest.mark.slow
-def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model):
+@pytest.mark.parametrize("rollout", [
+    # Two vLLM engines fed by the broadcast transport, checked after every sync.
+    ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast", "sync.check=true"],
+    # One transformers engine fed through the object store; truncated answers masked.
+    ["rollout.engine=transformers", "algorithm.mask_truncated=true"],
+], ids=["vllm-x2-broadcast", "transformers"])
+def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollout):
     # The policy is given as a plain HF folder path, as a user's own model would be.
-    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, "logging.run_name=e2e",
+    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, *rollout, "logging.run_name=e2e",
                    f"model.path={tiny_model}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
@@ -36,9 +42,12 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model):
     for key in ["reward/mean", "reward/std", "reward/correct", "reward/format", "response_length/mean",
                 "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction", "learner/kl",
                 "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
-                "timing/sync"]:
+                "timing/sync", "sync/bytes", "learner/offpolicy_gap", "rollout/skipped_prompts"]:
         assert all(key in r for r in rows), key
     assert [r["sync/version"] for r in rows] == [2, 3]  # cold start made version 1
+    assert all(r["learner/offpolicy_gap"] < 1e-3 for r in rows)  # fp32 engines, same temperature
+    if "sync.check=true" in rollout:
+        assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) == {"accuracy/initial", "accuracy/before_rl", "accuracy/after_rl"}
     assert (run_dir / "model" / "model.safetensors").exists()
@@ -50,6 +59,10 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model):
     (["model.path=/does/not/exist"], "model.path='/does/not/exist' is not a Hugging Face model folder"),
     (["learner.num_cpus=8"], "asks for 9 CPUs"),
     (["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'"),
+    (["rollout.num_engines=3"], "asks for 3.8 CPUs (1 learner rank(s) x 1, 3 rollout actor(s) x 0.9"),
+    # Prompts of ~15 tokens cannot fit in 20 - 16: the first one is named.
+    (["rollout.engine=transformers", "rollout.max_model_len=20", "rollout.max_new_tokens=16"],
+     "tokens; rollout.max_model_len - rollout.max_new_tokens leaves 4 for a prompt"),
 ])
 def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
     proc, seconds = run(args, tmp_path, timeout=120)

@@ -1,71 +1,133 @@
-"""Weight sync: after a sync the engine scores a fixed sequence like the learner does.
+"""Weight sync: after a sync every engine scores a fixed sequence like the learner does, with
+either transport; a sync that fails leaves every engine serving its previous weights whole.
 
-Real pieces: a vLLM engine in a rollout actor, a DeepSpeed learner rank, Ray's object store.
+Real pieces: vLLM engines in rollout actors, DeepSpeed learner ranks, Ray's object store and
+a gloo group. The bucket plan and the receiver's checks are also unit-tested with a
+stand-in loader (a list that records what it is given).
 """
 
 import numpy as np
 import pytest
 import ray
+import torch
 
-from actors.rollout import RolloutActor
-from actors.vllm_engine import vllm_env
-from cluster.config import RolloutConfig
-from cluster.weight_sync import WeightSyncError, check_sync, sync_weights
+from actors.records import Sampling
+from cluster.config import SyncConfig
+from cluster.weight_sync import WeightReceiver, WeightSync, WeightSyncError, plan_buckets
 from learner.models import count_parameters
-from tests.helpers import fixed_batch, make_learners, run_on_ranks
+from tests.helpers import fixed_batch, make_learners, run_on_ranks, start_rollout
 
-pytestmark = pytest.mark.slow
+SEQ = np.array([1, 10, 11, 12, 40, 41, 42, 43], dtype=np.int64)
+PROMPT = "User: 1+2=?\nAssistant: <think>"
 
+
+# ---- units ---------------------------------------------------------------------------------
+
+def test_buckets_pack_consecutive_parameters_up_to_the_size():
+    manifest = [("a", (10,), "float32"), ("b", (10,), "float32"), ("c", (30,), "float32"),
+                ("d", (5,), "bfloat16"), ("e", (5,), "bfloat16")]
+    # 40 + 40 bytes fit in 100; 120 does not fit with them and gets its own; 10 + 10 together.
+    assert plan_buckets(manifest, 100) == [[0, 1], [2], [3, 4]]
+    assert plan_buckets(manifest, 10**9) == [[0, 1, 2, 3, 4]]
+    assert plan_buckets(manifest, 1) == [[0], [1], [2], [3], [4]]
+    assert plan_buckets([], 100) == []
+
+
+def test_receiver_loads_only_a_whole_checked_version_on_commit(tiny_model):
+    loaded = []  # stand-in for an engine's loader
+    receiver = WeightReceiver(tiny_model, loaded.append)
+    names = receiver.expected
+    good = [(n, torch.zeros(shape)) for n, shape in names.items()]
+    with pytest.raises(WeightSyncError, match="missing"):
+        receiver.stage(2, good[1:])
+    bad_shape = [(n, torch.zeros(1)) if i == 0 else (n, t) for i, (n, t) in enumerate(good)]
+    with pytest.raises(WeightSyncError, match="has shape"):
+        receiver.stage(2, bad_shape)
+    with pytest.raises(WeightSyncError, match="holds None"):
+        receiver.commit(2)
+    assert receiver.stage(2, good) == 4 * count_parameters(tiny_model)
+    with pytest.raises(WeightSyncError, match="cannot load weights version 3: the engine holds 2"):
+        receiver.commit(3)
+    assert loaded == []  # nothing half-loaded by the refusals
+    receiver.stage(4, good)
+    receiver.commit(4)
+    assert len(loaded) == 1 and len(loaded[0]) == len(names)
+
+
+# ---- real engines and learners --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def rollout(ray_cluster, tiny_model):
-    cfg = RolloutConfig(threads=1, num_cpus=0.5, max_new_tokens=8)
-    actor = ray.remote(RolloutActor).options(num_cpus=0.5, runtime_env={"env_vars": vllm_env(cfg)}
-                                             ).remote(tiny_model, cfg, 0)
-    yield actor
-    ray.kill(actor)
+def engines(ray_cluster, tiny_model):
+    actors = [start_rollout(tiny_model, seed=i, max_new_tokens=200) for i in range(2)]
+    yield actors
+    for a in actors:
+        ray.kill(a)
 
 
-def test_engine_matches_learner_after_sync(rollout, tiny_model):
+def _scores(actors):
+    return ray.get([a.score.remote(SEQ) for a in actors], timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_engines_match_the_learner_after_a_sync(engines, tiny_model, transport):
     learners = make_learners(tiny_model, 1, 2)
-    seq = np.array([1, 10, 11, 12, 40, 41, 42, 43], dtype=np.int64)
-    # Same initial weights: they agree before any training.
-    check_sync(learners, [rollout], seq, "float32", timeout_s=120)
+    sync = WeightSync(learners, engines, SyncConfig(transport=transport, bucket_mb=1.0, timeout_s=120),
+                      "float32")
+    sync.connect()
+    sync.push(1)  # from whatever an earlier test left in the engines to the learner's weights
+    assert sync.check(SEQ) < 1e-4
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    # The learner moved; the engine has not been told yet, so the check must fail.
+    # The learner moved; the engines have not been told yet, so the check must fail.
     with pytest.raises(WeightSyncError, match="differ from the learner's"):
-        check_sync(learners, [rollout], seq, "float32", timeout_s=120)
-    metrics = sync_weights(learners, [rollout], version=1, timeout_s=120)
-    worst = check_sync(learners, [rollout], seq, "float32", timeout_s=120)
-    assert worst < 1e-4
-    assert metrics["sync/version"] == 1 and metrics["sync/bytes"] > 1e6
-    samples = ray.get(rollout.generate.remote(["p"], ["User: 1+2=?\nAssistant: <think>"], 3, 0, ()))
-    assert [s.weight_version for s in samples] == [1, 1, 1]
+        sync.check(SEQ)
+    metrics = sync.push(2)
+    assert sync.check(SEQ) < 1e-4
+    assert metrics["sync/version"] == 2 and metrics["sync/bytes"] == 4 * count_parameters(tiny_model)
+    assert metrics["timing/sync"] > 0 and metrics["sync/gb_per_s"] > 0
+    samples = ray.get(engines[1].generate.remote(["p"], [PROMPT], Sampling(n=3, seed=0, max_new_tokens=4)))
+    assert [s.weight_version for s in samples] == [2, 2, 2]
     ray.kill(learners[0])
 
 
-def test_samples_are_groups_with_consistent_logprobs(rollout):
-    samples = ray.get(rollout.generate.remote(["a", "b"], ["User: 1+2=?\nAssistant: <think>",
-                                                          "User: 3+4=?\nAssistant: <think>"], 4, 7, ()))
-    assert [s.prompt_id for s in samples] == ["a"] * 4 + ["b"] * 4
-    for s in samples:
-        assert len(s.logprobs) == len(s.response_ids) > 0
-        assert np.all(s.logprobs <= 0)
-        assert s.finish_reason in ("stop", "length")
-    # An 8-token budget on a random model: most answers are cut by the length limit.
-    assert any(s.finish_reason == "length" for s in samples)
-    again = ray.get(rollout.generate.remote(["a", "b"], ["User: 1+2=?\nAssistant: <think>",
-                                                        "User: 3+4=?\nAssistant: <think>"], 4, 7, ()))
-    assert [list(s.response_ids) for s in samples] == [list(s.response_ids) for s in again]  # seeded
-
-
-def test_zero3_weights_are_gathered_from_both_ranks(rollout, tiny_model):
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_zero3_weights_are_gathered_from_both_ranks(engines, tiny_model, transport):
     learners = make_learners(tiny_model, 2, 3)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    seq = np.array([1, 10, 11, 12, 40, 41, 42, 43], dtype=np.int64)
-    metrics = sync_weights(learners, [rollout], version=7, timeout_s=120)
-    # Every parameter arrives whole: the engine now scores like the sharded learner.
-    assert check_sync(learners, [rollout], seq, "float32", timeout_s=120) < 1e-4
+    sync = WeightSync(learners, engines, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120),
+                      "float32")
+    metrics = sync.push(7)
+    # Every parameter arrives whole: the engines now score like the sharded learner.
+    assert sync.check(SEQ) < 1e-4
     assert metrics["sync/bytes"] == 4 * count_parameters(tiny_model)  # all of it, in fp32
     for learner in learners:
         ray.kill(learner)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, tiny_model, transport):
+    learners = make_learners(tiny_model, 1, 2)
+    sync = WeightSync(learners, engines, SyncConfig(transport=transport, timeout_s=120), "float32")
+    sync.push(1)
+    before = _scores(engines)
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    # Engine 0 is busy with a long generate, so the sync cannot get through in 1 s.
+    busy = engines[0].generate.remote([f"p{i}" for i in range(32)], [PROMPT] * 32,
+                                      Sampling(n=8, seed=0, max_new_tokens=200))
+    quick = WeightSync(learners, engines, SyncConfig(transport=transport, timeout_s=1.0), "float32")
+    with pytest.raises(WeightSyncError, match="took longer than 1s"):
+        quick.push(2)
+    assert {s.weight_version for s in ray.get(busy, timeout=300)} == {1}
+    # Whatever reached the engines late was only staged: both still serve version 1, whole.
+    after = _scores(engines)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    samples = ray.get(engines[0].generate.remote(["p"], [PROMPT], Sampling(n=2, seed=0, max_new_tokens=4)))
+    assert {s.weight_version for s in samples} == {1}
+    # And the protocol recovers: the next sync (a fresh group for the broadcast) goes through.
+    sync.replace(engines)
+    sync.push(3)
+    assert sync.check(SEQ) < 1e-4
+    ray.kill(learners[0])

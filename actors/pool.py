@@ -1,0 +1,95 @@
+"""The rollout actors of a run: started together, a step's prompts sharded over them.
+
+`generate` cuts the prompt list into contiguous shards, one per actor, and concatenates
+the results in prompt order; a group of G answers is never split, so each comes from one
+engine and one weight version. Prompt i of the step is seeded `seed + i` whichever engine
+samples it, so vLLM engines return the same answers however many there are.
+
+When an actor dies mid-generate the call raises `EngineDiedError` with the actor's own
+error; the driver may `restart` it (a fresh actor on the initial weights, which the weight
+sync then brings to the current version) and try the step again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.records import Sample, Sampling
+from cluster.config import Config
+
+
+class EngineDiedError(RuntimeError):
+    """A rollout actor died (its process exited or was killed) during a call."""
+
+    def __init__(self, index: int, cause: str):
+        super().__init__(f"rollout engine {index} died: {cause}")
+        self.index, self.reason = index, cause
+
+
+class RolloutPool:
+    def __init__(self, cfg: Config, model_path: str):
+        self.cfg, self.model_path = cfg, model_path
+        self.restarts_left = cfg.rollout.max_restarts
+        self.actors = [self._start(i) for i in range(cfg.rollout.num_engines)]
+
+    def _start(self, index: int):
+        import ray
+
+        from actors.rollout import RolloutActor
+        from actors.vllm_engine import vllm_env
+
+        r = self.cfg.rollout
+        env = vllm_env(r) if r.engine == "vllm" else {"OMP_NUM_THREADS": str(r.threads)}
+        return ray.remote(RolloutActor).options(
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env={"env_vars": env},
+        ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype)
+
+    def ready_refs(self) -> list:
+        return [a.__ray_ready__.remote() for a in self.actors]
+
+    def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling,
+                 timeout_s: float) -> list[Sample]:
+        """`sampling.n` samples per prompt over all engines, in prompt order."""
+        import ray
+
+        if len(prompt_ids) != len(prompts):
+            raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        shards = [s for s in np.array_split(np.arange(len(prompts)), len(self.actors)) if len(s)]
+        futures = [
+            actor.generate.remote([prompt_ids[i] for i in idx], [prompts[i] for i in idx],
+                                  _shifted(sampling, int(idx[0])))
+            for actor, idx in zip(self.actors, shards)
+        ]
+        samples: list[Sample] = []
+        for index, future in enumerate(futures):
+            try:
+                samples += ray.get(future, timeout=timeout_s)
+            except ray.exceptions.RayActorError as err:
+                raise EngineDiedError(index, _cause(err)) from None
+        return samples
+
+    def restart(self, index: int) -> None:
+        """Replace actor `index` with a fresh one (initial weights, version 0)."""
+        import ray
+
+        if self.restarts_left <= 0:
+            raise RuntimeError("no restarts left (rollout.max_restarts)")
+        self.restarts_left -= 1
+        ray.kill(self.actors[index])
+        self.actors[index] = self._start(index)
+        ray.get(self.actors[index].__ray_ready__.remote(), timeout=self.cfg.cluster.timeout_s)
+
+
+def _shifted(sampling: Sampling, offset: int) -> Sampling:
+    """The shard starting at prompt `offset` seeds its first prompt `seed + offset`."""
+    from dataclasses import replace
+
+    return replace(sampling, seed=sampling.seed + offset)
+
+
+def _cause(err: Exception) -> str:
+    text = str(err).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -1,0 +1,216 @@
+"""Rollout: two backends behind one interface, several engines, sampling options, the prompt
+length policy, and engines that die mid-generate.
+
+Real engines (vLLM's CPU build and transformers) on the tiny model, real Ray actors.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from actors.hf_engine import processed_logprobs
+from actors.pool import EngineDiedError, RolloutPool
+from actors.records import Sampling
+from actors.rollout import PromptTooLongError, fit_prompt
+from cluster.config import load_config
+from tests.helpers import make_learners, samples_to_batch, start_rollout
+
+PROMPTS = [f"User: {a}+{b}=?\nAssistant: <think>" for a, b in [(1, 2), (13, 4), (7, 70), (55, 5), (9, 9)]]
+IDS = [f"q{i}" for i in range(len(PROMPTS))]
+
+
+# ---- units ---------------------------------------------------------------------------------
+
+def test_prompt_policies():
+    ids = list(range(10))
+    assert fit_prompt(ids, 10, "error", "q") == ids  # fits exactly
+    assert fit_prompt(ids, 4, "truncate_left", "q") == [6, 7, 8, 9]
+    assert fit_prompt(ids, 4, "skip", "q") is None
+    with pytest.raises(PromptTooLongError, match="prompt 'q7' has 10 tokens; .* leaves 4 for a prompt"):
+        fit_prompt(ids, 4, "error", "q7")
+
+
+def test_processed_logprobs_apply_temperature_then_top_k_then_top_p():
+    import torch
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    t = processed_logprobs(logits, Sampling(n=1, seed=0, temperature=0.5))
+    assert torch.allclose(t, torch.log_softmax(logits / 0.5, -1))
+    k = processed_logprobs(logits, Sampling(n=1, seed=0, top_k=2)).exp()
+    assert torch.allclose(k, torch.tensor([[np.e / (np.e + 1), 1 / (np.e + 1), 0, 0]]), atol=1e-6)
+    # The likeliest token holds 64% of the mass: top_p 0.5 keeps it alone, 0.7 keeps two.
+    assert torch.allclose(processed_logprobs(logits, Sampling(n=1, seed=0, top_p=0.5)).exp(),
+                          torch.tensor([[1.0, 0, 0, 0]]))
+    assert (processed_logprobs(logits, Sampling(n=1, seed=0, top_p=0.7)).exp() > 0).sum() == 2
+    greedy = processed_logprobs(logits, Sampling(n=1, seed=0, temperature=0.0, top_k=1))
+    assert torch.allclose(greedy, torch.log_softmax(logits, -1))  # raw, as vLLM reports greedy
+
+
+# ---- real engines --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_actor(ray_cluster, tiny_model):
+    actor = start_rollout(tiny_model, "vllm")
+    yield actor
+    ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def hf_actor(ray_cluster, tiny_model):
+    actor = start_rollout(tiny_model, "transformers")
+    yield actor
+    ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_backends_agree_on_greedy_answers(vllm_actor, hf_actor):
+    greedy = Sampling(n=1, seed=0, temperature=0.0, max_new_tokens=8)
+    v = ray.get(vllm_actor.generate.remote(IDS, PROMPTS, greedy), timeout=120)
+    h = ray.get(hf_actor.generate.remote(IDS, PROMPTS, greedy), timeout=120)
+    assert [s.prompt_id for s in v] == [s.prompt_id for s in h] == IDS
+    for a, b in zip(v, h):
+        np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+        np.testing.assert_array_equal(a.response_ids, b.response_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_records_honour_the_sampling_options(vllm_actor, hf_actor, backend):
+    actor = vllm_actor if backend == "vllm" else hf_actor
+    sampling = Sampling(n=4, seed=3, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=6, stop=("a",))
+    samples = ray.get(actor.generate.remote(IDS[:2], PROMPTS[:2], sampling), timeout=120)
+    assert [s.prompt_id for s in samples] == ["q0"] * 4 + ["q1"] * 4
+    for s in samples:
+        assert len(s.logprobs) == len(s.response_ids) <= 6 and np.all(s.logprobs <= 0)
+        assert s.weight_version == 0 and s.prompt_ids.dtype == np.int32
+        assert s.truncated == (s.finish_reason == "length")
+        if s.finish_reason == "stop" and "a" in s.text:
+            assert s.text.endswith("a") and s.text.count("a") == 1  # ends at the first stop string
+        if s.truncated:
+            assert len(s.response_ids) == 6
+    assert any(s.truncated for s in samples)  # a random model rarely stops within 6 tokens
+    again = ray.get(actor.generate.remote(IDS[:2], PROMPTS[:2], sampling), timeout=120)
+    assert [list(s.response_ids) for s in samples] == [list(s.response_ids) for s in again]  # seeded
+    other = ray.get(actor.generate.remote(IDS[:2], PROMPTS[:2], Sampling(**{**sampling.__dict__, "seed": 4})))
+    assert [list(s.response_ids) for s in samples] != [list(s.response_ids) for s in other]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_learner_recomputes_the_engines_sampling_logprobs_at_their_temperature(
+        vllm_actor, hf_actor, tiny_model, backend):
+    # Engines report the log-probs of the distribution they sampled (temperature applied);
+    # the learner must divide by the same temperature to mean the same thing.
+    actor = vllm_actor if backend == "vllm" else hf_actor
+    samples = ray.get(actor.generate.remote(IDS, PROMPTS, Sampling(n=4, seed=1, temperature=0.5,
+                                                                   max_new_tokens=8)), timeout=120)
+    batch = samples_to_batch(samples)
+    gaps = {}
+    for temperature in (0.5, 1.0):
+        (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=32, temperature=temperature)
+        # lr ~0: the step measures the gap before updating and changes nothing that matters.
+        gaps[temperature] = ray.get(learner.train_step.remote(batch, 1e-12, 1), timeout=300)["offpolicy_gap"]
+        ray.kill(learner)
+    assert gaps[0.5] < 1e-4, gaps
+    assert gaps[1.0] > 0.1, gaps  # a learner ignoring the temperature is far off
+
+
+@pytest.mark.slow
+def test_prompt_too_long_is_an_error_naming_it_and_the_engine_keeps_serving(vllm_actor):
+    long_prompt = "User: " + "1+" * 200 + "1=?\nAssistant: <think>"
+    with pytest.raises(PromptTooLongError, match="prompt 'long' has"):
+        ray.get(vllm_actor.generate.remote(["ok", "long"], [PROMPTS[0], long_prompt],
+                                           Sampling(n=2, seed=0, max_new_tokens=8)), timeout=120)
+    assert len(ray.get(vllm_actor.generate.remote(IDS, PROMPTS, Sampling(n=2, seed=0)), timeout=120)) == 10
+    assert ray.get(vllm_actor.generate.remote([], [], Sampling(n=2, seed=0)), timeout=120) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["truncate_left", "skip"])
+def test_prompt_too_long_policies_on_a_real_engine(ray_cluster, tiny_model, policy):
+    actor = start_rollout(tiny_model, "transformers", max_model_len=40, prompt_too_long=policy)
+    long_prompt = "User: " + "1+" * 40 + "1=?\nAssistant: <think>"
+    samples = ray.get(actor.generate.remote(["ok", "long"], [PROMPTS[0], long_prompt],
+                                            Sampling(n=2, seed=0, max_new_tokens=8)), timeout=120)
+    ray.kill(actor)
+    if policy == "skip":
+        assert [s.prompt_id for s in samples] == ["ok", "ok"]
+    else:
+        assert [s.prompt_id for s in samples] == ["ok", "ok", "long", "long"]
+        assert all(len(s.prompt_ids) == 40 - 8 for s in samples[2:])  # the last 32 tokens kept
+
+
+def _pool_config(tmp_path, **rollout):
+    overrides = [f"rollout.{k}={v}" for k, v in {"threads": 1, "num_cpus": 0.5, **rollout}.items()]
+    return load_config(None, overrides + [f"cluster.cache_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_two_engines_return_groups_in_prompt_order(ray_cluster, tiny_model, tmp_path, vllm_actor):
+    pool = RolloutPool(_pool_config(tmp_path, num_engines=2), tiny_model)
+    sampling = Sampling(n=3, seed=11, temperature=1.0, max_new_tokens=8)
+    samples = pool.generate(IDS, PROMPTS, sampling, timeout_s=300)
+    assert [s.prompt_id for s in samples] == [pid for pid in IDS for _ in range(3)]
+    # Prompt i is seeded seed + i on whichever engine samples it: one engine doing all of
+    # them returns the very same answers, so the shards were put back in order.
+    alone = ray.get(vllm_actor.generate.remote(IDS, PROMPTS, sampling), timeout=120)
+    assert [list(s.response_ids) for s in samples] == [list(s.response_ids) for s in alone]
+    assert pool.generate([], [], sampling, timeout_s=60) == []
+    for actor in pool.actors:
+        ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_an_engine_dying_mid_generate_surfaces_and_can_be_replaced(ray_cluster, tiny_model, tmp_path):
+    pool = RolloutPool(_pool_config(tmp_path, engine="transformers", max_restarts=1, max_model_len=256),
+                       tiny_model)
+    ray.get(pool.ready_refs(), timeout=120)
+    victim = pool.actors[0]
+    killer = threading.Timer(1.0, lambda: ray.kill(victim))
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(EngineDiedError, match="rollout engine 0 died") as info:
+        pool.generate(IDS * 8, PROMPTS * 8, Sampling(n=8, seed=0, max_new_tokens=200), timeout_s=300)
+    assert time.monotonic() - start < 60  # surfaces when it dies, not at the timeout
+    assert info.value.index == 0
+    pool.restart(0)
+    assert pool.restarts_left == 0 and pool.actors[0] is not victim
+    samples = pool.generate(IDS, PROMPTS, Sampling(n=2, seed=0, max_new_tokens=4), timeout_s=120)
+    assert len(samples) == 10 and {s.weight_version for s in samples} == {0}
+    with pytest.raises(RuntimeError, match="no restarts left"):
+        pool.restart(0)
+    ray.kill(pool.actors[0])
+
+
+@pytest.mark.slow
+def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
+        ray_cluster, tiny_model, tmp_path):
+    from cluster import train
+    from cluster.weight_sync import WeightSync
+    from rewards.arithmetic import ArithmeticTask
+    from tests.helpers import fixed_batch, run_on_ranks
+
+    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1)
+    learners = make_learners(tiny_model, 1, 2)
+    pool = RolloutPool(cfg, tiny_model)
+    actors = train.Actors(learners, pool, [], WeightSync(learners, pool.actors, cfg.sync, "float32"))
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    actors.sync.push(1)
+    problems = ArithmeticTask().problems(0, 16, "train")
+    long = Sampling(n=8, seed=0, max_new_tokens=100)  # a few seconds of work
+    for attempt in range(2):
+        victim = pool.actors[0]
+        threading.Timer(1.0, lambda: ray.kill(victim)).start()
+        if attempt == 0:  # replaced, given version 1, and the step sampled again
+            samples = train.generate(cfg, actors, problems, long, version=1)
+            assert len(samples) == 16 * 8 and {s.weight_version for s in samples} == {1}
+            assert actors.sync.check(np.arange(1, 30)) < 1e-4
+        else:  # the one restart is used up: the run stops with the engine's error
+            with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
+                train.generate(cfg, actors, problems, long, version=1)
+    ray.kill(learners[0])
