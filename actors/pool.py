@@ -42,7 +42,7 @@ class RolloutPool:
         env = vllm_env(r) if r.engine == "vllm" else {"OMP_NUM_THREADS": str(r.threads)}
         return ray.remote(RolloutActor).options(
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env={"env_vars": env},
-        ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype)
+        ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index)
 
     def ready_refs(self) -> list:
         return [a.__ray_ready__.remote() for a in self.actors]

@@ -42,7 +42,8 @@ def fit_prompt(ids: list[int], budget: int, policy: str, prompt_id: str) -> list
 
 
 class RolloutActor:
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32"):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
+                 index: int = 0):
         import torch
 
         from cluster.weight_sync import WeightReceiver
@@ -52,14 +53,14 @@ class RolloutActor:
         if cfg.engine == "vllm":
             from actors.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(model_path, cfg, seed, dtype)
+            self.engine = VLLMEngine(model_path, cfg, seed, dtype, index)
         else:
             from actors.hf_engine import TransformersEngine
 
             self.engine = TransformersEngine(model_path, seed, dtype, device)
         self.cfg = cfg
         self.weight_version = 0
-        self.receiver = WeightReceiver(model_path, self.engine.load_weights, device)
+        self.receiver = WeightReceiver(model_path, self.engine.load_weights)
 
     def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling) -> list[Sample]:
         """`sampling.n` samples per prompt, grouped contiguously in prompt order.
@@ -90,8 +91,9 @@ class RolloutActor:
         """Object-store transport: hold a whole new version beside the served one."""
         return self.receiver.stage_arrays(version, weights)
 
-    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
-        self.receiver.join(host, port, rank, world_size, timeout_s)
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+                        device: str) -> None:
+        self.receiver.join(host, port, rank, world_size, timeout_s, device)
 
     def receive_weights(self, version: int, manifest: list, bucket_bytes: int, timeout_s: float) -> int:
         """Broadcast transport: receive a whole new version from learner rank 0 and hold it."""

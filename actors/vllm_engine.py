@@ -27,18 +27,36 @@ def vllm_env(cfg: RolloutConfig) -> dict[str, str]:
         env.update({
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
             "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cfg.threads - 1}",
         })
     return env
+
+
+def cpu_binding(index: int, threads: int) -> str:
+    """Cores for engine `index`'s threads: its own `threads` of this node's cores, in turn.
+
+    vLLM pins its threads to the cores it is given; engines on one node must not all get
+    the first ones (two 1-thread engines on core 0 share it). Pinned is ~7% faster than
+    letting the OS place them (75M model, 2 threads).
+    """
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    start = index * threads
+    return ",".join(str(cores[(start + k) % len(cores)]) for k in range(min(threads, len(cores))))
 
 
 class VLLMEngine:
     """A vLLM `LLM` behind the rollout-engine interface: generate, load_weights, score."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32"):
-        from vllm import LLM
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
+                 index: int = 0):
+        import os
 
         on_cpu = cfg.num_gpus == 0
+        if on_cpu:  # read when the engine starts, so it can be set here, per engine
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(index, cfg.threads))
+        from vllm import LLM
+
         self.llm = LLM(
             model=model_path,
             dtype=dtype,

@@ -44,7 +44,7 @@ class Learner:
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.sync_group = None  # the weight-sync group, on rank 0 with the broadcast transport
+        self.sync_end = None  # rank 0's end of the broadcast weight-sync group
         self.reference = None
         if algo.kl_beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
@@ -200,14 +200,15 @@ class Learner:
     def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
         from cluster import weight_sync
 
-        self.sync_group = weight_sync.join_group(host, port, rank, world_size, timeout_s, "cpu")
+        group = weight_sync.join_group(host, port, rank, world_size, timeout_s, "cpu")
+        self.sync_end = weight_sync.BroadcastEnd(group, "cpu")
 
     def send_weights(self, bucket_bytes: int, timeout_s: float) -> int:
         """Broadcast transport: rank 0 sends to the sync group; every rank joins a ZeRO-3 gather."""
         from cluster import weight_sync
 
         return weight_sync.send_weights(self.engine, self.cfg.zero_stage, self.rank,
-                                        self.sync_group, bucket_bytes, timeout_s)
+                                        self.sync_end, bucket_bytes, timeout_s)
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:
         """Write the policy as an HF folder (safetensors + tokenizer) that vLLM loads as is."""

@@ -48,6 +48,12 @@ def test_overrides_win_over_the_file(tmp_path):
     ("task.min_digits=3", "task.min_digits=3 must be <= task.max_digits=2"),
     ("model.hidden_size=96", "model.hidden_size=96 / model.num_heads=4 must be a whole multiple of 32"),
     ("learner", "override 'learner': expected key=value"),
+    ("rollout.engine=sglang", "rollout.engine='sglang' is not valid; choose one of 'vllm', 'transformers'"),
+    ("rollout.prompt_too_long=drop", "choose one of 'error', 'truncate_left', 'skip'"),
+    ("sync.transport=nccl", "sync.transport='nccl' is not valid; choose one of 'object_store', 'broadcast'"),
+    ("sync.bucket_mb=0", "sync.bucket_mb=0.0 is out of range; valid: (0.0, inf]"),
+    ("rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size=2 needs rollout.num_gpus >= 2 per "
+                                       "engine (got 0)"),
 ])
 def test_bad_values_name_the_key_and_the_valid_range(override, message):
     with pytest.raises(ConfigError) as err:
@@ -59,6 +65,11 @@ def test_batch_must_divide_over_learner_ranks():
     # 3 prompts x 3 answers = 9 sequences cannot be split evenly over 2 ranks.
     with pytest.raises(ConfigError, match="samples per step .* = 9.* learner.num_ranks=2"):
         load_config(None, ["algorithm.prompts_per_step=3", "algorithm.group_size=3", "learner.num_ranks=2"])
+
+
+def test_tensor_parallel_needs_the_vllm_engine():
+    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size > 1 needs rollout.engine=vllm"):
+        load_config(None, ["rollout.engine=transformers", "rollout.num_gpus=2", "rollout.tensor_parallel_size=2"])
 
 
 def test_group_given_a_scalar_is_an_error(tmp_path):
