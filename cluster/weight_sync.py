@@ -23,7 +23,9 @@ The protocol, run by the driver after each optimizer step (`WeightSync.push`):
 Every remote call and every collective has a timeout (`sync.timeout_s`). A sync that fails
 or times out before the commit raises `WeightSyncError` naming the stage, and every engine
 keeps serving its previous weights whole: staged weights are only ever loaded by a commit
-for their own version. `WeightSync.check` scores one fixed sequence on the learner and on
+for their own version. (The commit is an in-memory copy of checked tensors; should an
+engine die during it, the others may already serve the new version, each whole, and every
+sample says which.) `WeightSync.check` scores one fixed sequence on the learner and on
 every engine and fails if their log-probs differ by more than the dtype's tolerance.
 """
 
@@ -288,8 +290,6 @@ class WeightSync:
 
     def connect(self) -> None:
         """Broadcast transport: form the sync group (learner rank 0 + every engine)."""
-        import ray
-
         if self.cfg.transport != "broadcast":
             return
         self.manifest = self._get(self.learners[0].weight_manifest.remote(), "reading the manifest")
