@@ -201,7 +201,7 @@ def probe_sequence(cfg: Config, actors: Actors, task: ArithmeticTask) -> np.ndar
     problem = task.problems(cfg.algorithm.seed, 1, "train")[0]
     prompt, trace = ray.get(actors.rollouts.actors[0].tokenize.remote(
         [render_prompt(problem.prompt), task.reference_trace(problem)]), timeout=cfg.cluster.timeout_s)
-    return np.concatenate([prompt, trace])
+    return np.concatenate([prompt, trace])[:cfg.rollout.max_model_len - 1]  # fits the engines' context
 
 
 def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: str,

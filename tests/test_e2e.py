@@ -70,3 +70,16 @@ def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert seconds < 60
+
+
+@pytest.mark.slow
+def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, tiny_model):
+    # ~15-token prompts cannot fit in 20 - 16 tokens: with "skip" every step samples nothing,
+    # says so in its metrics, and the run still ends normally.
+    proc, _ = run([*SHORT, "rollout.engine=transformers", "rollout.max_model_len=20",
+                   "rollout.prompt_too_long=skip", "logging.run_name=skip", f"model.path={tiny_model}"],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rollout/skipped_prompts"]) for r in rows] == [(1, 4.0), (2, 4.0)]
+    assert json.loads((tmp_path / "runs" / "skip" / "results.json").read_text())["accuracy/after_rl"] == 0.0
