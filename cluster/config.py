@@ -122,6 +122,11 @@ class RewardsConfig:
     """Weight of the task checker's score (1 correct, 0 wrong)."""
     format_weight: float = _f(0.1, lo=0.0)
     """Weight of the R1 format score (<think>..</think><answer>..</answer>)."""
+    language_weight: float = _f(0.0, lo=0.0)
+    """Weight of R1's language-consistency bonus: the share of the reasoning's words in
+    `rewards.language` (always reported as reward/language)."""
+    language: str = _f("en", choices=("en", "fr", "de", "es", "zh", "ja", "ko", "ru", "ar"))
+    """Target language of the reasoning, judged by each word's script."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The driver runs `rewards.num_workers` of these as Ray actors and splits each ste
 among them. The worker itself imports no Ray: it is a plain class over pure verifiers, so it
 is tested directly.
 
-Total reward = correct_weight * correct + format_weight * format, each component in [0, 1].
+Total reward = correct_weight * correct + format_weight * format + language_weight * language,
+each component in [0, 1].
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from cluster.config import RewardsConfig
 from rewards import arithmetic
 from rewards.format import format_reward
+from rewards.language import language_consistency
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Score:
     reward: float
     """Weighted total."""
     breakdown: dict[str, float]
-    """Unweighted components: {"correct": 0 or 1, "format": 0 or 1}."""
+    """Unweighted components: {"correct": 0 or 1, "format": 0 or 1, "language": 0..1}."""
     reason: str
     """Short human-readable verdict of the checker, e.g. "wrong: got 84"."""
 
@@ -39,5 +41,7 @@ class RewardWorker:
     def _score_one(self, response: str, answer: str) -> Score:
         correct, reason = arithmetic.check(response, answer)
         fmt, _ = format_reward(response)
-        total = self.cfg.correct_weight * correct + self.cfg.format_weight * fmt
-        return Score(total, {"correct": correct, "format": fmt}, reason)
+        lang, _ = language_consistency(response, self.cfg.language)
+        total = (self.cfg.correct_weight * correct + self.cfg.format_weight * fmt
+                 + self.cfg.language_weight * lang)
+        return Score(total, {"correct": correct, "format": fmt, "language": lang}, reason)
