@@ -14,12 +14,16 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-# A C++ compiler: DeepSpeed builds a small CPU communication op on first use.
-if ! command -v g++ >/dev/null; then
+# System tools: a C++ compiler (DeepSpeed builds a small CPU communication op on first use)
+# and bubblewrap (the sandbox that runs generated code, rewards/sandbox.py).
+missing=()
+command -v g++ >/dev/null || missing+=(g++)
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup.sh: g++ is missing; install it (e.g. sudo apt-get install g++)" >&2; exit 1
+        echo "setup.sh: ${missing[*]} missing; install them (e.g. sudo apt-get install ${missing[*]})" >&2; exit 1
     fi
 fi
 
