@@ -82,7 +82,9 @@ def test_verify_is_the_boolean_of_check():
     assert verify("0.5", "0.5") is False  # unmarked
 
 
-def test_imports_neither_ray_nor_torch():
-    code = "import sys, rewards.math; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["rewards.math", "rewards.language", "rewards.countdown", "rewards.knights",
+                                    "rewards.code", "rewards.sandbox", "rewards.format", "rewards.arithmetic"])
+def test_verifiers_import_neither_ray_nor_torch(module):
+    code = f"import sys, {module}; print(sorted({{'ray', 'torch'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
