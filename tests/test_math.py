@@ -88,3 +88,16 @@ def test_verifiers_import_neither_ray_nor_torch(module):
     code = f"import sys, {module}; print(sorted({{'ray', 'torch'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_crashed_worker_is_replaced():
+    import os
+
+    verifier = MathVerifier(workers=1)
+    try:
+        crash = verifier.pool.schedule(os._exit, args=(1,))  # a worker process dying outright
+        with pytest.raises(Exception):
+            crash.result(timeout=30)
+        assert verifier.check_many([("x^2", "x*x")], timeout_s=10) == [(1.0, "correct")]
+    finally:
+        verifier.close()
