@@ -35,12 +35,12 @@ import contextlib
 import datetime
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cluster.config import SyncConfig
+from learner.models import parameter_shapes
 
 # Largest |learner - engine| log-prob difference accepted after a sync, per learner dtype.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
@@ -185,17 +185,6 @@ def send_weights(engine: Any, zero_stage: int, rank: int, end: BroadcastEnd | No
 
 # ---- engine half (runs inside each rollout actor) --------------------------------------------
 
-def checkpoint_manifest(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a saved HF model, read from its safetensors headers."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                shapes[name] = tuple(st.get_slice(name).get_shape())
-    return shapes
-
 
 class WeightReceiver:
     """Holds at most one new version beside the served one, and loads it only on commit.
@@ -204,7 +193,7 @@ class WeightReceiver:
     """
 
     def __init__(self, model_dir: str, load):
-        self.expected = checkpoint_manifest(model_dir)
+        self.expected = parameter_shapes(model_dir)  # the engine's own model, from its files
         self.load = load
         self.staged: tuple[int, list] | None = None
         self.end: BroadcastEnd | None = None

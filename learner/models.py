@@ -125,13 +125,18 @@ def tiny_llama_path(spec: TinyLlamaSpec, cache_dir: str | Path) -> Path:
     return final
 
 
-def count_parameters(model_dir: str | Path) -> int:
-    """Number of parameters in a saved model folder, read from its safetensors headers."""
+def parameter_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape in a saved model folder, read from its safetensors headers."""
     from safetensors import safe_open
 
-    total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
+    shapes = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                total += math.prod(st.get_slice(name).get_shape())
-    return total
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Number of parameters in a saved model folder, read from its safetensors headers."""
+    return sum(math.prod(shape) for shape in parameter_shapes(model_dir).values())
