@@ -22,6 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from rewards.format import last_answer
 from rewards.sandbox import Limits, run_python
 
 OUTPUT_CAP = 2000  # characters of stdout / stderr kept in a result
@@ -107,15 +108,14 @@ def humaneval_problems() -> list[CodeProblem]:
             for p in read_problems().values()]
 
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
 
 
 def program_from_response(response: str, problem: CodeProblem) -> str:
     """The program to test: the last fenced code block of the answer (or the answer itself);
     a body that does not define the entry point is taken as the completion of the prompt."""
-    tagged = _ANSWER.findall(response)
-    code = tagged[-1].strip("\n") if tagged else response  # keep the indentation of a bare body
+    tagged = last_answer(response)
+    code = tagged.strip("\n") if tagged is not None else response  # keep a bare body's indentation
     blocks = _FENCE.findall(code)
     if blocks:
         code = blocks[-1]

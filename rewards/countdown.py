@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ast
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from rewards.format import clean, last_answer
+
 MAX_EXPRESSION_CHARS = 200
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
@@ -97,10 +97,10 @@ def evaluate(expression: str) -> tuple[Fraction, list[int]]:
 
 def check(response: str, problem: CountdownProblem) -> tuple[float, str]:
     """(1.0 or 0.0, reason): does the last <answer> reach the target with the given numbers?"""
-    answers = _ANSWER.findall(response.replace("\x00", "")[-20_000:])
-    if not answers:
+    answer = last_answer(clean(response))
+    if answer is None:
         return 0.0, "no answer"
-    expression = answers[-1].split("=")[0]  # "3 * 4 = 12" is fine
+    expression = answer.split("=")[0]  # "3 * 4 = 12" is fine
     try:
         value, used = evaluate(expression)
     except ValueError as err:

@@ -37,6 +37,24 @@ _FORMAT_RE = re.compile(
 )
 
 
+# Model output is searched from its end: a 1 MB response costs no more than this much.
+MAX_RESPONSE_CHARS = 20_000
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
+
+
+def clean(text: str | bytes) -> str:
+    """Model output as searchable text: decoded, without NUL bytes, its last part only."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return text.replace("\x00", "")[-MAX_RESPONSE_CHARS:]
+
+
+def last_answer(text: str) -> str | None:
+    """The raw content of the last `<answer>...</answer>` in `text`, or None if there is none."""
+    tagged = _ANSWER_RE.findall(text)
+    return tagged[-1] if tagged else None
+
+
 def render_prompt(question: str) -> str:
     """The text the engine continues: the question in the R1 template, ending with `<think>`."""
     return R1_TEMPLATE.format(question=question)

@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from rewards.format import clean, last_answer
+
 NAMES = ("Alice", "Bob", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CLAIM = re.compile(r"\b([A-Z][a-z]+)\b[^A-Za-z]*(?:is\s+)?(?:an?\s+)?\b(knight|knave)s?\b", re.IGNORECASE)
 
 
@@ -82,11 +83,11 @@ class KnightsTask:
 
 def check(response: str, problem: KnightsProblem) -> tuple[float, str]:
     """(1.0 or 0.0, reason): does the last <answer> name everyone's kind correctly?"""
-    answers = _ANSWER.findall(response.replace("\x00", "")[-20_000:])
-    if not answers:
+    answer = last_answer(clean(response))
+    if answer is None:
         return 0.0, "no answer"
     said: dict[str, bool] = {}
-    for name, kind in _CLAIM.findall(answers[-1][:2000]):
+    for name, kind in _CLAIM.findall(answer[:2000]):
         name = name.capitalize()
         if name in problem.names:
             if name in said and said[name] != (kind.lower() == "knight"):

@@ -29,28 +29,21 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-MAX_RESPONSE_CHARS = 20_000
+from rewards.format import MAX_RESPONSE_CHARS, clean, last_answer  # noqa: F401  (documented above)
+
 MAX_ANSWER_CHARS = 1_000
 TIMEOUT_S = 3.0
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GSM8K_RE = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?[.:]?$")
-
-
-def clean(text: str | bytes) -> str:
-    """Model output as searchable text: decoded, without NUL bytes, its last part only."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    return text.replace("\x00", "")[-MAX_RESPONSE_CHARS:]
 
 
 def extract_answer(response: str | bytes) -> str | None:
     """The response's final answer, or None when it gives none."""
     text = clean(response)
-    tagged = _ANSWER_RE.findall(text)
-    if tagged:
-        return tagged[-1].strip()
+    tagged = last_answer(text)
+    if tagged is not None:
+        return tagged.strip()
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
