@@ -22,7 +22,7 @@ from actors.records import Sampling
 
 
 class TransformersEngine:
-    def __init__(self, model_path: str, seed: int, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +32,6 @@ class TransformersEngine:
         self.model.to(device).eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.seed = seed
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[dict]]:
         """`sampling.n` answers per prompt (token-id lists), as the vLLM engine returns them."""

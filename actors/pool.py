@@ -35,13 +35,11 @@ class RolloutPool:
     def _start(self, index: int):
         import ray
 
-        from actors.rollout import RolloutActor
-        from actors.vllm_engine import vllm_env
+        from actors.rollout import RolloutActor, actor_env
 
         r = self.cfg.rollout
-        env = vllm_env(r) if r.engine == "vllm" else {"OMP_NUM_THREADS": str(r.threads)}
         return ray.remote(RolloutActor).options(
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env={"env_vars": env},
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env={"env_vars": actor_env(r)},
         ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index)
 
     def ready_refs(self) -> list:

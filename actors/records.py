@@ -1,9 +1,10 @@
 """The records that cross process boundaries: how to sample (`Sampling`), and one sampled
 answer (`Sample`) and how answers are grouped.
 
-The driver sends a `Sampling` with each generate call, a rollout actor returns `Sample`s, reward workers fill in `reward` and `reward_breakdown`,
-the driver turns them into a train batch. Token arrays travel as numpy arrays (never lists
-of floats) so Ray moves them without pickling per element.
+The driver sends a `Sampling` with each generate call, a rollout actor returns `Sample`s,
+reward workers fill in `reward` and `reward_breakdown`, the driver turns them into a train
+batch. Token arrays travel as numpy arrays (never lists of floats) so Ray moves them
+without pickling per element.
 
 Invariants (checked by `Sample.__post_init__` and `check_groups`):
 - `len(logprobs) == len(response_ids)`: one sampling log-prob per generated token;

@@ -16,7 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from actors.records import Sample, Sampling
+from actors.vllm_engine import vllm_env
 from cluster.config import RolloutConfig
+
+
+def actor_env(cfg: RolloutConfig) -> dict[str, str]:
+    """Environment variables of a rollout actor's process, for its runtime environment."""
+    return vllm_env(cfg) if cfg.engine == "vllm" else {"OMP_NUM_THREADS": str(cfg.threads)}
 
 
 class PromptTooLongError(ValueError):
@@ -57,7 +63,7 @@ class RolloutActor:
         else:
             from actors.hf_engine import TransformersEngine
 
-            self.engine = TransformersEngine(model_path, seed, dtype, device)
+            self.engine = TransformersEngine(model_path, dtype, device)  # seeded per call
         self.cfg = cfg
         self.weight_version = 0
         self.receiver = WeightReceiver(model_path, self.engine.load_weights)

@@ -3,9 +3,9 @@
 On CPU machines vLLM runs in-process (no engine-core subprocess, "uni" executor, eager
 mode): it starts in seconds instead of a minute and weights can be handed to the model
 runner directly. The environment that mode needs is set by `vllm_env()`, which the driver
-passes to the rollout actor's runtime environment before vLLM is imported. On GPU machines
-(`rollout.num_gpus > 0`) the regular vLLM build runs with CUDA graphs, and with
-`rollout.tensor_parallel_size` > 1 shards the model over that many GPUs.
+passes (via `actors.rollout.actor_env`) to the rollout actor's runtime environment before
+vLLM is imported. On GPU machines (`rollout.num_gpus > 0`) the regular vLLM build runs with
+CUDA graphs, and with `rollout.tensor_parallel_size` > 1 shards the model over that many GPUs.
 
 Log-probs are reported "processed", i.e. after temperature scaling (and the top-k / top-p
 cut, when set), so they are the log-probs of the distribution that was actually sampled;

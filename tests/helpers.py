@@ -35,13 +35,12 @@ def run_on_ranks(learners, method, batch, *args):
 
 def start_rollout(model_path, engine="vllm", seed=0, **overrides):
     """A rollout actor on a tiny model: one thread, half a logical CPU, short answers."""
-    from actors.rollout import RolloutActor
-    from actors.vllm_engine import vllm_env
+    from actors.rollout import RolloutActor, actor_env
     from cluster.config import RolloutConfig
 
     cfg = RolloutConfig(**{"engine": engine, "threads": 1, "num_cpus": 0.5, "max_new_tokens": 8, **overrides})
-    env = vllm_env(cfg) if engine == "vllm" else {"OMP_NUM_THREADS": "1"}
-    actor = ray.remote(RolloutActor).options(num_cpus=0.5, runtime_env={"env_vars": env}).remote(model_path, cfg, seed)
+    actor = ray.remote(RolloutActor).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}
+                                             ).remote(model_path, cfg, seed)
     ray.get(actor.__ray_ready__.remote(), timeout=300)
     return actor
 
