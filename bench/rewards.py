@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,14 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402  (bench/machine.py, beside this script)
+
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
-    return (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, "
-            f"{platform.platform()}; Python {platform.python_version()}, {bwrap}")
+    return describe(subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip())
 
 
 def math_rates() -> list[tuple[str, int, float]]:

@@ -16,14 +16,14 @@ driver path (`WeightSync.push`), median of --repeats pushes, for ~1M, ~10M, ~100
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe  # noqa: E402  (bench/machine.py, beside this script)
 
 # name: (hidden, layers, heads, intermediate); parameter counts are printed from the files.
 MODELS = {
@@ -41,12 +41,8 @@ def machine() -> str:
     import transformers
     import vllm
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, "
-            f"{platform.platform()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"vllm {vllm.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")
+    return describe(f"torch {torch.__version__}, vllm {vllm.__version__}, "
+                    f"transformers {transformers.__version__}, ray {ray.__version__}")
 
 
 # name: (prompts, answers per prompt, max new tokens)
