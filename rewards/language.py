@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from rewards.format import THINK_CLOSE, THINK_OPEN
+
 # Target language -> the Unicode script name prefixes its words are written in.
 SCRIPTS = {
     "en": ("LATIN",),
@@ -35,8 +37,8 @@ _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W\d_\u3040-\u3
 
 def reasoning(response: str) -> str:
     """The chain of thought: the text up to `</think>` (the prompt opened the block)."""
-    text = response.split("</think>", 1)[0]
-    return text.rsplit("<think>", 1)[-1]
+    text = response.split(THINK_CLOSE, 1)[0]
+    return text.rsplit(THINK_OPEN, 1)[-1]
 
 
 def _script(word: str) -> str:
