@@ -15,11 +15,10 @@ the row and the field, at load time rather than mid-run.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rewards.math import extract_answer
+from rewards.math import GSM8K_RE, extract_answer
 
 FORMATS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 _LOCAL = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet"}
@@ -89,6 +88,6 @@ def _gold(text: str, fmt: str, plain: bool) -> str | None:
     if plain:
         return text.strip()
     if fmt == "gsm8k":
-        found = re.findall(r"^\s*####\s*(.+?)\s*$", text, re.MULTILINE)
+        found = GSM8K_RE.findall(text)
         return found[-1].replace(",", "") if found else None
     return extract_answer(text)

@@ -34,7 +34,8 @@ from rewards.format import MAX_RESPONSE_CHARS, clean, last_answer  # noqa: F401 
 MAX_ANSWER_CHARS = 1_000
 TIMEOUT_S = 3.0
 
-_GSM8K_RE = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
+# A GSM8K-style final line, "#### 72" (also how GSM8K stores its gold answers).
+GSM8K_RE = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
 _CHOICE_RE = re.compile(r"^\(?([A-J])\)?[.:]?$")
 
 
@@ -47,7 +48,7 @@ def extract_answer(response: str | bytes) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    gsm8k = _GSM8K_RE.findall(text)
+    gsm8k = GSM8K_RE.findall(text)
     return gsm8k[-1] if gsm8k else None
 
 
