@@ -48,6 +48,12 @@ class CountdownTask:
     """Numbers are drawn from 1..max_number."""
     max_target: int = 1000
 
+    def __post_init__(self):
+        if not 2 <= self.num_numbers <= 8:
+            raise ValueError(f"num_numbers={self.num_numbers} must be in 2..8")
+        if self.max_number < 1:
+            raise ValueError(f"max_number={self.max_number} must be at least 1")
+
     def sample(self, rng: random.Random) -> CountdownProblem:
         """A solvable problem: the target is the value of a random expression over the numbers."""
         while True:

@@ -2,6 +2,7 @@
 that use the given numbers at most once."""
 
 import random
+from fractions import Fraction
 
 import pytest
 
@@ -34,8 +35,38 @@ def test_no_answer_and_division_by_zero():
     assert evaluate("(25 - 5) / 3") == (pytest.approx(20 / 3), [25, 5, 3])
 
 
+def _reachable(values, target):
+    """Brute force, independent of the generator: can some of `values` combine to `target`?"""
+    if any(v == target for v in values):
+        return True
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if i == j:
+                continue
+            a, b, rest = values[i], values[j], [v for k, v in enumerate(values) if k not in (i, j)]
+            results = [a + b, a - b, a * b] + ([a / b] if b else [])
+            if any(_reachable(rest + [r], target) for r in results):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("num_numbers", [3, 4])
+def test_generated_problems_can_be_solved(num_numbers):
+    rng = random.Random(1)
+    for _ in range(10):
+        p = CountdownTask(num_numbers=num_numbers).sample(rng)
+        assert _reachable([Fraction(n) for n in p.numbers], p.target), p
+
+
+def test_bad_difficulty_names_the_value():
+    with pytest.raises(ValueError, match="num_numbers=1 must be in 2..8"):
+        CountdownTask(num_numbers=1)
+    with pytest.raises(ValueError, match="max_number=0 must be at least 1"):
+        CountdownTask(max_number=0)
+
+
 @pytest.mark.parametrize("num_numbers", [3, 4, 6])
-def test_generated_problems_are_solvable_and_deterministic(num_numbers):
+def test_generated_problems_are_deterministic_and_in_range(num_numbers):
     task = CountdownTask(num_numbers=num_numbers)
     a = [task.sample(random.Random(7)) for _ in range(3)]
     assert a[0] == a[1] == a[2]  # the same seed, the same problem
