@@ -45,10 +45,14 @@ class ModelConfig:
     """Tiny model only: seed of the random initialisation."""
 
 
+TASKS = ("arithmetic", "countdown", "knights", "math", "code")
+"""The task kinds, in the order a mixture lists them."""
+
+
 @dataclass(frozen=True)
-class TaskConfig:
-    name: str = _f("arithmetic", choices=("arithmetic",))
-    """Which verifiable task supplies prompts and checks answers."""
+class ArithmeticTaskConfig:
+    weight: float = _f(1.0, lo=0.0)
+    """Share of prompts from this task (weights are relative; 0 leaves the task out)."""
     min_digits: int = _f(1, lo=1, hi=12)
     """Smallest number of digits of an operand."""
     max_digits: int = _f(2, lo=1, hi=12)
@@ -57,8 +61,75 @@ class TaskConfig:
     """Operands per problem."""
     operation: str = _f("+", choices=("+", "-"))
     """The arithmetic operation."""
+
+
+@dataclass(frozen=True)
+class CountdownTaskConfig:
+    weight: float = _f(0.0, lo=0.0)
+    """Share of prompts: reach a target from given numbers with + - * /."""
+    num_numbers: int = _f(4, lo=2, hi=8)
+    """Numbers per problem (the difficulty knob)."""
+    max_number: int = _f(25, lo=1)
+    """Numbers are drawn from 1..max_number."""
+    max_target: int = _f(1000, lo=1)
+    """Largest target."""
+
+
+@dataclass(frozen=True)
+class KnightsTaskConfig:
+    weight: float = _f(0.0, lo=0.0)
+    """Share of prompts: knights-and-knaves logic puzzles with a unique solution."""
+    num_people: int = _f(3, lo=2, hi=8)
+    """Inhabitants per puzzle (the difficulty knob)."""
+
+
+@dataclass(frozen=True)
+class MathTaskConfig:
+    weight: float = _f(0.0, lo=0.0)
+    """Share of prompts: math word problems from a dataset, checked by the math verifier."""
+    path: str = _f("")
+    """Train problems: a local .jsonl/.json/.parquet file, or a hub dataset name (online only)."""
+    format: str = _f("gsm8k", choices=("gsm8k", "math"))
+    """Row layout: gsm8k (question, answer ending in "#### N") or math (problem, solution
+    with a final \\boxed{})."""
+    prompt_field: str = _f("")
+    """Field holding the question, if not the format's own."""
+    answer_field: str = _f("")
+    """Field holding the plain gold answer, if not the format's own solution field."""
+    split: str = _f("train")
+    """Hub datasets only: the split of `path` to train on."""
+    eval_path: str = _f("")
+    """Held-out problems; empty holds out a tenth of `path`'s questions."""
+    eval_split: str = _f("test")
+    """Hub datasets only: the split of `eval_path`."""
+    limit: int = _f(0, lo=0)
+    """Read at most this many rows of each file (0: all)."""
+
+
+@dataclass(frozen=True)
+class CodeTaskConfig:
+    weight: float = _f(0.0, lo=0.0)
+    """Share of prompts: HumanEval functions, run against their tests in the sandbox."""
+    partial_credit: bool = _f(False)
+    """Score the share of passing test cases instead of all-or-nothing."""
+    timeout_s: float = _f(5.0, lo=0.0, lo_open=True)
+    """Wall-clock limit of one program's run (must be below rewards.timeout_s)."""
+    memory_mb: int = _f(512, lo=16)
+    """Address-space limit of one program's run."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The prompt sources: every task whose weight is above 0 joins the run's mixture."""
+
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    countdown: CountdownTaskConfig = field(default_factory=CountdownTaskConfig)
+    knights: KnightsTaskConfig = field(default_factory=KnightsTaskConfig)
+    math: MathTaskConfig = field(default_factory=MathTaskConfig)
+    code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
     eval_prompts: int = _f(200, lo=0)
-    """Held-out prompts scored greedily before and after RL (0 to skip)."""
+    """Held-out prompts scored greedily before and after RL (0 to skip), shared out over
+    the tasks by weight."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +189,10 @@ class RewardsConfig:
     """Reward worker actors; a step's samples are split among them."""
     num_cpus: float = _f(0.1, lo=0.0, lo_open=True)
     """CPUs reserved per reward worker."""
+    processes: int = _f(1, lo=1)
+    """Checker processes per reward worker (checks run in parallel, each killable)."""
+    timeout_s: float = _f(10.0, lo=0.0, lo_open=True)
+    """Hard limit on one sample's check: its process is killed and the sample scores 0."""
     correct_weight: float = _f(1.0, lo=0.0)
     """Weight of the task checker's score (1 correct, 0 wrong)."""
     format_weight: float = _f(0.1, lo=0.0)
@@ -127,6 +202,12 @@ class RewardsConfig:
     `rewards.language` (always reported as reward/language)."""
     language: str = _f("en", choices=("en", "fr", "de", "es", "zh", "ja", "ko", "ru", "ar"))
     """Target language of the reasoning, judged by each word's script."""
+    length_weight: float = _f(0.0, lo=0.0)
+    """Weight of the overlong penalty (always reported as reward/length): 0 for answers up to
+    rollout.max_new_tokens - overlong_buffer tokens, falling linearly to -1 at the budget."""
+    overlong_buffer: int = _f(0, lo=0)
+    """Tokens before the budget where the overlong penalty starts (0: only answers that hit
+    the budget get -1)."""
 
 
 @dataclass(frozen=True)
@@ -233,9 +314,26 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.task.min_digits > self.task.max_digits:
-            raise ConfigError(f"task.min_digits={self.task.min_digits} must be <= "
-                              f"task.max_digits={self.task.max_digits}")
+        t = self.task
+        if t.arithmetic.min_digits > t.arithmetic.max_digits:
+            raise ConfigError(f"task.arithmetic.min_digits={t.arithmetic.min_digits} must be <= "
+                              f"task.arithmetic.max_digits={t.arithmetic.max_digits}")
+        weights = {name: getattr(t, name).weight for name in TASKS}
+        if not any(weights.values()):
+            raise ConfigError("every task weight is 0; give at least one task a weight above 0 "
+                              f"({', '.join(f'task.{name}.weight' for name in TASKS)})")
+        if t.math.weight > 0 and not t.math.path:
+            raise ConfigError(f"task.math.weight={t.math.weight:g} needs task.math.path (a .jsonl, "
+                              ".json or .parquet file, or a hub dataset name)")
+        if t.code.weight > 0 and t.code.timeout_s >= self.rewards.timeout_s:
+            raise ConfigError(f"task.code.timeout_s={t.code.timeout_s:g} must be below rewards.timeout_s="
+                              f"{self.rewards.timeout_s:g}, the reward worker's limit per sample")
+        if self.rewards.overlong_buffer > self.rollout.max_new_tokens:
+            raise ConfigError(f"rewards.overlong_buffer={self.rewards.overlong_buffer} must be <= "
+                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
+        if self.cold_start.steps > 0 and not t.arithmetic.weight:
+            raise ConfigError(f"cold_start.steps={self.cold_start.steps} needs a task with reference "
+                              "traces (task.arithmetic.weight > 0); or set cold_start.steps=0")
         if self.model.path == "tiny" and (self.model.hidden_size % self.model.num_heads
                                           or (self.model.hidden_size // self.model.num_heads) % 32):
             raise ConfigError(f"model.hidden_size={self.model.hidden_size} / model.num_heads="

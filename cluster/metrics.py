@@ -79,3 +79,20 @@ def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:
     for name in samples[0].reward_breakdown:
         out[f"reward/{name}"] = float(np.mean([s.reward_breakdown[name] for s in samples]))
     return out
+
+
+def task_metrics(samples: list, problems: list, reasons: list[str]) -> dict[str, float]:
+    """Per task of the step's mixture: mean reward, accuracy and share of the samples; and
+    the share of samples whose check timed out, crashed or raised (`reasons` from the
+    reward pool), which scored 0 whatever the answer."""
+    import numpy as np
+
+    task_of = {p.id: p.task for p in problems}
+    out = {"reward/check_failed": float(np.mean([r.startswith(("timeout", "crashed", "error")) for r in reasons]))}
+    for task in sorted(set(task_of.values())):
+        mine = [s for s in samples if task_of[s.prompt_id] == task]
+        if mine:
+            out[f"task/{task}/reward"] = float(np.mean([s.reward for s in mine]))
+            out[f"task/{task}/correct"] = float(np.mean([s.reward_breakdown["correct"] for s in mine]))
+        out[f"task/{task}/fraction"] = len(mine) / len(samples)
+    return out

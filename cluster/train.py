@@ -30,17 +30,18 @@ from actors.records import Sample, Sampling, check_groups
 from actors.rollout import PromptTooLongError
 from cluster import placement
 from cluster.config import Config, ConfigError, load_config, to_dict
-from cluster.metrics import MetricsLogger, rollout_metrics
+from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics
 from cluster.weight_sync import WeightSync, WeightSyncError
-from rewards.arithmetic import ArithmeticTask, Problem
 from rewards.format import STOP_STRINGS, render_prompt
+from rewards.pool import RewardPool
+from rewards.tasks import Mixture, Problem, build_mixture
 
 
 @dataclass
 class Actors:
     learners: list
     rollouts: RolloutPool
-    rewarders: list
+    rewarders: RewardPool
     sync: WeightSync
 
 
@@ -52,23 +53,24 @@ def train(cfg: Config) -> dict[str, float]:
     from learner.grpo import group_advantages
 
     model_path = resolve_model(cfg)
+    tasks = build_mixture(cfg.task)  # loads datasets: a bad file stops the run here
+    eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
     placement.connect(cfg)
     placement.check_fits(cfg)
     run_dir = _make_run_dir(cfg)
     print(f"r1ray: run folder {run_dir}", flush=True)
     logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps)
-    actors = start_actors(cfg, model_path)
-    task, timeout = _task(cfg), cfg.cluster.timeout_s
-    eval_set = task.problems(cfg.algorithm.seed, cfg.task.eval_prompts, "eval")
+    actors = start_actors(cfg, model_path, tasks)
+    timeout = cfg.cluster.timeout_s
     rng = random.Random(cfg.algorithm.seed)
-    results = {"accuracy/initial": evaluate(cfg, actors, eval_set)}
-    probe = probe_sequence(cfg, actors, task)  # scored by learner and engines after syncs
-    version = cold_start(cfg, actors, task, model_path, rng, probe)
-    results["accuracy/before_rl"] = evaluate(cfg, actors, eval_set)
+    results = evaluate(cfg, actors, eval_set, "initial")
+    probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
+    version = cold_start(cfg, actors, tasks, model_path, rng, probe)
+    results |= evaluate(cfg, actors, eval_set, "before_rl")
     G = cfg.algorithm.group_size
     for step in range(1, cfg.algorithm.steps + 1):
         timings: dict[str, float] = {}
-        problems = task.sample(rng, cfg.algorithm.prompts_per_step)
+        problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
         sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, STOP_STRINGS)
         with _timed(timings, "generate"):
             samples = generate(cfg, actors, problems, sampling, version)
@@ -78,7 +80,7 @@ def train(cfg: Config) -> dict[str, float]:
             logger.log({"step": step, **skipped})
             continue
         with _timed(timings, "reward"):
-            score(actors.rewarders, samples, {p.id: p.answer for p in problems}, timeout)
+            reasons = actors.rewarders.score(samples, {p.id: p for p in problems}, timeout)
         rewards = torch.tensor([s.reward for s in samples])  # [N]
         advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
         lr = lr_at(cfg, step)
@@ -88,9 +90,10 @@ def train(cfg: Config) -> dict[str, float]:
         synced = actors.sync.push(version)
         if cfg.sync.check:
             synced["sync/max_logprob_diff"] = actors.sync.check(probe)
-        logger.log({"step": step, **rollout_metrics(samples, G), **learned, **synced, **skipped,
+        logger.log({"step": step, **rollout_metrics(samples, G), **task_metrics(samples, problems, reasons),
+                    **learned, **synced, **skipped,
                     "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}})
-    results["accuracy/after_rl"] = evaluate(cfg, actors, eval_set)
+    results |= evaluate(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=timeout)
     _finish(run_dir, logger, results)
@@ -99,13 +102,12 @@ def train(cfg: Config) -> dict[str, float]:
 
 # ---- the phases the loop calls ---------------------------------------------------------------
 
-def start_actors(cfg: Config, model_path: str) -> Actors:
+def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     """Create the learner ranks (packed in a placement group), rollout actors, reward workers."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from learner.learner import Learner
-    from rewards.worker import RewardWorker
 
     pg = placement.learner_group(cfg)
     port = placement.free_port()
@@ -122,10 +124,9 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
         for rank in range(cfg.learner.num_ranks)
     ]
     rollouts = RolloutPool(cfg, model_path)  # engines in the learner's precision
-    rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.rewards.num_cpus).remote(cfg.rewards)
-                 for _ in range(cfg.rewards.num_workers)]
+    rewarders = RewardPool(cfg, tasks.tasks)
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
-    ready = [a.__ray_ready__.remote() for a in [*learners, *rewarders]] + rollouts.ready_refs()
+    ready = [a.__ray_ready__.remote() for a in learners] + rollouts.ready_refs() + rewarders.ready_refs()
     ray.get(ready, timeout=cfg.cluster.timeout_s)
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
@@ -151,18 +152,6 @@ def generate(cfg: Config, actors: Actors, problems: list[Problem], sampling: Sam
                 actors.sync.push(version)
 
 
-def score(rewarders: list, samples: list[Sample], answers: dict[str, str], timeout: float) -> None:
-    """Fill in each sample's reward and breakdown, splitting the batch over the workers."""
-    import ray
-
-    chunks = np.array_split(np.arange(len(samples)), len(rewarders))
-    futures = [w.score.remote([samples[i].text for i in idx], [answers[samples[i].prompt_id] for i in idx])
-               for w, idx in zip(rewarders, chunks)]
-    for idx, scores in zip(chunks, ray.get(futures, timeout=timeout)):
-        for i, s in zip(idx, scores):
-            samples[i].reward, samples[i].reward_breakdown = s.reward, s.breakdown
-
-
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
           lr: float) -> dict[str, float]:
     """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across ranks."""
@@ -180,33 +169,44 @@ def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.nda
     return {f"learner/{k}": float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
 
 
-def evaluate(cfg: Config, actors: Actors, problems: list[Problem]) -> float:
-    """Greedy accuracy of the rollout engines' current weights on held-out problems."""
+def evaluate(cfg: Config, actors: Actors, problems: list[Problem], when: str) -> dict[str, float]:
+    """Greedy accuracy of the rollout engines' current weights on held-out problems:
+    `accuracy/<when>`, and per task (`accuracy/<when>/<task>`) when the run mixes tasks."""
     if not problems:
-        return float("nan")
+        return {f"accuracy/{when}": float("nan")}
     samples = actors.rollouts.generate(
         [p.id for p in problems], [render_prompt(p.prompt) for p in problems],
         Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, STOP_STRINGS, greedy=True),
         cfg.cluster.timeout_s)
-    answers = {p.id: p.answer for p in problems}
-    score(actors.rewarders, samples, answers, cfg.cluster.timeout_s)
-    # A prompt skipped as too long counts as wrong.
-    return float(np.sum([s.reward_breakdown["correct"] for s in samples]) / len(problems))
+    by_id = {p.id: p for p in problems}
+    actors.rewarders.score(samples, by_id, cfg.cluster.timeout_s)
+    correct = {s.prompt_id: s.reward_breakdown["correct"] for s in samples}  # a skipped prompt is wrong
+    out = {f"accuracy/{when}": float(np.sum(list(correct.values())) / len(problems))}
+    tasks = sorted({p.task for p in problems})
+    if len(tasks) > 1:
+        for t in tasks:
+            mine = [p.id for p in problems if p.task == t]
+            out[f"accuracy/{when}/{t}"] = float(np.sum([correct.get(i, 0.0) for i in mine]) / len(mine))
+    return out
 
 
-def probe_sequence(cfg: Config, actors: Actors, task: ArithmeticTask) -> np.ndarray:
-    """A fixed prompt + reference trace, in the engines' tokens, for the weight-sync check."""
+def probe_sequence(cfg: Config, actors: Actors, tasks: Mixture) -> np.ndarray:
+    """A fixed prompt + reference trace (or the prompt again, when no task writes traces),
+    in the engines' tokens, for the weight-sync check."""
     import ray
 
-    problem = task.problems(cfg.algorithm.seed, 1, "train")[0]
+    traced = tasks.with_traces()
+    problem = tasks.sample(random.Random(cfg.algorithm.seed), 1, names=traced or None)[0]
+    answer = tasks.tasks[problem.task].reference_trace(problem) if traced else problem.prompt
     prompt, trace = ray.get(actors.rollouts.actors[0].tokenize.remote(
-        [render_prompt(problem.prompt), task.reference_trace(problem)]), timeout=cfg.cluster.timeout_s)
+        [render_prompt(problem.prompt), answer]), timeout=cfg.cluster.timeout_s)
     return np.concatenate([prompt, trace])[:cfg.rollout.max_model_len - 1]  # fits the engines' context
 
 
-def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: str,
+def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
                rng: random.Random, probe: np.ndarray) -> int:
-    """SFT on the task's reference traces so the policy is sometimes right; returns the version."""
+    """SFT on the reference traces of the tasks that write them, so the policy is sometimes
+    right; returns the version."""
     import ray
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -219,9 +219,9 @@ def cold_start(cfg: Config, actors: Actors, task: ArithmeticTask, model_path: st
     bar = tqdm(range(cfg.cold_start.steps), desc="cold-start SFT", unit="step", dynamic_ncols=True,
                disable=not cfg.logging.progress)
     for _ in bar:
-        problems = task.sample(rng, cfg.cold_start.batch_size)
+        problems = tasks.sample(rng, cfg.cold_start.batch_size, names=tasks.with_traces())
         prompts = [np.asarray(tokenizer(render_prompt(p.prompt))["input_ids"]) for p in problems]
-        traces = [np.asarray(tokenizer(task.reference_trace(p), add_special_tokens=False)["input_ids"])
+        traces = [np.asarray(tokenizer(tasks.tasks[p.task].reference_trace(p), add_special_tokens=False)["input_ids"])
                   for p in problems]
         shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
         (first, *_) = ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
@@ -256,12 +256,6 @@ def resolve_model(cfg: Config) -> str:
         raise ConfigError(f"model.path={m.path!r} is not a Hugging Face model folder "
                           f"(no {path / 'config.json'}); give a local folder or \"tiny\"")
     return str(path.resolve())
-
-
-def _task(cfg: Config) -> ArithmeticTask:
-    t = cfg.task
-    return ArithmeticTask(min_digits=t.min_digits, max_digits=t.max_digits,
-                          num_operands=t.num_operands, operation=t.operation)
 
 
 @contextmanager

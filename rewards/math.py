@@ -69,8 +69,13 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def check(response: str | bytes, gold: str, timeout_s: float = TIMEOUT_S) -> tuple[float, str]:
-    """(1.0 or 0.0, reason): is the response's final answer equivalent to `gold`?"""
+def check(response: str | bytes, gold: str, timeout_s: float = TIMEOUT_S, *,
+          in_process: bool = False) -> tuple[float, str]:
+    """(1.0 or 0.0, reason): is the response's final answer equivalent to `gold`?
+
+    `in_process` runs math-verify here, with no time limit of its own: only for a caller
+    that already runs this in a process it kills on overrun (the reward worker does).
+    """
     answer = extract_answer(response)
     if answer is None:
         return 0.0, "no answer"
@@ -81,6 +86,9 @@ def check(response: str | bytes, gold: str, timeout_s: float = TIMEOUT_S) -> tup
     fast = _fast_equal(answer, gold)
     if fast is not None:
         return (1.0, "correct") if fast else (0.0, f"wrong: got {answer[:40]!r}")
+    if in_process:
+        _warm()
+        return (1.0, "correct") if _sympy_equal(answer, gold) else (0.0, f"wrong: got {answer[:40]!r}")
     return _verifier().check(answer, gold, timeout_s)
 
 

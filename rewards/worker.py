@@ -1,11 +1,18 @@
-"""The reward worker: scores a batch of responses with the task's checker and the format rule.
+"""The reward worker: scores a batch of responses, each check in a process it can kill.
 
-The driver runs `rewards.num_workers` of these as Ray actors and splits each step's samples
-among them. The worker itself imports no Ray: it is a plain class over pure verifiers, so it
-is tested directly.
+The driver runs `rewards.num_workers` of these as Ray actors (`rewards.pool.RewardPool`)
+and splits each step's samples among them. The worker itself imports no Ray: it is a plain
+class over the tasks' pure checkers, so it is tested directly.
 
-Total reward = correct_weight * correct + format_weight * format + language_weight * language,
-each component in [0, 1].
+Each response is checked by its problem's task in one of `rewards.processes` worker
+processes, under a hard limit of `rewards.timeout_s`: a check that overruns has its process
+killed, one that crashes the process (a segfault in a parser, `os._exit`) or raises is
+caught, and in every case that sample scores 0 with the reason, the process is replaced and
+the batch goes on. Checkers therefore need no time limits of their own.
+
+Total reward = correct_weight * correct + format_weight * format
+             + language_weight * language + length_weight * length,
+with correct, format and language in [0, 1] and the overlong penalty `length` in [-1, 0].
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.config import RewardsConfig
-from rewards import arithmetic
 from rewards.format import format_reward
 from rewards.language import language_consistency
+
+_TASKS: dict = {}  # a checker process's tasks, installed once when it starts
 
 
 @dataclass(frozen=True)
@@ -23,25 +31,77 @@ class Score:
     reward: float
     """Weighted total."""
     breakdown: dict[str, float]
-    """Unweighted components: {"correct": 0 or 1, "format": 0 or 1, "language": 0..1}."""
+    """Unweighted components: {"correct": 0..1, "format": 0 or 1, "language": 0..1,
+    "length": -1..0}."""
     reason: str
-    """Short human-readable verdict of the checker, e.g. "wrong: got 84"."""
+    """Short verdict of the task's checker, e.g. "wrong: got 84" or "timeout"."""
+
+
+def overlong_penalty(length: int, max_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to `max_tokens - buffer` tokens, then falling
+    linearly to -1 at `max_tokens` (with no buffer, -1 exactly at the budget)."""
+    if buffer == 0:
+        return -1.0 if length >= max_tokens else 0.0
+    over = length - (max_tokens - buffer)
+    return -min(1.0, over / buffer) if over > 0 else 0.0
+
+
+def _install(tasks: dict) -> None:
+    _TASKS.update(tasks)
+
+
+def _check(task: str, response: str, problem) -> tuple[float, str]:
+    score, reason = _TASKS[task].check(response, problem)
+    return float(score), reason
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardsConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RewardsConfig, tasks: dict, max_new_tokens: int):
+        import multiprocessing
 
-    def score(self, responses: list[str], answers: list[str]) -> list[Score]:
-        """Score each response against the gold answer at the same position."""
-        if len(responses) != len(answers):
-            raise ValueError(f"{len(responses)} responses but {len(answers)} gold answers")
-        return [self._score_one(r, a) for r, a in zip(responses, answers)]
+        from pebble import ProcessPool
 
-    def _score_one(self, response: str, answer: str) -> Score:
-        correct, reason = arithmetic.check(response, answer)
+        self.cfg, self.tasks, self.max_new_tokens = cfg, tasks, max_new_tokens
+        # Spawned, not forked: the worker is a threaded Ray process.
+        self.pool = ProcessPool(max_workers=cfg.processes, initializer=_install, initargs=(tasks,),
+                                context=multiprocessing.get_context("spawn"))
+
+    def score(self, responses: list[str], problems: list, lengths: list[int] | None = None) -> list[Score]:
+        """Score each response against the problem at the same position; `lengths` are the
+        responses' token counts (for the overlong penalty; 0 if not given)."""
+        if len(responses) != len(problems):
+            raise ValueError(f"{len(responses)} responses but {len(problems)} problems")
+        lengths = lengths if lengths is not None else [0] * len(responses)
+        unknown = sorted({p.task for p in problems} - set(self.tasks))
+        if unknown:
+            raise ValueError(f"no checker for task(s) {', '.join(unknown)}; this worker has {', '.join(self.tasks)}")
+        futures = [self.pool.schedule(_check, args=(p.task, r, p), timeout=self.cfg.timeout_s)
+                   for r, p in zip(responses, problems)]
+        return [self._total(r, *self._verdict(f), n) for r, f, n in zip(responses, futures, lengths)]
+
+    def _verdict(self, future) -> tuple[float, str]:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from pebble import ProcessExpired
+
+        try:
+            return future.result()
+        except FutureTimeout:
+            return 0.0, f"timeout: no verdict within {self.cfg.timeout_s:g}s"
+        except ProcessExpired as err:
+            return 0.0, f"crashed: checker process exited with code {err.exitcode}"
+        except Exception as err:  # the checker raised: the answer is not scorable
+            return 0.0, f"error: {type(err).__name__}: {str(err)[:200]}"
+
+    def _total(self, response: str, correct: float, reason: str, length: int) -> Score:
         fmt, _ = format_reward(response)
         lang, _ = language_consistency(response, self.cfg.language)
-        total = (self.cfg.correct_weight * correct + self.cfg.format_weight * fmt
-                 + self.cfg.language_weight * lang)
-        return Score(total, {"correct": correct, "format": fmt, "language": lang}, reason)
+        long = overlong_penalty(length, self.max_new_tokens, self.cfg.overlong_buffer)
+        c = self.cfg
+        total = (c.correct_weight * correct + c.format_weight * fmt + c.language_weight * lang
+                 + c.length_weight * long)
+        return Score(total, {"correct": correct, "format": fmt, "language": lang, "length": long}, reason)
+
+    def close(self) -> None:
+        self.pool.stop()
+        self.pool.join()

@@ -45,7 +45,12 @@ def test_overrides_win_over_the_file(tmp_path):
     ("algorithm.steps=many", "algorithm.steps='many': expected a number"),
     ("algorithm.normalize_std=maybe", "algorithm.normalize_std='maybe': expected true or false"),
     ("rollout.top_p=1.5", "rollout.top_p=1.5 is out of range; valid: (0.0, 1.0]"),
-    ("task.min_digits=3", "task.min_digits=3 must be <= task.max_digits=2"),
+    ("task.arithmetic.min_digits=3", "task.arithmetic.min_digits=3 must be <= task.arithmetic.max_digits=2"),
+    ("task.arithmetic.weight=0", "every task weight is 0; give at least one task a weight above 0"),
+    ("task.math.weight=1", "task.math.weight=1 needs task.math.path"),
+    ("task.code.weight=1 task.code.timeout_s=10", "task.code.timeout_s=10 must be below rewards.timeout_s=10"),
+    ("task.arithmetic.weight=0 task.knights.weight=1", "cold_start.steps=100 needs a task with reference traces"),
+    ("rewards.overlong_buffer=33", "rewards.overlong_buffer=33 must be <= rollout.max_new_tokens=32"),
     ("model.hidden_size=96", "model.hidden_size=96 / model.num_heads=4 must be a whole multiple of 32"),
     ("learner", "override 'learner': expected key=value"),
     ("rollout.engine=sglang", "rollout.engine='sglang' is not valid; choose one of 'vllm', 'transformers'"),
@@ -57,7 +62,7 @@ def test_overrides_win_over_the_file(tmp_path):
 ])
 def test_bad_values_name_the_key_and_the_valid_range(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert message in str(err.value)
 
 
@@ -95,11 +100,16 @@ def test_every_field_has_a_docstring():
 
     import cluster.config as c
 
-    for group in dataclasses.fields(Config):
-        cls = getattr(c, type(getattr(Config(), group.name)).__name__)
+    def check(cls: type) -> None:  # a nested group is documented by its own fields
         docs = field_docs(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)
+                   and not dataclasses.is_dataclass(getattr(c, f.type, None))]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(getattr(c, f.type, None)):
+                check(getattr(c, f.type))
+
+    check(Config)
     assert "learning rate" in field_docs(LearnerConfig)["lr"]
 
 

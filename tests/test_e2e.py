@@ -27,13 +27,19 @@ def run(args, tmp_path, timeout=600):
 @pytest.mark.parametrize("rollout", [
     # Two vLLM engines fed by the broadcast transport, checked after every sync.
     ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast", "sync.check=true"],
-    # One transformers engine fed through the object store; truncated answers masked.
-    ["rollout.engine=transformers", "algorithm.mask_truncated=true"],
-], ids=["vllm-x2-broadcast", "transformers"])
+    # One transformers engine fed through the object store; truncated answers masked; a
+    # mixture of four tasks, one of them a dataset, scored by two checker processes.
+    ["rollout.engine=transformers", "algorithm.mask_truncated=true", "task.countdown.weight=1",
+     "task.countdown.num_numbers=3", "task.knights.weight=1",
+     "task.math.weight=1", "task.math.path={data}", "rewards.processes=2"],
+], ids=["vllm-x2-broadcast", "transformers-mixture"])
 def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollout):
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) + "\n"
+                            for i in range(100)))
     # The policy is given as a plain HF folder path, as a user's own model would be.
-    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, *rollout, "logging.run_name=e2e",
-                   f"model.path={tiny_model}"], tmp_path)
+    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, *[a.format(data=data) for a in rollout],
+                   "logging.run_name=e2e", f"model.path={tiny_model}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     assert f"run folder {run_dir}" in proc.stdout
@@ -42,14 +48,21 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
     for key in ["reward/mean", "reward/std", "reward/correct", "reward/format", "response_length/mean",
                 "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction", "learner/kl",
                 "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
-                "timing/sync", "sync/bytes", "learner/offpolicy_gap", "rollout/skipped_prompts"]:
+                "timing/sync", "sync/bytes", "learner/offpolicy_gap", "rollout/skipped_prompts", "reward/length",
+                "reward/check_failed"]:
         assert all(key in r for r in rows), key
     assert [r["sync/version"] for r in rows] == [2, 3]  # cold start made version 1
     assert all(r["learner/offpolicy_gap"] < 1e-3 for r in rows)  # fp32 engines, same temperature
     if "sync.check=true" in rollout:
         assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results) == {"accuracy/initial", "accuracy/before_rl", "accuracy/after_rl"}
+    tasks = {"arithmetic", "countdown", "knights", "math"} if "task.math.weight=1" in rollout else {"arithmetic"}
+    seen = {key.split("/")[1] for r in rows for key in r if key.startswith("task/")}
+    assert seen <= tasks and all(abs(sum(v for k, v in r.items() if k.endswith("/fraction")) - 1) < 1e-9
+                                 for r in rows)
+    per_task = {f"accuracy/{when}/{t}" for when in ("initial", "before_rl", "after_rl") for t in tasks}
+    assert set(results) == {"accuracy/initial", "accuracy/before_rl", "accuracy/after_rl"} | (
+        per_task if len(tasks) > 1 else set())
     assert (run_dir / "model" / "model.safetensors").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
 

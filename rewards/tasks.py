@@ -1,0 +1,297 @@
+"""Tasks: a prompt source paired with its checker, and the weighted mixture a run samples from.
+
+    mixture = build_mixture(cfg.task)                    # the tasks whose weight is above 0
+    problems = mixture.sample(rng, 16)                   # [Problem], tasks drawn by weight
+    score, reason = mixture.tasks[p.task].check(response, p)
+
+A `Problem` is the one record a task hands on: the question the policy sees (rendered by
+`rewards.format.render_prompt`) and the task module's own record as `reference`, which is
+all its checker reads (the gold number, the Countdown numbers and target, the knights'
+solution, the unit tests). Problems travel from the driver to the reward workers with the
+samples; the workers hold the same task objects and look the checker up by `Problem.task`.
+
+Every task has a train and an eval split that never share a question: the synthetic tasks
+hold out the problems whose key hashes into one bucket of ten (as `rewards.arithmetic`
+does), a dataset task uses its eval file or holds out a tenth of its questions the same way.
+
+Checkers are pure functions of strings. They may be slow or hostile (sympy on a power
+tower, a program that never ends): the reward worker, not the task, bounds their time.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from cluster.config import ConfigError, TaskConfig
+from rewards import arithmetic, code, countdown, knights, math
+from rewards.arithmetic import EVAL_BUCKETS, SPLITS
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    """Unique within a step; the same question has the same id in every run."""
+    task: str
+    """Name of the task that made it and checks its answers (a key of `Mixture.tasks`)."""
+    prompt: str
+    """The question, before the R1 template."""
+    reference: Any
+    """What the task's checker compares an answer with: the task module's own record."""
+
+
+class Task(Protocol):
+    name: str
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        """One problem of `split`, drawn with `rng`."""
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        """`n` distinct held-out problems (fewer if a fixed dataset has fewer), the same
+        list for the same seed."""
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        """(score in [0, 1], short reason) for one response."""
+
+
+def held_out(key: str) -> bool:
+    """Whether a question belongs to the eval split: its key hashes into one bucket of ten."""
+    return zlib.crc32(key.encode()) % EVAL_BUCKETS == 0
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid; must be one of {SPLITS}")
+
+
+def _draw(make: Callable[[], Problem], key: Callable[[Problem], str], split: str) -> Problem:
+    """A problem from `make` that falls in `split` (rejection sampling keeps the train
+    distribution the generator's own, minus the held-out tenth)."""
+    _check_split(split)
+    for _ in range(10_000):
+        problem = make()
+        if held_out(key(problem)) == (split == "eval"):
+            return problem
+    raise RuntimeError(f"no {split} problem in 10000 draws")
+
+
+# ---- the tasks ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Multi-digit addition or subtraction (`rewards.arithmetic`); has reference traces."""
+
+    generator: arithmetic.ArithmeticTask
+    name: str = "arithmetic"
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        (p,) = self.generator.sample(rng, 1, split)
+        return Problem(p.id, self.name, p.prompt, p)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return [Problem(p.id, self.name, p.prompt, p) for p in self.generator.problems(seed, n, "eval")]
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        return arithmetic.check(response, problem.reference.answer)
+
+    def reference_trace(self, problem: Problem) -> str:
+        """A worked solution for cold-start SFT (see `ArithmeticTask.reference_trace`)."""
+        return self.generator.reference_trace(problem.reference)
+
+
+@dataclass(frozen=True)
+class Countdown:
+    """Reach a target from given numbers with + - * / (`rewards.countdown`)."""
+
+    generator: countdown.CountdownTask
+    name: str = "countdown"
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        # Keyed like arithmetic: the same numbers in another order are the same question.
+        key = lambda q: f"{sorted(q.reference.numbers)}->{q.reference.target}"  # noqa: E731
+        return _draw(lambda: self._wrap(self.generator.sample(rng)), key, split)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return _distinct(self, seed, n)
+
+    def _wrap(self, p: countdown.CountdownProblem) -> Problem:
+        return Problem(p.id, self.name, p.prompt, p)
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        return countdown.check(response, problem.reference)
+
+
+@dataclass(frozen=True)
+class Knights:
+    """Knights-and-knaves puzzles with a unique solution (`rewards.knights`)."""
+
+    generator: knights.KnightsTask
+    name: str = "knights"
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        def make() -> Problem:
+            p = self.generator.sample(rng)
+            # The id carries random bits; the same puzzle is the same statements.
+            return Problem("knights-" + _digest(p.prompt), self.name, p.prompt, p)
+        return _draw(make, lambda q: q.prompt, split)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return _distinct(self, seed, n)
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        return knights.check(response, problem.reference)
+
+
+@dataclass(frozen=True)
+class MathDataset:
+    """Math word problems from a dataset (`rewards.data`), checked by `rewards.math`."""
+
+    train: tuple[Problem, ...]
+    eval: tuple[Problem, ...]
+    name: str = "math"
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        _check_split(split)
+        return rng.choice(self.train if split == "train" else self.eval)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return list(self.eval[:n])  # in file order
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        # In-process: the reward worker already runs this in a process it kills on overrun.
+        return math.check(response, problem.reference, in_process=True)
+
+
+CODE_PROMPT = ("Complete the Python function below. Give the whole function in a ```python "
+               "block.\n{prompt}")
+
+
+@dataclass(frozen=True)
+class Code:
+    """Programs run against unit tests in the sandbox (`rewards.code`); HumanEval's problems."""
+
+    bank: tuple[code.CodeProblem, ...]
+    """HumanEval's problems, both splits."""
+    partial_credit: bool = False
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    name: str = "code"
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        make = lambda: self._wrap(rng.choice(self.bank))  # noqa: E731
+        return _draw(make, lambda q: q.id, split)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return [self._wrap(p) for p in self.bank if held_out(p.id)][:n]
+
+    def _wrap(self, p: code.CodeProblem) -> Problem:
+        return Problem(p.id, self.name, CODE_PROMPT.format(prompt=p.prompt), p)
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        return code.check(response, problem.reference, fraction=self.partial_credit,
+                          timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+
+def _digest(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+# ---- the mixture -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mixture:
+    """Tasks with sampling weights; each prompt's task is drawn by weight."""
+
+    tasks: dict[str, Task]
+    weights: dict[str, float]
+
+    def sample(self, rng: random.Random, n: int, split: str = "train",
+               names: list[str] | None = None) -> list[Problem]:
+        """`n` problems of `split`, drawn with replacement (from `names` only, if given)."""
+        names = names or list(self.tasks)
+        if len(names) == 1:  # no draw: a single task's problems do not depend on the mixture
+            return [self.tasks[names[0]].sample(rng, split) for _ in range(n)]
+        picks = rng.choices(names, [self.weights[t] for t in names], k=n)
+        return [self.tasks[t].sample(rng, split) for t in picks]
+
+    def eval_problems(self, seed: int, n: int) -> list[Problem]:
+        """`n` distinct held-out problems, shared out over the tasks by weight (each task at
+        least one), the same list for the same seed and config."""
+        total = sum(self.weights.values())
+        names = list(self.tasks)
+        counts = Counter({t: max(1, round(n * self.weights[t] / total)) for t in names}) if n else Counter()
+        return [p for t in names for p in self.tasks[t].problems(seed, counts[t])]
+
+    def with_traces(self) -> list[str]:
+        """The tasks that can write reference traces for cold-start SFT."""
+        return [t for t, task in self.tasks.items() if hasattr(task, "reference_trace")]
+
+
+def _distinct(task: Task, seed: int, n: int) -> list[Problem]:
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            return out
+        p = task.sample(rng, "eval")
+        if p.id not in seen:
+            seen.add(p.id)
+            out.append(p)
+    if len(out) < n:
+        raise ConfigError(f"task {task.name} has only {len(out)} distinct held-out problems, asked for {n}; "
+                          "lower task.eval_prompts or the task's weight")
+    return out
+
+
+def build_mixture(cfg: TaskConfig) -> Mixture:
+    """The tasks of `cfg` whose weight is above 0, built and checked (datasets loaded)."""
+    tasks: dict[str, Task] = {}
+    c = cfg.arithmetic
+    if c.weight > 0:
+        tasks["arithmetic"] = Arithmetic(arithmetic.ArithmeticTask(
+            min_digits=c.min_digits, max_digits=c.max_digits, num_operands=c.num_operands, operation=c.operation))
+    if cfg.countdown.weight > 0:
+        c = cfg.countdown
+        tasks["countdown"] = Countdown(countdown.CountdownTask(c.num_numbers, c.max_number, c.max_target))
+    if cfg.knights.weight > 0:
+        tasks["knights"] = Knights(knights.KnightsTask(cfg.knights.num_people))
+    if cfg.math.weight > 0:
+        tasks["math"] = _math_dataset(cfg)
+    if cfg.code.weight > 0:
+        from rewards import sandbox
+
+        missing = sandbox.available()
+        if missing:
+            raise ConfigError(f"task.code.weight={cfg.code.weight:g} needs the code sandbox: {missing}")
+        c = cfg.code
+        tasks["code"] = Code(tuple(code.humaneval_problems()), c.partial_credit, c.timeout_s, c.memory_mb)
+    weights = {t: getattr(cfg, t).weight for t in tasks}
+    return Mixture(tasks, weights)
+
+
+def _math_dataset(cfg: TaskConfig) -> MathDataset:
+    from rewards.data import DatasetError, load_problems
+
+    c = cfg.math
+
+    def load(source: str, split: str) -> list[Problem]:
+        try:
+            rows = load_problems(source, c.format, split=split, prompt_field=c.prompt_field or None,
+                                 answer_field=c.answer_field or None, limit=c.limit or None)
+        except DatasetError as err:
+            raise ConfigError(f"task.math: {err}") from None
+        return [Problem(p.id, "math", p.prompt, p.answer) for p in rows]
+
+    train = load(c.path, c.split)
+    if c.eval_path:
+        evals = load(c.eval_path, c.eval_split)
+    else:  # hold out a tenth of the questions
+        evals = [p for p in train if held_out(p.prompt)]
+        train = [p for p in train if not held_out(p.prompt)]
+    for name, rows in (("train", train), ("eval", evals)):
+        if not rows:
+            raise ConfigError(f"task.math: the {name} split of {c.path} is empty; give more rows "
+                              "or task.math.eval_path")
+    return MathDataset(tuple(train), tuple(evals))

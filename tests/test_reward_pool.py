@@ -1,0 +1,45 @@
+"""The reward pool on a real Ray cluster: samples split over the workers come back scored in
+order, and a worker actor that dies is replaced and its share scored again."""
+
+import numpy as np
+import pytest
+
+from actors.records import Sample
+from cluster.config import load_config
+from rewards.pool import RewardPool
+from rewards.tasks import build_mixture
+
+
+def sample(prompt_id: str, text: str) -> Sample:
+    ids = np.arange(5, dtype=np.int32)
+    return Sample(prompt_id, ids, ids, np.zeros(5, np.float32), text, "stop", 0)
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster):
+    cfg = load_config(None, ["rewards.num_workers=2", "task.knights.weight=1"])
+    return RewardPool(cfg, build_mixture(cfg.task).tasks)
+
+
+def test_samples_are_scored_in_order_across_workers(pool):
+    problems = build_mixture(pool.cfg.task).eval_problems(0, 6)
+    by_id = {p.id: p for p in problems}
+    add = [p for p in problems if p.task == "arithmetic"][0]
+    right = f"ok</think><answer>{add.reference.answer}</answer>"
+    samples = [sample(add.id, right), sample(add.id, "no</think><answer>-1</answer>")] * 2 + [
+        sample(p.id, "</think><answer>?</answer>") for p in problems if p.task == "knights"]
+    reasons = pool.score(samples, by_id, timeout_s=60)
+    assert [s.reward_breakdown["correct"] for s in samples[:4]] == [1.0, 0.0, 1.0, 0.0]
+    assert reasons[:2] == ["correct", "wrong: got -1"] and reasons[4].startswith("says nothing about")
+    assert samples[0].reward == pytest.approx(1.1)
+
+
+def test_a_dead_worker_is_replaced_and_its_share_scored(pool):
+    import ray
+
+    problems = {p.id: p for p in build_mixture(pool.cfg.task).eval_problems(0, 2)}
+    add = next(p for p in problems.values() if p.task == "arithmetic")
+    ray.kill(pool.workers[1])
+    samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(4)]
+    pool.score(samples, problems, timeout_s=60)
+    assert [s.reward_breakdown["correct"] for s in samples] == [1.0] * 4 and pool.restarts == 1

