@@ -1,5 +1,5 @@
-"""Reward benchmark: math verifications/s per core, sandbox overhead per execution, and all
-164 HumanEval canonical solutions through the sandbox. Prints markdown tables and the machine.
+"""Reward benchmark: math verifications/s per core, the reward worker's samples/s, sandbox
+overhead per execution, and all 164 HumanEval canonical solutions through the sandbox. Prints markdown tables and the machine.
 
     .venv/bin/python bench/rewards.py          # about a minute on 2 cores
 """
@@ -69,6 +69,31 @@ def humaneval(workers: int = 2) -> tuple[int, int, float]:
     return sum(r.passed for r in results), len(problems), time.perf_counter() - start
 
 
+def worker_rates(n: int = 2000) -> list[tuple[int, float]]:
+    """(checker processes, samples/s) of the reward worker scoring arithmetic answers: the
+    cost of running every check in a killable process, for the default job's task."""
+    import random
+
+    from cluster.config import RewardsConfig
+    from rewards.arithmetic import ArithmeticTask
+    from rewards.tasks import Arithmetic
+    from rewards.worker import RewardWorker
+
+    task = Arithmetic(ArithmeticTask())
+    problems = [task.sample(random.Random(i), "train") for i in range(n)]
+    responses = [f"7+8=15</think><answer>{p.reference.answer}</answer>" for p in problems]
+    rows = []
+    for processes in (1, 2):
+        worker = RewardWorker(RewardsConfig(processes=processes), {"arithmetic": task}, max_new_tokens=32)
+        worker.score(responses[:50], problems[:50])  # start the processes
+        start = time.perf_counter()
+        scores = worker.score(responses, problems)
+        rows.append((processes, n / (time.perf_counter() - start)))
+        worker.close()
+        assert all(s.breakdown["correct"] == 1.0 for s in scores)
+    return rows
+
+
 _canonical: dict[str, str] = {}
 
 
@@ -80,6 +105,10 @@ def main() -> None:
     print("### Math verification\n\n| answers | pairs | verifications/s per core |\n|---|---|---|")
     for kind, pairs, rate in math_rates():
         print(f"| {kind} | {pairs} | {rate:,.0f} |")
+    print("\n### Reward worker, arithmetic answers, each check in a checker process\n\n"
+          "| checker processes | samples/s |\n|---|---|")
+    for processes, rate in worker_rates():
+        print(f"| {processes} | {rate:,.0f} |")
     plain, boxed = sandbox_overhead()
     print("\n### Sandbox overhead (median of 40 runs of `pass`)\n\n| run | ms |\n|---|---|")
     print(f"| plain subprocess | {plain * 1e3:.1f} |\n| sandbox | {boxed * 1e3:.1f} |\n"
