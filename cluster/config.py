@@ -275,6 +275,15 @@ class ColdStartConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _f(50, lo=0)
+    """Save a checkpoint every this many GRPO steps (0: only at the end and when stopped by
+    SIGTERM / SIGINT, which always save)."""
+    keep: int = _f(2, lo=1)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     address: str = _f("local")
     """Ray address: "local" starts a private single-node cluster; "auto" or host:port joins one."""
@@ -310,6 +319,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -15,21 +15,37 @@ from cluster.config import ConfigError, LoggingConfig
 
 
 class MetricsLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, total_steps: int):
-        self.path = run_dir / "metrics.jsonl"
-        self.file = self.path.open("a")
-        self.wandb = None
+    """Appends to the run folder's metrics.jsonl (one row per step) and prompts.jsonl (the
+    problem ids each step trained on). A resumed run (`state` from its checkpoint) first
+    drops the rows of steps after the checkpoint, which it is about to run again, and
+    continues the same W&B run."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, total_steps: int,
+                 state: dict | None = None):
+        step = (state or {}).get("step", 0)
+        self.path, self.prompts_path = run_dir / "metrics.jsonl", run_dir / "prompts.jsonl"
+        for path in (self.path, self.prompts_path):
+            _keep_steps_up_to(path, step)
+        self.file, self.prompts = self.path.open("a"), self.prompts_path.open("a")
+        self.wandb, self.run_id = None, (state or {}).get("wandb_id")
         if cfg.wandb_mode != "disabled":
             import wandb
 
             try:
                 self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir),
-                                        mode=cfg.wandb_mode, config=config)
+                                        mode=cfg.wandb_mode, config=config, id=self.run_id,
+                                        resume="allow" if self.run_id else None)
+                self.run_id = self.wandb.id
             except Exception as err:  # wandb raises many types (auth, network, usage)
                 raise ConfigError(f"logging.wandb_mode={cfg.wandb_mode!r}: W&B did not start ({err}); "
                                   "set WANDB_API_KEY, or use offline or disabled") from None
         self.bar = None
-        self.progress, self.total_steps = cfg.progress and total_steps > 0, total_steps
+        self.progress, self.total_steps, self.first_step = cfg.progress and total_steps > step, total_steps, step
+
+    def log_prompts(self, step: int, problems: list) -> None:
+        """Record which problems step `step` trains on (what resume must neither repeat nor skip)."""
+        self.prompts.write(json.dumps({"step": step, "ids": [p.id for p in problems]}) + "\n")
+        self.prompts.flush()
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record one step's metrics (must include "step")."""
@@ -41,7 +57,8 @@ class MetricsLogger:
         if self.progress and self.bar is None:  # opened on the first step, after the cold start's bar
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total_steps, initial=self.first_step, desc="GRPO", unit="step",
+                            dynamic_ncols=True)
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}",
                                  acc=f"{metrics.get('reward/correct', 0):.2f}", refresh=False)
@@ -56,8 +73,19 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
+        self.prompts.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` from a jsonl file (all of them for step 0)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) < len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:

@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ import numpy as np
 from actors.pool import EngineDiedError, RolloutPool
 from actors.records import Sample, Sampling, check_groups
 from actors.rollout import PromptTooLongError
-from cluster import placement
+from cluster import checkpoint, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics
 from cluster.weight_sync import WeightSync, WeightSyncError
@@ -45,59 +47,80 @@ class Actors:
     sync: WeightSync
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run cold-start SFT then `algorithm.steps` GRPO steps; returns the run's results."""
+def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
+    """Run cold-start SFT then `algorithm.steps` GRPO steps, or continue the run in `resume`
+    from its newest checkpoint; returns the run's results."""
     import ray
-    import torch
-
-    from learner.grpo import group_advantages
 
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task)  # loads datasets: a bad file stops the run here
     eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
+    ckpt = checkpoint.latest(resume) if resume else None
+    state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}
+    if ckpt:
+        checkpoint.check_compatible(ckpt, cfg)
     placement.connect(cfg)
     placement.check_fits(cfg)
-    run_dir = _make_run_dir(cfg)
-    print(f"r1ray: run folder {run_dir}", flush=True)
-    logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps)
+    stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit
+    run_dir = resume or _make_run_dir(cfg)
+    print(f"r1ray: run folder {run_dir}" + (f", resuming from {ckpt.name}" if ckpt else ""), flush=True)
+    logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps, state)
     actors = start_actors(cfg, model_path, tasks)
-    timeout = cfg.cluster.timeout_s
     rng = random.Random(cfg.algorithm.seed)
-    results = evaluate(cfg, actors, eval_set, "initial")
     probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
-    version = cold_start(cfg, actors, tasks, model_path, rng, probe)
-    results |= evaluate(cfg, actors, eval_set, "before_rl")
-    G = cfg.algorithm.group_size
-    for step in range(1, cfg.algorithm.steps + 1):
-        timings: dict[str, float] = {}
+    version, results = state["version"], state["results"]
+    if ckpt:  # the learner's state, the engines' weights, the prompt sampler's position
+        restore(cfg, actors, ckpt, state, rng, probe)
+    else:
+        results = evaluate(cfg, actors, eval_set, "initial")
+        version = cold_start(cfg, actors, tasks, model_path, rng, probe)
+        results |= evaluate(cfg, actors, eval_set, "before_rl")
+        if stop.signum:
+            save(cfg, actors, run_dir, model_path, 0, version, rng, results, logger)
+        stop.exit_if_asked(0, run_dir)
+    for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
         problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
-        sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, STOP_STRINGS)
-        with _timed(timings, "generate"):
-            samples = generate(cfg, actors, problems, sampling, version)
-            check_groups(samples, G)
-        skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
-        if not samples:  # every prompt was too long and skipped
-            logger.log({"step": step, **skipped})
-            continue
-        with _timed(timings, "reward"):
-            reasons = actors.rewarders.score(samples, {p.id: p for p in problems}, timeout)
-        rewards = torch.tensor([s.reward for s in samples])  # [N]
-        advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
-        lr = lr_at(cfg, step)
-        with _timed(timings, "learn"):
-            learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
-        version += 1
-        synced = actors.sync.push(version)
-        if cfg.sync.check:
-            synced["sync/max_logprob_diff"] = actors.sync.check(probe)
-        logger.log({"step": step, **rollout_metrics(samples, G), **task_metrics(samples, problems, reasons),
-                    **learned, **synced, **skipped,
-                    "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}})
+        logger.log_prompts(step, problems)
+        metrics, version = grpo_step(cfg, actors, problems, step, version, probe)
+        logger.log({"step": step, **metrics})
+        if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
+                or stop.signum:
+            save(cfg, actors, run_dir, model_path, step, version, rng, results, logger)
+        stop.exit_if_asked(step, run_dir)
     results |= evaluate(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
-            timeout=timeout)
+            timeout=cfg.cluster.timeout_s)
     _finish(run_dir, logger, results)
     return results
+
+
+def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, version: int,
+              probe: np.ndarray) -> tuple[dict[str, float], int]:
+    """Generate, score, learn, sync: one GRPO step; returns its metrics and the new version."""
+    import torch
+
+    from learner.grpo import group_advantages
+
+    G, timings = cfg.algorithm.group_size, {}
+    sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, STOP_STRINGS)
+    with _timed(timings, "generate"):
+        samples = generate(cfg, actors, problems, sampling, version)
+        check_groups(samples, G)
+    skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
+    if not samples:  # every prompt was too long and skipped
+        return skipped, version
+    with _timed(timings, "reward"):
+        reasons = actors.rewarders.score(samples, {p.id: p for p in problems}, cfg.cluster.timeout_s)
+    rewards = torch.tensor([s.reward for s in samples])  # [N]
+    advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
+    lr = lr_at(cfg, step)
+    with _timed(timings, "learn"):
+        learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
+    synced = actors.sync.push(version + 1)
+    if cfg.sync.check:
+        synced["sync/max_logprob_diff"] = actors.sync.check(probe)
+    return {**rollout_metrics(samples, G), **task_metrics(samples, problems, reasons), **learned, **synced,
+            **skipped, "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}}, version + 1
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
@@ -233,6 +256,62 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
     return 1
 
 
+# ---- checkpoints and stopping -----------------------------------------------------------------
+
+def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int, version: int,
+         rng: random.Random, results: dict, logger: MetricsLogger) -> None:
+    """Checkpoint the run as it is after `step` (layout in cluster/checkpoint.py)."""
+    import ray
+
+    def write(folder: Path) -> None:  # every rank takes part: ZeRO shards what is saved
+        ray.get([r for l in actors.learners for r in (l.save_state.remote(str(folder / "learner")),
+                                                       l.save.remote(str(folder / "model"), model_path))],
+                timeout=cfg.cluster.timeout_s)
+
+    state = {"version": version, "rng": rng.getstate(), "results": results, "wandb_id": logger.run_id}
+    path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep)
+    print(f"r1ray: checkpoint {path}", flush=True)
+
+
+def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Random, probe: np.ndarray) -> None:
+    """Bring a fresh set of actors and the prompt sampler to where checkpoint `ckpt` left off."""
+    import ray
+
+    ray.get([l.load_state.remote(str(ckpt / "learner")) for l in actors.learners], timeout=cfg.cluster.timeout_s)
+    actors.sync.push(state["version"])
+    actors.sync.check(probe)
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint; "
+                         f"continue with: r1ray train --resume {run_dir}")
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM (what `ray job stop` sends) or SIGINT asks the run to stop after the current
+    step with a checkpoint; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"r1ray: {signal.Signals(signum).name}: stopping after this step, with a checkpoint", flush=True)
+
+    def exit_if_asked(self, step: int, run_dir: Path) -> None:
+        if self.signum:
+            raise Stopped(self.signum, step, run_dir)
+
+
 # ---- small helpers -----------------------------------------------------------------------------
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -296,13 +375,20 @@ def _message(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="r1ray train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                        help="continue this run from its newest checkpoint (its config.yaml unless --config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. learner.lr=1e-5")
     args = parser.parse_args(argv)
     import ray
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
+        config = args.config or (args.resume / "config.yaml" if args.resume else None)
+        if args.resume and not Path(config).is_file():
+            raise checkpoint.CheckpointError(f"--resume {args.resume}: not a run folder (no config.yaml)")
+        train(load_config(config, args.overrides), args.resume)
+    except Stopped as err:
+        print(f"r1ray: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (ConfigError, placement.ClusterError, PromptTooLongError) as err:  # the user can fix these
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2

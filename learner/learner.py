@@ -223,6 +223,26 @@ class Learner:
                                safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
 
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save_state(self, ckpt_dir: str) -> None:
+        """Write this rank's training state (weights, optimizer moments, RNG) under
+        `ckpt_dir`; every rank must call it (ZeRO shards the optimizer over them)."""
+        import torch
+
+        self.engine.save_checkpoint(ckpt_dir, tag="learner", save_latest=False,
+                                    client_state={f"torch_rng_{self.rank}": torch.get_rng_state()})
+
+    def load_state(self, ckpt_dir: str) -> None:
+        """Restore what `save_state` wrote (same rank count and ZeRO stage)."""
+        import torch
+
+        path, client = self.engine.load_checkpoint(ckpt_dir, tag="learner", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no learner state in {ckpt_dir}")
+        torch.set_rng_state(client[f"torch_rng_{self.rank}"])
+
     # ---- batching -----------------------------------------------------------------------
 
     def _plan(self, shard: TrainBatch, num_updates: int) -> list[list[TrainBatch]]:

@@ -2,6 +2,7 @@
 bad inputs a user can give it, each of which must stop quickly with one clear message."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -96,3 +97,56 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, tiny
     rows = [json.loads(line) for line in (tmp_path / "runs" / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["rollout/skipped_prompts"]) for r in rows] == [(1, 4.0), (2, 4.0)]
     assert json.loads((tmp_path / "runs" / "skip" / "results.json").read_text())["accuracy/after_rl"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_resumes_as_if_never_stopped(tmp_path, tiny_model):
+    args = [*SHORT, "cold_start.steps=30", "algorithm.steps=4", "checkpoint.every=3", "checkpoint.keep=1",
+            f"model.path={tiny_model}"]
+    full, _ = run([*args, "logging.run_name=full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    # The same run, sent SIGTERM once its first step is logged: it finishes the step it is in,
+    # saves a checkpoint and exits 143; --resume then runs the remaining steps.
+    cut_dir = tmp_path / "runs" / "cut"
+    cmd = [sys.executable, "-m", "cluster.train", *args, "logging.run_name=cut", f"cluster.runs_dir={tmp_path / 'runs'}",
+           f"cluster.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut_dir / "metrics.jsonl").exists() or not (cut_dir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped_at = int(err.split("stopped by SIGTERM after step ")[1].split(",")[0])
+    assert 1 <= stopped_at < 4 and f"continue with: r1ray train --resume {cut_dir}" in err
+    assert [p.name for p in (cut_dir / "checkpoints").iterdir()] == [f"step-{stopped_at:06d}"]
+
+    resumed, _ = run(["--resume", str(cut_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step-{stopped_at:06d}" in resumed.stdout
+
+    def rows(run_dir, name):
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+    # Same prompts in the same order, every step once, and the same learning.
+    assert rows(cut_dir, "prompts.jsonl") == rows(tmp_path / "runs" / "full", "prompts.jsonl")
+    a, b = rows(tmp_path / "runs" / "full", "metrics.jsonl"), rows(cut_dir, "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert any(r["learner/grad_norm"] > 0 for r in a)
+    for key in ["reward/mean", "learner/grad_norm", "learner/entropy", "response_length/mean"]:
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5), key
+    # Only the newest checkpoint is kept; the final one is at the last step and loads as an HF folder.
+    assert [p.name for p in (cut_dir / "checkpoints").iterdir()] == ["step-000004"]
+    assert (cut_dir / "checkpoints" / "step-000004" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "not a run folder (no config.yaml)"),
+    (lambda d: (d.mkdir(), (d / "config.yaml").write_text("{}\n")), "no usable checkpoint"),
+])
+def test_resume_without_a_checkpoint_says_so(tmp_path, make, message):
+    make(tmp_path / "run")
+    proc, seconds = run(["--resume", str(tmp_path / "run")], tmp_path, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
