@@ -1,4 +1,4 @@
-"""The `r1ray` command: `r1ray train [--config X] [key=value ...]`.
+"""The `r1ray` command: `r1ray train ...`, `r1ray eval ...`.
 
 Subcommands dispatch with a plain `if` so every entry point can be found with grep.
 """
@@ -11,15 +11,21 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: r1ray train [--config FILE] [key=value ...]\n\n"
-              "  train   cold-start SFT then GRPO on a local or remote Ray cluster")
+        print("usage: r1ray train [--config FILE] [--resume RUN_DIR] [key=value ...]\n"
+              "       r1ray eval --model PATH --task NAME [--k 8] [--prompts 200] [key=value ...]\n\n"
+              "  train   cold-start SFT then GRPO on a local or remote Ray cluster\n"
+              "  eval    pass@1 (greedy, sampled), pass@k and maj@k of a model on held-out problems")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
         from cluster.train import main as train_main
 
         return train_main(rest)
-    print(f"r1ray: unknown command {command!r}; valid: train", file=sys.stderr)
+    if command == "eval":
+        from cluster.evaluate import main as eval_main
+
+        return eval_main(rest)
+    print(f"r1ray: unknown command {command!r}; valid: train, eval", file=sys.stderr)
     return 2
 
 

@@ -275,6 +275,15 @@ class ColdStartConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(0, lo=0)
+    """Score the held-out problems every this many GRPO steps (0: only before and after RL,
+    greedily), logging eval/pass@1/greedy, eval/pass@1, eval/pass@k and eval/maj@k."""
+    k: int = _f(4, lo=1)
+    """Samples per held-out problem for pass@k and maj@k (1: greedy only)."""
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = _f(50, lo=0)
     """Save a checkpoint every this many GRPO steps (0: only at the end and when stopped by
@@ -319,6 +328,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -32,6 +32,7 @@ from actors.records import Sample, Sampling, check_groups
 from actors.rollout import PromptTooLongError
 from cluster import checkpoint, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
+from cluster.evaluate import evaluate
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics
 from cluster.weight_sync import WeightSync, WeightSyncError
 from rewards.format import STOP_STRINGS, render_prompt
@@ -72,9 +73,9 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     if ckpt:  # the learner's state, the engines' weights, the prompt sampler's position
         restore(cfg, actors, ckpt, state, rng, probe)
     else:
-        results = evaluate(cfg, actors, eval_set, "initial")
+        results = accuracy(cfg, actors, eval_set, "initial")
         version = cold_start(cfg, actors, tasks, model_path, rng, probe)
-        results |= evaluate(cfg, actors, eval_set, "before_rl")
+        results |= accuracy(cfg, actors, eval_set, "before_rl")
         if stop.signum:
             save(cfg, actors, run_dir, model_path, 0, version, rng, results, logger)
         stop.exit_if_asked(0, run_dir)
@@ -82,12 +83,14 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
         problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
         logger.log_prompts(step, problems)
         metrics, version = grpo_step(cfg, actors, problems, step, version, probe)
+        if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
+            metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, eval_set, cfg.eval.k)
         logger.log({"step": step, **metrics})
         if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
                 or stop.signum:
             save(cfg, actors, run_dir, model_path, step, version, rng, results, logger)
         stop.exit_if_asked(step, run_dir)
-    results |= evaluate(cfg, actors, eval_set, "after_rl")
+    results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=cfg.cluster.timeout_s)
     _finish(run_dir, logger, results)
@@ -192,25 +195,13 @@ def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.nda
     return {f"learner/{k}": float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
 
 
-def evaluate(cfg: Config, actors: Actors, problems: list[Problem], when: str) -> dict[str, float]:
-    """Greedy accuracy of the rollout engines' current weights on held-out problems:
-    `accuracy/<when>`, and per task (`accuracy/<when>/<task>`) when the run mixes tasks."""
+def accuracy(cfg: Config, actors: Actors, problems: list[Problem], when: str) -> dict[str, float]:
+    """Greedy accuracy on the held-out problems: `accuracy/<when>`, and per task
+    (`accuracy/<when>/<task>`) when the run mixes tasks."""
     if not problems:
         return {f"accuracy/{when}": float("nan")}
-    samples = actors.rollouts.generate(
-        [p.id for p in problems], [render_prompt(p.prompt) for p in problems],
-        Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, STOP_STRINGS, greedy=True),
-        cfg.cluster.timeout_s)
-    by_id = {p.id: p for p in problems}
-    actors.rewarders.score(samples, by_id, cfg.cluster.timeout_s)
-    correct = {s.prompt_id: s.reward_breakdown["correct"] for s in samples}  # a skipped prompt is wrong
-    out = {f"accuracy/{when}": float(np.sum(list(correct.values())) / len(problems))}
-    tasks = sorted({p.task for p in problems})
-    if len(tasks) > 1:
-        for t in tasks:
-            mine = [p.id for p in problems if p.task == t]
-            out[f"accuracy/{when}/{t}"] = float(np.sum([correct.get(i, 0.0) for i in mine]) / len(mine))
-    return out
+    got = evaluate(cfg, actors.rollouts, actors.rewarders, problems, k=1, prefix="")
+    return {f"accuracy/{when}{key.removeprefix('pass@1/greedy')}": v for key, v in got.items()}
 
 
 def probe_sequence(cfg: Config, actors: Actors, tasks: Mixture) -> np.ndarray:

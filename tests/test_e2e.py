@@ -27,7 +27,9 @@ def run(args, tmp_path, timeout=600):
 @pytest.mark.slow
 @pytest.mark.parametrize("rollout", [
     # Two vLLM engines fed by the broadcast transport, checked after every sync.
-    ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast", "sync.check=true"],
+    # Held-out evaluation with 2 samples per problem after step 2.
+    ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast", "sync.check=true",
+     "eval.every=2", "eval.k=2"],
     # One transformers engine fed through the object store; truncated answers masked; a
     # mixture of four tasks, one of them a dataset, scored by two checker processes.
     ["rollout.engine=transformers", "algorithm.mask_truncated=true", "task.countdown.weight=1",
@@ -56,6 +58,9 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
     assert all(r["learner/offpolicy_gap"] < 1e-3 for r in rows)  # fp32 engines, same temperature
     if "sync.check=true" in rollout:
         assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)
+    if "eval.every=2" in rollout:
+        assert "eval/pass@2" not in rows[0] and {"eval/pass@1/greedy", "eval/pass@1", "eval/pass@2",
+                                                 "eval/maj@2"} <= set(rows[1])
     results = json.loads((run_dir / "results.json").read_text())
     tasks = {"arithmetic", "countdown", "knights", "math"} if "task.math.weight=1" in rollout else {"arithmetic"}
     seen = {key.split("/")[1] for r in rows for key in r if key.startswith("task/")}

@@ -1,0 +1,157 @@
+"""Evaluation on held-out problems: pass@1 (greedy and sampled), pass@k and maj@k.
+
+    r1ray eval --model runs/grpo-x/model --task arithmetic --k 8        [--prompts 200] [key=value ...]
+
+The same code scores the held-out set during training (`eval.every`). For each problem:
+one greedy answer, and with k > 1 also k answers sampled at `rollout.temperature`.
+
+- `pass@1/greedy`: share of problems whose greedy answer is right;
+- `pass@1`: mean share of right answers among the k samples (the expected pass@1 when
+  sampling);
+- `pass@k`: share of problems with at least one right answer among the k (the unbiased
+  estimator of Chen et al., 2021, with n = k samples);
+- `maj@k`: share of problems where the most common final answer among the k is right
+  (ties go to the answer seen first).
+Each is reported over all problems and per task (`.../<task>`) when several tasks are mixed.
+A prompt skipped as too long counts as wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from math import comb
+
+import numpy as np
+
+from actors.records import Sampling
+from cluster.config import Config, ConfigError, load_config
+from rewards.format import STOP_STRINGS, render_prompt
+from rewards.math import extract_answer
+from rewards.tasks import Problem
+
+CHUNK = 32  # prompts per generate call: the progress bar's grain
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k answers drawn from n (c of them right) is right."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def majority_correct(answers: list[str | None], correct: list[float]) -> float:
+    """Correctness of the most common final answer (None: no answer, never the majority
+    unless nothing answered)."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return 0.0
+    top = votes.most_common(1)[0][0]  # Counter keeps first-seen order among ties
+    return float(correct[answers.index(top)])
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a vote counts: the extracted final answer, whitespace removed."""
+    answer = extract_answer(text)
+    return None if answer is None else "".join(answer.split())
+
+
+def evaluate(cfg: Config, rollouts, rewarders, problems: list[Problem], k: int, progress: bool = False,
+             prefix: str = "eval/") -> dict[str, float]:
+    """The metrics above for `problems`, sampled by `rollouts` (a RolloutPool) and scored by
+    `rewarders` (a RewardPool)."""
+    from tqdm import tqdm
+
+    by_id = {p.id: p for p in problems}
+    greedy: dict[str, list] = {p.id: [] for p in problems}
+    sampled: dict[str, list] = {p.id: [] for p in problems}
+    bar = tqdm(total=len(problems), desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(problems), CHUNK):
+        chunk = problems[start:start + CHUNK]
+        runs = [(greedy, Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, STOP_STRINGS, greedy=True))]
+        if k > 1:
+            runs.append((sampled, Sampling.from_config(cfg.rollout, k, cfg.algorithm.seed, STOP_STRINGS)))
+        for into, sampling in runs:
+            samples = rollouts.generate([p.id for p in chunk], [render_prompt(p.prompt) for p in chunk], sampling,
+                                        cfg.cluster.timeout_s)
+            rewarders.score(samples, by_id, cfg.cluster.timeout_s)
+            for s in samples:
+                into[s.prompt_id].append((s.reward_breakdown["correct"], final_answer(s.text)))
+        bar.update(len(chunk))
+    bar.close()
+    tasks = sorted({p.task for p in problems})
+    out: dict[str, float] = {}
+    for task in [None, *tasks] if len(tasks) > 1 else [None]:
+        ids = [p.id for p in problems if task in (None, p.task)]
+        suffix = f"/{task}" if task else ""
+        out[f"{prefix}pass@1/greedy{suffix}"] = float(np.mean([bool(greedy[i]) and greedy[i][0][0] == 1.0
+                                                               for i in ids]))
+        if k > 1:
+            per = [([c for c, _ in sampled[i]], [a for _, a in sampled[i]]) for i in ids]
+            out[f"{prefix}pass@1{suffix}"] = float(np.mean([sum(c) / k for c, _ in per]))
+            out[f"{prefix}pass@{k}{suffix}"] = float(np.mean(
+                [pass_at_k(k, int(sum(c)), k) if c else 0.0 for c, _ in per]))
+            out[f"{prefix}maj@{k}{suffix}"] = float(np.mean([majority_correct(a, c) for c, a in per]))
+    return out
+
+
+def print_table(results: dict[str, float], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    print(title)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.3f}")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1ray eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="an HF model folder (e.g. runs/<run>/model)")
+    parser.add_argument("--task", required=True, help="the task to evaluate on: arithmetic, countdown, "
+                        "knights, math (with task.math.path=...) or code")
+    parser.add_argument("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (1: greedy only)")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out problems")
+    parser.add_argument("--config", help="YAML config for the engine and task options")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. task.countdown.num_numbers=3")
+    args = parser.parse_args(argv)
+    import ray
+
+    from actors.pool import RolloutPool
+    from cluster import placement
+    from cluster.config import TASKS
+    from rewards.pool import RewardPool
+    from rewards.tasks import build_mixture
+
+    try:
+        if args.task not in TASKS:
+            raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
+        if args.k < 1 or args.prompts < 1:
+            raise ConfigError(f"--k={args.k} and --prompts={args.prompts} must be at least 1")
+        weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
+        cfg = load_config(args.config, [*weights, "cold_start.steps=0", f"model.path={args.model}", *args.overrides])
+        from cluster.train import resolve_model
+
+        model_path = resolve_model(cfg)
+        tasks = build_mixture(cfg.task)
+        problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
+        placement.connect(cfg)
+        rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
+        ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
+        results = evaluate(cfg, rollouts, rewarders, problems, args.k, progress=True, prefix="")
+        print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
+    except (ConfigError, placement.ClusterError) as err:
+        print(f"r1ray: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Evaluation metrics: the pass@k estimator, majority votes, and `evaluate` on an answer key
+it must reproduce exactly; then `r1ray eval` through its real entry point."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.records import Sample
+from cluster.config import load_config
+from cluster.evaluate import evaluate, majority_correct, pass_at_k
+from rewards.tasks import build_mixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    with pytest.raises(ValueError, match="n=4, c=5"):
+        pass_at_k(4, 5, 1)
+
+
+def test_majority_vote_takes_the_most_common_answer_first_seen_on_ties():
+    assert majority_correct(["5", "6", "6", None], [1.0, 0.0, 0.0, 0.0]) == 0.0
+    assert majority_correct(["5", "6", "5", "6"], [1.0, 0.0, 1.0, 0.0]) == 1.0
+    assert majority_correct([None, None], [0.0, 0.0]) == 0.0
+
+
+class AnswerKey:
+    """Stand-in rollout pool (unit-test double): answers each problem from a fixed key."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def generate(self, prompt_ids, prompts, sampling, timeout_s):
+        out = []
+        for pid in prompt_ids:
+            texts = [self.key[pid][0]] if sampling.greedy else self.key[pid][1]
+            assert len(texts) == sampling.n
+            out += [Sample(pid, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32),
+                           f"x</think><answer>{t}</answer>", "stop", 0) for t in texts]
+        return out
+
+
+class Checker:
+    """Stand-in reward pool (unit-test double): the real checkers, called in process."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def score(self, samples, problems, timeout_s):
+        for s in samples:
+            p = problems[s.prompt_id]
+            s.reward_breakdown = {"correct": self.tasks[p.task].check(s.text, p)[0]}
+
+
+def test_evaluate_reproduces_an_answer_key():
+    cfg = load_config(None, ["cold_start.steps=0"])
+    tasks = build_mixture(cfg.task)
+    a, b, c = tasks.eval_problems(0, 3)
+    gold = {p.id: p.reference.answer for p in (a, b, c)}
+    key = {a.id: (gold[a.id], [gold[a.id], "0", gold[a.id], "0"]),   # 2 of 4 right, tie -> first (right)
+           b.id: ("0", ["0", "0", "1", gold[b.id]]),                   # 1 of 4, majority "0" wrong
+           c.id: ("0", ["0", "1", "2", "3"])}                          # none right
+    got = evaluate(cfg, AnswerKey(key), Checker(tasks.tasks), [a, b, c], k=4)
+    assert got == pytest.approx({"eval/pass@1/greedy": 1 / 3, "eval/pass@1": (2 / 4 + 1 / 4) / 3,
+                                 "eval/pass@4": 2 / 3, "eval/maj@4": 1 / 3})
+
+
+@pytest.mark.slow
+def test_eval_command_prints_its_table(tmp_path, tiny_model):
+    proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", tiny_model, "--task", "countdown",
+                           "--k", "2", "--prompts", "4", "rollout.max_new_tokens=8", "rollout.engine=transformers",
+                           "task.countdown.num_numbers=3", f"cluster.cache_dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for metric in ["pass@1/greedy", "pass@1", "pass@2", "maj@2", "countdown, 4 held-out problems"]:
+        assert metric in proc.stdout, proc.stdout
+
+
+def test_eval_command_refuses_an_unknown_task(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", "tiny", "--task", "poetry"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--task 'poetry' is not a task; choose one of arithmetic" in proc.stderr
