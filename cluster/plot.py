@@ -1,0 +1,98 @@
+"""`r1ray plot RUN_DIR`: reward, response length and KL curves from a run's metrics.jsonl,
+drawn to a PNG with matplotlib (no W&B needed).
+
+    r1ray plot runs/grpo-20261127-101500            # writes runs/grpo-.../curves.png
+    r1ray plot runs/x --out x.png --smooth 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# (title, [(metric, label)]): one panel each; metrics a run did not log are left out.
+PANELS = [
+    ("reward", [("reward/mean", "mean"), ("reward/correct", "correct"), ("reward/format", "format")]),
+    ("response length (tokens)", [("response_length/mean", "mean"), ("response_length/max", "max")]),
+    ("KL to the reference", [("learner/kl", "k3 KL")]),
+    ("held-out evaluation", [("eval/pass@1/greedy", "pass@1 greedy"), ("eval/pass@1", "pass@1")]),
+]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give a run folder (it holds metrics.jsonl)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}: line {n} is not JSON") from None
+    if not rows:
+        raise ValueError(f"{path} has no steps yet")
+    return rows
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` points (fewer at the start)."""
+    if window <= 1:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
+
+
+def plot(run_dir: Path, out: Path | None = None, window: int = 10) -> Path:
+    """Draw the run's curves; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
+    panels = [(title, list(series) + ([(f"task/{t}/reward", t) for t in tasks] if title == "reward" and len(tasks) > 1
+                                      else [])) for title, series in PANELS]
+    panels = [(t, [(m, l) for m, l in s if any(m in r for r in rows)]) for t, s in panels]
+    panels = [(t, s) for t, s in panels if s]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, series) in zip(axes[:, 0], panels):
+        for metric, label in series:
+            points = [(r["step"], r[metric]) for r in rows if metric in r]
+            steps, values = np.array(points, dtype=float).T
+            sparse = metric.startswith("eval/")  # a few points: draw them as they are
+            ax.plot(steps, values if sparse else smooth(values, window), marker="o" if sparse else None,
+                    label=label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel(f"GRPO step (trailing mean over {window} steps)" if window > 1 else "GRPO step")
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    out = out or Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1ray plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png)")
+    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window in steps (1: raw)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"r1ray: wrote {plot(args.run_dir, args.out, args.smooth)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"r1ray: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

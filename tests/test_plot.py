@@ -1,0 +1,51 @@
+"""`r1ray plot` on a recorded metrics file: one panel per logged family of curves."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cluster.plot import main, plot, smooth
+
+
+def write_run(tmp_path, rows):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def recorded(steps=30, kl=True, evals=True):
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "reward/mean": s / steps, "reward/correct": s / steps / 2, "reward/format": 1.0,
+               "response_length/mean": 20 + s, "response_length/max": 32, "task/arithmetic/reward": 0.5}
+        if kl:
+            row["learner/kl"] = 0.001 * s
+        if evals and s % 10 == 0:
+            row["eval/pass@1"] = s / 100
+        rows.append(row)
+    return rows
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2) == pytest.approx([1.0, 2.0, 4.0, 6.0])
+    assert smooth(np.array([1.0, 3.0]), 1) == pytest.approx([1.0, 3.0])
+
+
+def test_one_panel_per_family_of_logged_curves(tmp_path):
+    import matplotlib.image
+
+    full = plot(write_run(tmp_path / "a", recorded()))
+    bare = plot(write_run(tmp_path / "b", recorded(kl=False, evals=False)), tmp_path / "bare.png", window=1)
+    assert full == tmp_path / "a" / "curves.png" and bare == tmp_path / "bare.png"
+    # 2.6 inches at 100 dpi per panel: reward, length, KL, eval vs reward, length.
+    assert matplotlib.image.imread(full).shape[0] == 4 * 260
+    assert matplotlib.image.imread(bare).shape[0] == 2 * 260
+
+
+def test_plot_command_names_a_missing_or_bad_metrics_file(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    assert main([str(tmp_path)]) == 2
+    assert "line 2 is not JSON" in capsys.readouterr().err
