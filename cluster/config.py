@@ -312,8 +312,19 @@ class LoggingConfig:
     """W&B mode: online needs an API key; offline writes a local run folder to sync later."""
     project: str = _f("r1ray")
     """W&B project."""
+    entity: str = _f("")
+    """W&B entity (team or user); empty uses the API key's default."""
     run_name: str = _f("")
-    """Run name; empty picks one from the time."""
+    """Run name (and run folder); empty picks one from the time."""
+    group: str = _f("")
+    """W&B group, e.g. to put the runs of a sweep together."""
+    tags: str = _f("")
+    """W&B tags, comma-separated."""
+    samples_every: int = _f(20, lo=0)
+    """Every this many steps, record a few completions (prompt, answer, reward, the checker's
+    reason) in samples.jsonl and as a W&B table (0: never)."""
+    samples_count: int = _f(4, lo=1)
+    """Completions recorded each time."""
     progress: bool = _f(True)
     """Show a progress bar."""
 

@@ -24,15 +24,18 @@ class MetricsLogger:
                  state: dict | None = None):
         step = (state or {}).get("step", 0)
         self.path, self.prompts_path = run_dir / "metrics.jsonl", run_dir / "prompts.jsonl"
-        for path in (self.path, self.prompts_path):
+        for path in (self.path, self.prompts_path, run_dir / "samples.jsonl"):
             _keep_steps_up_to(path, step)
         self.file, self.prompts = self.path.open("a"), self.prompts_path.open("a")
+        self.cfg, self.samples_path = cfg, run_dir / "samples.jsonl"
         self.wandb, self.run_id = None, (state or {}).get("wandb_id")
         if cfg.wandb_mode != "disabled":
             import wandb
 
             try:
-                self.wandb = wandb.init(project=cfg.project, name=run_dir.name, dir=str(run_dir),
+                self.wandb = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name,
+                                        group=cfg.group or None, dir=str(run_dir),
+                                        tags=[t.strip() for t in cfg.tags.split(",") if t.strip()] or None,
                                         mode=cfg.wandb_mode, config=config, id=self.run_id,
                                         resume="allow" if self.run_id else None)
                 self.run_id = self.wandb.id
@@ -46,6 +49,24 @@ class MetricsLogger:
         """Record which problems step `step` trains on (what resume must neither repeat nor skip)."""
         self.prompts.write(json.dumps({"step": step, "ids": [p.id for p in problems]}) + "\n")
         self.prompts.flush()
+
+    def log_samples(self, step: int, problems: list, samples: list, reasons: list[str]) -> None:
+        """Every `logging.samples_every` steps: the first answer of the first few groups, to
+        samples.jsonl and as a W&B table."""
+        every = self.cfg.samples_every
+        if not every or step % every or not samples:
+            return
+        prompts = {p.id: p for p in problems}
+        G = len(samples) // len({s.prompt_id for s in samples})
+        rows = [[step, prompts[s.prompt_id].task, prompts[s.prompt_id].prompt, s.text, s.reward, reason]
+                for s, reason in list(zip(samples, reasons))[::G][:self.cfg.samples_count]]
+        columns = ["step", "task", "prompt", "response", "reward", "reason"]
+        with self.samples_path.open("a") as f:
+            f.writelines(json.dumps(dict(zip(columns, row))) + "\n" for row in rows)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log(self, metrics: dict[str, float]) -> None:
         """Record one step's metrics (must include "step")."""
@@ -107,6 +128,14 @@ def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:
     for name in samples[0].reward_breakdown:
         out[f"reward/{name}"] = float(np.mean([s.reward_breakdown[name] for s in samples]))
     return out
+
+
+def throughput_metrics(samples: list, timings: dict[str, float]) -> dict[str, float]:
+    """Tokens per second: answers generated, and prompt + answer tokens learned from."""
+    answers = sum(len(s.response_ids) for s in samples)
+    sequences = answers + sum(len(s.prompt_ids) for s in samples)
+    return {"throughput/generate_tokens_per_s": answers / max(timings["generate"], 1e-9),
+            "throughput/learn_tokens_per_s": sequences / max(timings["learn"], 1e-9)}
 
 
 def task_metrics(samples: list, problems: list, reasons: list[str]) -> dict[str, float]:

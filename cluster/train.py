@@ -33,7 +33,7 @@ from actors.rollout import PromptTooLongError
 from cluster import checkpoint, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
-from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics
+from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync, WeightSyncError
 from rewards.format import STOP_STRINGS, render_prompt
 from rewards.pool import RewardPool
@@ -53,6 +53,7 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     from its newest checkpoint; returns the run's results."""
     import ray
 
+    started = time.time()
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task)  # loads datasets: a bad file stops the run here
     eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
@@ -82,7 +83,7 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
         problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
         logger.log_prompts(step, problems)
-        metrics, version = grpo_step(cfg, actors, problems, step, version, probe)
+        metrics, version = grpo_step(cfg, actors, problems, step, version, probe, logger)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, eval_set, cfg.eval.k)
         logger.log({"step": step, **metrics})
@@ -93,12 +94,12 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=cfg.cluster.timeout_s)
-    _finish(run_dir, logger, results)
+    _finish(run_dir, logger, results, started)
     return results
 
 
 def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, version: int,
-              probe: np.ndarray) -> tuple[dict[str, float], int]:
+              probe: np.ndarray, logger: MetricsLogger) -> tuple[dict[str, float], int]:
     """Generate, score, learn, sync: one GRPO step; returns its metrics and the new version."""
     import torch
 
@@ -114,6 +115,7 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, v
         return skipped, version
     with _timed(timings, "reward"):
         reasons = actors.rewarders.score(samples, {p.id: p for p in problems}, cfg.cluster.timeout_s)
+    logger.log_samples(step, problems, samples, reasons)
     rewards = torch.tensor([s.reward for s in samples])  # [N]
     advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
     lr = lr_at(cfg, step)
@@ -123,7 +125,8 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, v
     if cfg.sync.check:
         synced["sync/max_logprob_diff"] = actors.sync.check(probe)
     return {**rollout_metrics(samples, G), **task_metrics(samples, problems, reasons), **learned, **synced,
-            **skipped, "learner/lr": lr, **{f"timing/{k}": v for k, v in timings.items()}}, version + 1
+            **skipped, **throughput_metrics(samples, timings), "learner/lr": lr,
+            **{f"timing/{k}": v for k, v in timings.items()}}, version + 1
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
@@ -349,10 +352,31 @@ def _make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float]) -> None:
+def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float], started: float) -> None:
+    """Write results.json and curves.png, and print what the run did and where it all is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cluster.plot import plot, read_metrics
+
     logger.summary(results)
     logger.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    rows = [r for r in read_metrics(logger.path) if "reward/mean" in r] if logger.path.stat().st_size else []
+    table = Table(title="r1ray: run summary", show_header=False)
+    table.add_row("steps", str(rows[-1]["step"]) if rows else "0")
+    table.add_row("time (this session)", f"{(time.time() - started) / 60:.1f} min")
+    if rows:
+        first, last = (float(np.mean([r["reward/mean"] for r in part])) for part in (rows[:5], rows[-5:]))
+        table.add_row("reward, first 5 -> last 5 steps", f"{first:.3f} -> {last:.3f}")
+        table.add_row("curves", str(plot(run_dir)))
+    for key, value in results.items():
+        table.add_row(key, f"{value:.3f}")
+    checkpoints = checkpoint.complete(run_dir)
+    table.add_row("checkpoint", str(checkpoints[-1]) if checkpoints else "none")
+    table.add_row("model", str(run_dir / "model"))
+    table.add_row("metrics", str(logger.path))
+    Console().print(table)
     print("r1ray: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
     print(f"r1ray: run folder {run_dir}", flush=True)
 

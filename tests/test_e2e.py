@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["cold_start.steps=2", "algorithm.steps=2", "algorithm.prompts_per_step=4",
          "algorithm.group_size=4", "task.eval_prompts=8", "logging.progress=false",
-         "rollout.max_new_tokens=16", "logging.wandb_mode=offline", "algorithm.kl_beta=0.001"]
+         "rollout.max_new_tokens=16", "logging.wandb_mode=offline", "algorithm.kl_beta=0.001",
+         "logging.samples_every=2"]
 
 
 def run(args, tmp_path, timeout=600):
@@ -52,7 +53,7 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
                 "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction", "learner/kl",
                 "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
                 "timing/sync", "sync/bytes", "learner/offpolicy_gap", "rollout/skipped_prompts", "reward/length",
-                "reward/check_failed"]:
+                "reward/check_failed", "throughput/generate_tokens_per_s", "throughput/learn_tokens_per_s"]:
         assert all(key in r for r in rows), key
     assert [r["sync/version"] for r in rows] == [2, 3]  # cold start made version 1
     assert all(r["learner/offpolicy_gap"] < 1e-3 for r in rows)  # fp32 engines, same temperature
@@ -71,6 +72,9 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
         per_task if len(tasks) > 1 else set())
     assert (run_dir / "model" / "model.safetensors").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "curves.png").exists() and "run summary" in proc.stdout
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {2} and len(samples) == 4 and all(s["reason"] for s in samples)
 
 
 @pytest.mark.parametrize("args, message", [
