@@ -27,8 +27,10 @@ class EngineDiedError(RuntimeError):
 
 
 class RolloutPool:
-    def __init__(self, cfg: Config, model_path: str):
-        self.cfg, self.model_path = cfg, model_path
+    def __init__(self, cfg: Config, model_path: str, placement_group=None):
+        """`placement_group`: one bundle per actor (cluster.placement.rollout_group), or None
+        to let Ray place them."""
+        self.cfg, self.model_path, self.pg = cfg, model_path, placement_group
         self.restarts_left = cfg.rollout.max_restarts
         self.actors = [self._start(i) for i in range(cfg.rollout.num_engines)]
 
@@ -37,9 +39,15 @@ class RolloutPool:
 
         from actors.rollout import RolloutActor, actor_env
 
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.placement import requests
+
         r = self.cfg.rollout
+        strategy = None if self.pg is None else PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=index)
         return ray.remote(RolloutActor).options(
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env={"env_vars": actor_env(r)},
+            **requests(self.cfg)["rollout"].options(), runtime_env={"env_vars": actor_env(r)}, scheduling_strategy=strategy,
         ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index)
 
     def ready_refs(self) -> list:

@@ -142,6 +142,10 @@ class RolloutConfig:
     """CPUs reserved per rollout actor (fractions let it share a core)."""
     num_gpus: float = _f(0.0, lo=0.0)
     """GPUs per rollout actor; 0 runs the engine on the CPU (vLLM's CPU build)."""
+    memory_gb: float = _f(0.0, lo=0.0)
+    """Host memory reserved per rollout actor in Ray's scheduler (0: none reserved)."""
+    placement: str = _f("pack", choices=("pack", "spread"))
+    """Put the rollout actors on as few nodes as possible, or one per node where possible."""
     tensor_parallel_size: int = _f(1, lo=1)
     """GPU engines only: GPUs one vLLM engine shards the model over."""
     threads: int = _f(2, lo=1)
@@ -189,6 +193,8 @@ class RewardsConfig:
     """Reward worker actors; a step's samples are split among them."""
     num_cpus: float = _f(0.1, lo=0.0, lo_open=True)
     """CPUs reserved per reward worker."""
+    memory_gb: float = _f(0.0, lo=0.0)
+    """Host memory reserved per reward worker in Ray's scheduler (0: none reserved)."""
     processes: int = _f(1, lo=1)
     """Checker processes per reward worker (checks run in parallel, each killable)."""
     timeout_s: float = _f(10.0, lo=0.0, lo_open=True)
@@ -216,6 +222,10 @@ class LearnerConfig:
     """DeepSpeed data-parallel ranks, one Ray actor each."""
     num_cpus: float = _f(1.0, lo=0.0, lo_open=True)
     """CPUs reserved per learner rank."""
+    num_gpus: float = _f(0.0, choices=(0.0, 1.0))
+    """GPUs per learner rank: 0 trains on the CPU (gloo), 1 on a GPU (NCCL)."""
+    memory_gb: float = _f(0.0, lo=0.0)
+    """Host memory reserved per learner rank in Ray's scheduler (0: none reserved)."""
     threads: int = _f(2, lo=1)
     """Torch compute threads per rank."""
     zero_stage: int = _f(2, choices=(1, 2, 3))

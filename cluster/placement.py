@@ -52,49 +52,117 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
 
 @dataclass(frozen=True)
 class Request:
+    """`count` actors of one role, each needing one bundle of resources."""
+
     role: str
     count: int
     num_cpus: float
     num_gpus: float = 0.0
+    memory_gb: float = 0.0
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """The resources of one actor, as a Ray placement-group bundle."""
+        out = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            out["GPU"] = self.num_gpus
+        if self.memory_gb:
+            out["memory"] = self.memory_gb * GIB
+        return out
+
+    def options(self) -> dict:
+        """Ray actor options asking for the same resources."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                **({"memory": self.memory_gb * GIB} if self.memory_gb else {})}
 
 
-def requests(cfg: Config) -> list[Request]:
-    """CPUs and GPUs asked for by each role."""
-    return [
-        Request("learner rank", cfg.learner.num_ranks, cfg.learner.num_cpus),
-        Request("rollout actor", cfg.rollout.num_engines, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
-        Request("reward worker", cfg.rewards.num_workers, cfg.rewards.num_cpus),
-    ]
+GIB = 2**30
+_KNOBS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
+
+
+def requests(cfg: Config) -> dict[str, Request]:
+    """What each role asks for: "learner" ranks, "rollout" actors, "reward" workers."""
+    l, r, w = cfg.learner, cfg.rollout, cfg.rewards
+    return {
+        "learner": Request("learner rank", l.num_ranks, l.num_cpus, l.num_gpus, l.memory_gb),
+        "rollout": Request("rollout actor", r.num_engines, r.num_cpus, r.num_gpus, r.memory_gb),
+        "reward": Request("reward worker", w.num_workers, w.num_cpus, 0.0, w.memory_gb),
+    }
+
+
+def misfit(reqs: list[Request], nodes: list[dict[str, float]]) -> str | None:
+    """Why the actors cannot all be placed on nodes with these resources, or None.
+
+    Two checks, both exact for what Ray will do: the totals of each resource, and each
+    actor's bundle against the largest node (a bundle never spans nodes).
+    """
+    def show(resource: str, value: float) -> str:
+        return f"{value / GIB:g} GiB memory" if resource == "memory" else f"{value:g} {resource}s"
+
+    for resource in ("CPU", "GPU", "memory"):
+        needed = sum(q.count * q.bundle.get(resource, 0.0) for q in reqs)
+        have = sum(n.get(resource, 0.0) for n in nodes)
+        if needed > have + 1e-9:
+            parts = ", ".join(f"{q.count} {q.role}(s) x {show(resource, q.bundle[resource])}"
+                              for q in reqs if q.bundle.get(resource))
+            return (f"the config asks for {show(resource, needed)} ({parts}) but the Ray cluster has "
+                    f"{show(resource, have)}; lower the roles' {_KNOBS[resource]} or the counts "
+                    "(learner.num_ranks, rollout.num_engines, rewards.num_workers), or add nodes")
+        for q in reqs:
+            largest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
+            if q.count and q.bundle.get(resource, 0.0) > largest + 1e-9:
+                return (f"one {q.role} asks for {show(resource, q.bundle[resource])} but the largest node "
+                        f"has {show(resource, largest)}; an actor cannot span nodes")
+    return None
 
 
 def check_fits(cfg: Config) -> None:
-    """Raise `ClusterError` if the cluster has fewer CPUs or GPUs than the actors need together."""
+    """Raise `ClusterError` at once if the cluster cannot hold the actors the config asks for."""
     import ray
 
-    for resource, attr, knobs in [("CPU", "num_cpus", "learner.num_cpus / rollout.num_cpus / rewards.num_cpus"),
-                                  ("GPU", "num_gpus", "rollout.num_gpus")]:
-        available = ray.cluster_resources().get(resource, 0.0)
-        needed = sum(r.count * getattr(r, attr) for r in requests(cfg))
-        if needed > available + 1e-9:
-            parts = ", ".join(f"{r.count} {r.role}(s) x {getattr(r, attr):g}" for r in requests(cfg)
-                              if getattr(r, attr))
-            raise ClusterError(f"the config asks for {needed:g} {resource}s ({parts}) but the Ray cluster "
-                               f"has {available:g}; lower {knobs} or the counts "
-                               "(rollout.num_engines, ...), or add nodes")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    why = misfit(list(requests(cfg).values()), nodes)
+    if why:
+        raise ClusterError(why)
 
 
 def learner_group(cfg: Config, timeout_s: float = 30.0):
-    """A placement group packing the learner ranks (one bundle each), ready within `timeout_s`."""
+    """The learner ranks' bundles, packed onto as few nodes as possible (their collectives
+    are the most frequent traffic)."""
+    return _group(requests(cfg)["learner"], "PACK", timeout_s)
+
+
+def rollout_group(cfg: Config, timeout_s: float = 30.0):
+    """The rollout actors' bundles, spread over nodes or packed (`rollout.placement`)."""
+    return _group(requests(cfg)["rollout"], cfg.rollout.placement.upper(), timeout_s)
+
+
+def _group(req: Request, strategy: str, timeout_s: float):
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group([{"CPU": cfg.learner.num_cpus}] * cfg.learner.num_ranks, strategy="PACK")
+    pg = placement_group([req.bundle] * req.count, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
+    if not ready:  # Ray would leave it pending forever
         ray.util.remove_placement_group(pg)
-        raise ClusterError(f"could not place {cfg.learner.num_ranks} learner rank(s) x "
-                           f"{cfg.learner.num_cpus:g} CPUs within {timeout_s:.0f}s")
+        raise ClusterError(f"could not place {req.count} {req.role}(s) x {req.bundle} ({strategy}) "
+                           f"within {timeout_s:.0f}s; the cluster has {ray.available_resources()} free")
     return pg
+
+
+def node_address(node_id: str) -> str:
+    """The IP address of a node of the cluster."""
+    import ray
+
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+
+def nodes_of(pg) -> list[str]:
+    """The node id holding each bundle of a ready placement group, in bundle order."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in sorted(table)]
 
 
 def free_port() -> int:

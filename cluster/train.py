@@ -138,22 +138,26 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
 
     from learner.learner import Learner
 
-    pg = placement.learner_group(cfg)
-    port = placement.free_port()
+    learner_pg, rollout_pg = placement.learner_group(cfg), placement.rollout_group(cfg)
+    nodes = placement.nodes_of(learner_pg)
+    master, port = placement.node_address(nodes[0]), placement.free_port()  # rank 0's rendezvous
     # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
                                 str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))
-    learner_env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "DS_ACCELERATOR": "cpu",
-                   "TORCH_EXTENSIONS_DIR": extensions}
+    learner_env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "TORCH_EXTENSIONS_DIR": extensions,
+                   "DS_ACCELERATOR": "cuda" if cfg.learner.num_gpus else "cpu"}
     learners = [
         ray.remote(Learner).options(
-            num_cpus=cfg.learner.num_cpus, runtime_env={"env_vars": learner_env},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-        ).remote(model_path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank, "127.0.0.1", port)
+            **placement.requests(cfg)["learner"].options(), runtime_env={"env_vars": learner_env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=rank),
+        ).remote(model_path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank, master, port)
         for rank in range(cfg.learner.num_ranks)
     ]
-    rollouts = RolloutPool(cfg, model_path)  # engines in the learner's precision
+    rollouts = RolloutPool(cfg, model_path, rollout_pg)  # engines in the learner's precision
     rewarders = RewardPool(cfg, tasks.tasks)
+    print(f"r1ray: placement: {len(nodes)} learner rank(s) on node(s) {_short(nodes)}, "
+          f"{cfg.rollout.num_engines} rollout actor(s) on node(s) {_short(placement.nodes_of(rollout_pg))}",
+          flush=True)
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
     ready = [a.__ray_ready__.remote() for a in learners] + rollouts.ready_refs() + rewarders.ready_refs()
     ray.get(ready, timeout=cfg.cluster.timeout_s)
@@ -329,6 +333,10 @@ def resolve_model(cfg: Config) -> str:
         raise ConfigError(f"model.path={m.path!r} is not a Hugging Face model folder "
                           f"(no {path / 'config.json'}); give a local folder or \"tiny\"")
     return str(path.resolve())
+
+
+def _short(node_ids: list[str]) -> str:
+    return " ".join(n[:8] for n in node_ids)
 
 
 @contextmanager

@@ -27,8 +27,9 @@ class Learner:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
                  temperature: float, rank: int, master_addr: str, master_port: int):
+        gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU(s), as device 0
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cpu")
+                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu")
         import warnings
 
         import deepspeed
@@ -42,12 +43,13 @@ class Learner:
         torch.manual_seed(algo.seed)
         self.cfg, self.algo, self.temperature, self.rank = cfg, algo, temperature, rank
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
         self.reference = None
         if algo.kl_beta > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
             self.reference.requires_grad_(False)
         # A torch optimizer: DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -88,10 +90,9 @@ class Learner:
             for micro, (old, ref) in zip(mini, mini_fixed):
                 logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
                 if old is None:
-                    old = logprobs.detach() if num_updates == 1 else torch.tensor(micro.sampling_logprobs)
+                    old = logprobs.detach() if num_updates == 1 else self._tensor(micro.sampling_logprobs)
                 loss, stats = grpo.policy_loss(
-                    logprobs, old,
-                    torch.tensor(micro.advantages), torch.tensor(micro.loss_mask),
+                    logprobs, old, self._tensor(micro.advantages), self._tensor(micro.loss_mask),
                     clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
                     kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy)
                 share = self._count(micro) / total * self.cfg.num_ranks
@@ -114,7 +115,7 @@ class Learner:
         losses = []
         for micro in micros:
             logprobs, _ = self._logprobs(micro, with_entropy=False)  # [n, L-1]
-            mask = torch.tensor(micro.loss_mask)  # [n, L-1]
+            mask = self._tensor(micro.loss_mask)  # [n, L-1]
             loss = -masked_mean(logprobs, mask)
             share = float(mask.sum()) / total * self.cfg.num_ranks
             self.engine.backward(loss * share, scale_wrt_gas=False)
@@ -174,7 +175,7 @@ class Learner:
         ids = np.asarray(token_ids, dtype=np.int64)[None]  # [1, T]
         with torch.no_grad():
             logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0)  # [1, T-1]
-        return logprobs[0].numpy()
+        return logprobs[0].cpu().numpy()
 
     # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
 
@@ -252,6 +253,12 @@ class Learner:
             plan.append(mini.split(-(-len(mini) // self.cfg.micro_batch_size)))
         return plan
 
+    def _tensor(self, array: np.ndarray):
+        """A batch array as a tensor on this rank's device."""
+        import torch
+
+        return torch.as_tensor(array, device=self.device)
+
     def _count(self, batch: TrainBatch, tokens: bool = False) -> float:
         """This batch's weight in the loss: its tokens, or its non-empty sequences."""
         if tokens or self.algo.aggregation == "token":
@@ -263,7 +270,7 @@ class Learner:
         import torch
         import torch.distributed as dist
 
-        total = torch.tensor([sum(self._count(m, tokens) for m in micros)], dtype=torch.float64)
+        total = torch.tensor([sum(self._count(m, tokens) for m in micros)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return max(float(total[0]), 1.0)
@@ -273,8 +280,9 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, logits [n, L-1, V]) at `temperature`."""
     import torch
 
-    ids = torch.tensor(input_ids)  # [n, L]
-    logits = model(input_ids=ids, attention_mask=torch.tensor(attention_mask),
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, device=device)  # [n, L]
+    logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask, device=device),
                    use_cache=False).logits[:, :-1].float() / temperature  # [n, L-1, V]
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1), logits
 
@@ -285,5 +293,5 @@ def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
 
     from learner.grpo import masked_mean
 
-    diff = (logprobs.detach() - torch.tensor(micro.sampling_logprobs)).abs()  # [n, L-1]
-    return float(masked_mean(diff, torch.tensor(micro.loss_mask)))
+    diff = (logprobs.detach() - torch.as_tensor(micro.sampling_logprobs, device=logprobs.device)).abs()  # [n, L-1]
+    return float(masked_mean(diff, torch.as_tensor(micro.loss_mask, device=logprobs.device)))

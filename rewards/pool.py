@@ -24,7 +24,9 @@ class RewardPool:
 
         from rewards.worker import RewardWorker
 
-        return ray.remote(RewardWorker).options(num_cpus=self.cfg.rewards.num_cpus).remote(
+        from cluster.placement import requests
+
+        return ray.remote(RewardWorker).options(**requests(self.cfg)["reward"].options()).remote(
             self.cfg.rewards, self.tasks, self.cfg.rollout.max_new_tokens)
 
     def ready_refs(self) -> list:

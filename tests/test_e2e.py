@@ -82,7 +82,7 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
     (["model.path=/does/not/exist"], "model.path='/does/not/exist' is not a Hugging Face model folder"),
     (["learner.num_cpus=8"], "asks for 9 CPUs"),
     (["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'"),
-    (["rollout.num_engines=3"], "asks for 3.8 CPUs (1 learner rank(s) x 1, 3 rollout actor(s) x 0.9"),
+    (["rollout.num_engines=3"], "asks for 3.8 CPUs (1 learner rank(s) x 1 CPUs, 3 rollout actor(s) x 0.9 CPUs"),
     # Prompts of ~15 tokens cannot fit in 20 - 16: the first one is named.
     (["rollout.engine=transformers", "rollout.max_model_len=20", "rollout.max_new_tokens=16"],
      "tokens; rollout.max_model_len - rollout.max_new_tokens leaves 4 for a prompt"),
