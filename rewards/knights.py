@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from rewards.format import clean, last_answer
+from rewards.format import clean, final_answer
 
 NAMES = ("Alice", "Bob", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo")
 _CLAIM = re.compile(r"\b([A-Z][a-z]+)\b[^A-Za-z]*(?:is\s+)?(?:an?\s+)?\b(knight|knave)s?\b", re.IGNORECASE)
@@ -83,7 +83,7 @@ class KnightsTask:
 
 def check(response: str, problem: KnightsProblem) -> tuple[float, str]:
     """(1.0 or 0.0, reason): does the last <answer> name everyone's kind correctly?"""
-    answer = last_answer(clean(response))
+    answer = final_answer(clean(response))
     if answer is None:
         return 0.0, "no answer"
     said: dict[str, bool] = {}

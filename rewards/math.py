@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rewards.format import MAX_RESPONSE_CHARS, clean, last_answer  # noqa: F401  (documented above)
+from rewards.format import MAX_RESPONSE_CHARS, clean, last_answer, last_boxed  # noqa: F401  (documented above)
 
 MAX_ANSWER_CHARS = 1_000
 TIMEOUT_S = 3.0
@@ -45,28 +45,11 @@ def extract_answer(response: str | bytes) -> str | None:
     tagged = last_answer(text)
     if tagged is not None:
         return tagged.strip()
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     gsm8k = GSM8K_RE.findall(text)
     return gsm8k[-1] if gsm8k else None
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if unterminated."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
 
 
 def check(response: str | bytes, gold: str, timeout_s: float = TIMEOUT_S, *,

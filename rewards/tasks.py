@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 from cluster.config import ConfigError, TaskConfig
 from rewards import arithmetic, code, countdown, knights, math
 from rewards.arithmetic import EVAL_BUCKETS, SPLITS
+from rewards.format import clean, final_answer
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,27 @@ class Arithmetic:
     """Multi-digit addition or subtraction (`rewards.arithmetic`); has reference traces."""
 
     generator: arithmetic.ArithmeticTask
+    last_number: bool = False
+    """Without a marked answer (<answer> or \\boxed{}), take the response's last number: for
+    models too weak to mark answers yet (task.answer=last_number)."""
+    spelled_out: bool = False
+    """Ask "What is 47+38?" instead of the compact "47+38=?" (for chat models)."""
     name: str = "arithmetic"
 
     def sample(self, rng: random.Random, split: str) -> Problem:
         (p,) = self.generator.sample(rng, 1, split)
-        return Problem(p.id, self.name, p.prompt, p)
+        return self._wrap(p)
 
     def problems(self, seed: int, n: int) -> list[Problem]:
-        return [Problem(p.id, self.name, p.prompt, p) for p in self.generator.problems(seed, n, "eval")]
+        return [self._wrap(p) for p in self.generator.problems(seed, n, "eval")]
+
+    def _wrap(self, p: arithmetic.Problem) -> Problem:
+        question = f"What is {p.prompt.removesuffix('=?')}?" if self.spelled_out else p.prompt
+        return Problem(p.id, self.name, question, p)
 
     def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        if self.last_number and final_answer(clean(response)) is None:
+            return arithmetic.check_last_number(clean(response), problem.reference.answer)
         return arithmetic.check(response, problem.reference.answer)
 
     def reference_trace(self, problem: Problem) -> str:
@@ -251,7 +263,8 @@ def build_mixture(cfg: TaskConfig) -> Mixture:
     c = cfg.arithmetic
     if c.weight > 0:
         tasks["arithmetic"] = Arithmetic(arithmetic.ArithmeticTask(
-            min_digits=c.min_digits, max_digits=c.max_digits, num_operands=c.num_operands, operation=c.operation))
+            min_digits=c.min_digits, max_digits=c.max_digits, num_operands=c.num_operands, operation=c.operation),
+            last_number=cfg.answer == "last_number", spelled_out=cfg.template == "chat")
     if cfg.countdown.weight > 0:
         c = cfg.countdown
         tasks["countdown"] = Countdown(countdown.CountdownTask(c.num_numbers, c.max_number, c.max_target))

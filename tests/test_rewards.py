@@ -272,3 +272,19 @@ def test_reward_modules_import_neither_ray_nor_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_boxed_answer_counts_when_there_is_no_answer_tag():
+    assert check("so the sum is \\boxed{85}", "85") == (1.0, "correct")
+    assert check("\\boxed{85} but <answer>84</answer>", "85") == (0.0, "wrong: got 84")  # the tag wins
+    assert check("the sum is 85", "85") == (0.0, "no answer tag")  # bare text is never scored
+    assert check("\\boxed{85", "85") == (0.0, "no answer tag")  # unterminated
+
+
+def test_last_number_rule_reads_only_the_last_number():
+    from rewards.arithmetic import check_last_number
+
+    assert check_last_number("47 + 38 = 85.", "85") == (1.0, "correct")
+    assert check_last_number("85, 86, 84", "85") == (0.0, "wrong: last number 84")
+    assert check_last_number("no idea", "85") == (0.0, "no number")
+    assert check_last_number("minus: -5", "-5") == (1.0, "correct")

@@ -105,3 +105,13 @@ def test_code_task_runs_humaneval_tests_with_partial_credit_on_request():
 def test_problems_are_plain_records():
     p = Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
     assert p == Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
+
+
+def test_chat_template_asks_arithmetic_in_words_and_can_take_the_last_number():
+    tasks = mixture("task.template=chat", "task.answer=last_number")
+    p = tasks.sample(random.Random(0), 1)[0]
+    assert p.prompt == f"What is {p.reference.prompt.removesuffix('=?')}?"
+    task = tasks.tasks["arithmetic"]
+    assert task.check(f"It is {p.reference.answer}.", p) == (1.0, "correct")
+    assert task.check(f"\\boxed{{{int(p.reference.answer) + 1}}} or {p.reference.answer}", p)[0] == 0.0  # marked wins
+    assert mixture().tasks["arithmetic"].check(f"It is {p.reference.answer}.", p) == (0.0, "no answer tag")
