@@ -66,6 +66,9 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             max_model_len=cfg.max_model_len,
             logprobs_mode="processed_logprobs",
+            # A prefill cut in chunks makes vLLM rewind a seeded request's generator, which a
+            # CPU generator cannot do ("CPU Generator does not use offset"): whole prefills only.
+            enable_chunked_prefill=not on_cpu,
             worker_extension_cls="cluster.weight_sync.EngineWeightReceiver",
         )
         self.tokenizer = self.llm.get_tokenizer()

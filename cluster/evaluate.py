@@ -19,6 +19,7 @@ A prompt skipped as too long counts as wrong.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections import Counter
 from math import comb
@@ -28,6 +29,7 @@ import numpy as np
 from actors.records import Sampling
 from cluster.config import Config, ConfigError, load_config
 from cluster.prompts import PromptFormat, prompt_format
+from rewards.format import clean
 from rewards.math import extract_answer
 from rewards.tasks import Problem
 
@@ -51,9 +53,13 @@ def majority_correct(answers: list[str | None], correct: list[float]) -> float:
     return float(correct[answers.index(top)])
 
 
-def final_answer(text: str) -> str | None:
-    """The answer a vote counts: the extracted final answer, whitespace removed."""
+def final_answer(text: str, last_number: bool = False) -> str | None:
+    """The answer a vote counts, read as the checkers read it: the marked final answer (or,
+    with `task.answer=last_number`, else the last number), whitespace removed."""
     answer = extract_answer(text)
+    if answer is None and last_number:
+        numbers = re.findall(r"-?\d+", clean(text))
+        answer = numbers[-1] if numbers else None
     return None if answer is None else "".join(answer.split())
 
 
@@ -77,7 +83,8 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
                                         cfg.cluster.timeout_s)
             rewarders.score(samples, by_id, cfg.cluster.timeout_s)
             for s in samples:
-                into[s.prompt_id].append((s.reward_breakdown["correct"], final_answer(s.text)))
+                into[s.prompt_id].append((s.reward_breakdown["correct"],
+                                          final_answer(s.text, cfg.task.answer == "last_number")))
         bar.update(len(chunk))
     bar.close()
     tasks = sorted({p.task for p in problems})

@@ -69,7 +69,10 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     run_dir = resume or _make_run_dir(cfg)
     print(f"r1ray: run folder {run_dir}" + (f", resuming from {ckpt.name}" if ckpt else ""), flush=True)
     logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps, state)
+    print(f"r1ray: starting {cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_engines} "
+          f"{cfg.rollout.engine} engine(s), {cfg.rewards.num_workers} reward worker(s)...", flush=True)
     actors = start_actors(cfg, model_path, tasks)
+    print(f"r1ray: actors ready after {time.time() - started:.0f}s", flush=True)
     rng = random.Random(cfg.algorithm.seed)
     probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
     version, results = state["version"], state["results"]

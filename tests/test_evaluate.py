@@ -87,3 +87,12 @@ def test_eval_command_refuses_an_unknown_task(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", "tiny", "--task", "poetry"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--task 'poetry' is not a task; choose one of arithmetic" in proc.stderr
+
+
+def test_votes_read_answers_as_the_checker_does():
+    from cluster.evaluate import final_answer
+
+    assert final_answer("so <answer> 8 5 </answer>") == "85"
+    assert final_answer("it is 85") is None
+    assert final_answer("it is 85", last_number=True) == "85"
+    assert final_answer("\\boxed{84}, not 85", last_number=True) == "84"  # a marked answer wins
