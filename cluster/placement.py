@@ -165,6 +165,15 @@ def nodes_of(pg) -> list[str]:
     return [table[i] for i in sorted(table)]
 
 
+def free_port_on(node_id: str) -> int:
+    """A free TCP port on the node `node_id` (found by a zero-CPU task that runs there)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return ray.get(ray.remote(num_cpus=0)(free_port).options(scheduling_strategy=strategy).remote(), timeout=60)
+
+
 def free_port() -> int:
     """A free TCP port on this host (rendezvous of the learner ranks or the weight-sync group)."""
     with socket.socket() as s:

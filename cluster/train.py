@@ -145,7 +145,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
 
     learner_pg, rollout_pg = placement.learner_group(cfg), placement.rollout_group(cfg)
     nodes = placement.nodes_of(learner_pg)
-    master, port = placement.node_address(nodes[0]), placement.free_port()  # rank 0's rendezvous
+    master, port = placement.node_address(nodes[0]), placement.free_port_on(nodes[0])  # rank 0's rendezvous
     # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
                                 str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))

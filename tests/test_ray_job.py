@@ -5,10 +5,12 @@ config that must end FAILED with the config error in `ray job logs`."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,17 +36,36 @@ def head():
                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                             "runtime-env-agent-port", "metrics-export-port",
                                             "node-manager-port", "object-manager-port")}
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=true",
+    start = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--min-worker-port=0", "--max-worker-port=0",
              *[f"--{name}={port}" for name, port in ports.items()]]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    # --block and a session of its own: stopping it stops this head's processes only (`ray stop`
+    # would also kill the test session's own cluster).
+    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
+        _wait_for(address, head)
         yield env, address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{ports['port']}"},
-                       capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for(address: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5).read()
+            return
+        except OSError:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, f"no Ray dashboard at {address} after {timeout_s:.0f}s"
+            time.sleep(1)
 
 
 def submit(env, address, job_id, args, timeout=600):
