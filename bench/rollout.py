@@ -108,6 +108,7 @@ def sync(args) -> list[tuple]:
 
     from cluster import placement
     from cluster.train import start_actors
+    from rewards.tasks import build_mixture
     from learner.models import count_parameters
 
     rows = []
@@ -117,7 +118,7 @@ def sync(args) -> list[tuple]:
             cfg = config(["rollout.num_engines=2", "rollout.threads=1", f"sync.transport={transport}",
                           "sync.timeout_s=600"], args.cache)
             placement.connect(cfg)  # a fresh cluster each time: nothing left over from the last
-            actors = start_actors(cfg, path)
+            actors = start_actors(cfg, path, build_mixture(cfg.task))
             times, sent = [], 0.0
             for version in range(1, args.repeats + 2):
                 metrics = actors.sync.push(version)

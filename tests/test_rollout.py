@@ -191,6 +191,7 @@ def test_an_engine_dying_mid_generate_surfaces_and_can_be_replaced(ray_cluster, 
 def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
         ray_cluster, tiny_model, tmp_path):
     from cluster import train
+    from cluster.prompts import prompt_format
     from cluster.weight_sync import WeightSync
     from rewards.arithmetic import ArithmeticTask
     from tests.helpers import fixed_batch, run_on_ranks
@@ -198,7 +199,8 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1)
     learners = make_learners(tiny_model, 1, 2)
     pool = RolloutPool(cfg, tiny_model)
-    actors = train.Actors(learners, pool, [], WeightSync(learners, pool.actors, cfg.sync, "float32"))
+    actors = train.Actors(learners, pool, [], WeightSync(learners, pool.actors, cfg.sync, "float32"),
+                          prompt_format(cfg, tiny_model))
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     actors.sync.push(1)
     problems = ArithmeticTask().problems(0, 16, "train")
