@@ -19,7 +19,6 @@ A prompt skipped as too long counts as wrong.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
 from math import comb
@@ -27,8 +26,10 @@ from math import comb
 import numpy as np
 
 from actors.records import Sampling
+from cluster import cli
 from cluster.config import Config, ConfigError, load_config
 from cluster.prompts import PromptFormat, prompt_format
+from rewards import arithmetic
 from rewards.format import clean
 from rewards.math import extract_answer
 from rewards.tasks import Problem
@@ -58,8 +59,7 @@ def final_answer(text: str, last_number: bool = False) -> str | None:
     with `task.answer=last_number`, else the last number), whitespace removed."""
     answer = extract_answer(text)
     if answer is None and last_number:
-        numbers = re.findall(r"-?\d+", clean(text))
-        answer = numbers[-1] if numbers else None
+        answer = arithmetic.last_number(clean(text))
     return None if answer is None else "".join(answer.split())
 
 
@@ -126,40 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config for the engine and task options")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. task.countdown.num_numbers=3")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _evaluate_model(args))
+
+
+def _evaluate_model(args: argparse.Namespace) -> None:
+    """`r1ray eval`: start engines and reward workers for one task and print its table."""
     import ray
 
     from actors.pool import RolloutPool
     from cluster import placement
     from cluster.config import TASKS
+    from cluster.train import resolve_model
     from rewards.pool import RewardPool
     from rewards.tasks import build_mixture
 
-    try:
-        if args.task not in TASKS:
-            raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
-        if args.k < 1 or args.prompts < 1:
-            raise ConfigError(f"--k={args.k} and --prompts={args.prompts} must be at least 1")
-        weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
-        cfg = load_config(args.config, [*weights, "cold_start.steps=0", f"model.path={args.model}", *args.overrides])
-        from cluster.train import resolve_model
-
-        model_path = resolve_model(cfg)
-        tasks = build_mixture(cfg.task)
-        problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
-        placement.connect(cfg)
-        rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
-        ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
-        results = evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, args.k,
-                           progress=True, prefix="")
-        print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
-    except (ConfigError, placement.ClusterError) as err:
-        print(f"r1ray: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    return 0
-
+    if args.task not in TASKS:
+        raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
+    if args.k < 1 or args.prompts < 1:
+        raise ConfigError(f"--k={args.k} and --prompts={args.prompts} must be at least 1")
+    weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
+    cfg = load_config(args.config, [*weights, "cold_start.steps=0", f"model.path={args.model}", *args.overrides])
+    model_path = resolve_model(cfg)
+    tasks = build_mixture(cfg.task)
+    problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
+    placement.connect(cfg)
+    rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
+    ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
+    results = evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, args.k,
+                       progress=True, prefix="")
+    print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
 
 if __name__ == "__main__":
     sys.exit(main())

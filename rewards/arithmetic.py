@@ -77,15 +77,21 @@ def check(response: str, problem_answer: str) -> tuple[float, str]:
 _NUMBER = re.compile(r"-?\d+")
 
 
+def last_number(text: str) -> str | None:
+    """The last integer anywhere in `text` (with its minus sign), or None."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
 def check_last_number(response: str, problem_answer: str) -> tuple[float, str]:
     """1.0 iff the last integer anywhere in the response is the gold one: a lenient rule for
     models that do not mark their answers yet. Only the last number counts, so writing many
     numbers does not pay."""
-    numbers = _NUMBER.findall(response)
-    if not numbers:
+    number = last_number(response)
+    if number is None:
         return 0.0, "no number"
-    if int(numbers[-1]) != int(problem_answer):
-        return 0.0, f"wrong: last number {int(numbers[-1])}"
+    if int(number) != int(problem_answer):
+        return 0.0, f"wrong: last number {int(number)}"
     return 1.0, "correct"
 
 

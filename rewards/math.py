@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rewards.format import MAX_RESPONSE_CHARS, clean, last_answer, last_boxed  # noqa: F401  (documented above)
+from rewards.format import MAX_RESPONSE_CHARS, clean, final_answer  # noqa: F401  (documented above)
 
 MAX_ANSWER_CHARS = 1_000
 TIMEOUT_S = 3.0
@@ -42,12 +42,9 @@ _CHOICE_RE = re.compile(r"^\(?([A-J])\)?[.:]?$")
 def extract_answer(response: str | bytes) -> str | None:
     """The response's final answer, or None when it gives none."""
     text = clean(response)
-    tagged = last_answer(text)
-    if tagged is not None:
-        return tagged.strip()
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
+    marked = final_answer(text)
+    if marked is not None:
+        return marked.strip()
     gsm8k = GSM8K_RE.findall(text)
     return gsm8k[-1] if gsm8k else None
 
