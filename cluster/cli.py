@@ -6,6 +6,46 @@ Subcommands dispatch with a plain `if` so every entry point can be found with gr
 from __future__ import annotations
 
 import sys
+from typing import Callable
+
+
+def run(body: Callable[[], object]) -> int:
+    """Run a command's body; turn what a user can act on into one line and an exit code:
+    2 for what the user can fix (config, cluster size, a prompt too long), 1 for what broke
+    while running, 128+signal for a run stopped with a checkpoint, else 0."""
+    import ray
+
+    from actors.pool import EngineDiedError
+    from actors.rollout import PromptTooLongError
+    from cluster.config import ConfigError
+    from cluster.placement import ClusterError
+    from cluster.train import Stopped
+    from cluster.weight_sync import WeightSyncError
+
+    try:
+        body()
+    except Stopped as err:
+        print(f"r1ray: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ConfigError, ClusterError, PromptTooLongError) as err:
+        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
+        return 2
+    except (WeightSyncError, EngineDiedError) as err:
+        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
+        return 1
+    except ray.exceptions.GetTimeoutError:
+        print("r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
+        return 1
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
+def _message(err: Exception) -> str:
+    """The error's own message, without the remote traceback Ray wraps around it."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, Exception) else err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,11 @@ import numpy as np
 
 from actors.pool import EngineDiedError, RolloutPool
 from actors.records import Sample, Sampling, check_groups
-from actors.rollout import PromptTooLongError
-from cluster import checkpoint, placement
+from cluster import checkpoint, cli, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
-from cluster.weight_sync import WeightSync, WeightSyncError
+from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
 from rewards.pool import RewardPool
 from rewards.tasks import Mixture, Problem, build_mixture
@@ -400,12 +399,6 @@ def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float], sta
     print(f"r1ray: run folder {run_dir}", flush=True)
 
 
-def _message(err: Exception) -> str:
-    """The error's own message, without the remote traceback Ray wraps around it."""
-    cause = getattr(err, "cause", None)
-    return str(cause if isinstance(cause, Exception) else err)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="r1ray train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -413,29 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue this run from its newest checkpoint (its config.yaml unless --config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. learner.lr=1e-5")
     args = parser.parse_args(argv)
-    import ray
 
-    try:
+    def body() -> None:
         config = args.config or (args.resume / "config.yaml" if args.resume else None)
         if args.resume and not Path(config).is_file():
             raise checkpoint.CheckpointError(f"--resume {args.resume}: not a run folder (no config.yaml)")
         train(load_config(config, args.overrides), args.resume)
-    except Stopped as err:
-        print(f"r1ray: {err}", file=sys.stderr)
-        return 128 + err.signum
-    except (ConfigError, placement.ClusterError, PromptTooLongError) as err:  # the user can fix these
-        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
-        return 2
-    except (WeightSyncError, EngineDiedError) as err:
-        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
-        return 1
-    except ray.exceptions.GetTimeoutError:
-        print("r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
-        return 1
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert seconds < 60
+    assert seconds < 90  # not the minutes of cluster.timeout_s; a loaded 2-core machine needs slack
 
 
 @pytest.mark.slow
