@@ -33,6 +33,12 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
 
+    def generate_stream(self, prompts: list[list[int]], sampling: Sampling):
+        """`generate`'s answers as (prompt index, answers) pairs, all at once at the end: this
+        engine decodes the batch in lockstep, so no group is done before the others."""
+        if prompts:
+            yield list(enumerate(self.generate(prompts, sampling)))
+
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[dict]]:
         """`sampling.n` answers per prompt (token-id lists), as the vLLM engine returns them."""
         import torch

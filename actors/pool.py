@@ -1,7 +1,7 @@
 """The rollout actors of a run: started together, a step's prompts sharded over them.
 
 `generate` cuts the prompt list into contiguous shards, one per actor, and concatenates
-the results in prompt order; a group of G answers is never split, so each comes from one
+the results in prompt order (`stream` hands them on group by group as the engines finish); a group of G answers is never split, so each comes from one
 engine and one weight version. Prompt i of the step is seeded `seed + i` whichever engine
 samples it, so vLLM engines return the same answers however many there are.
 
@@ -11,6 +11,8 @@ sync then brings to the current version) and try the step again.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -56,25 +58,39 @@ class RolloutPool:
     def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling,
                  timeout_s: float) -> list[Sample]:
         """`sampling.n` samples per prompt over all engines, in prompt order."""
+        done = sorted((pair for chunk in self.stream(prompt_ids, prompts, sampling, timeout_s) for pair in chunk),
+                      key=lambda pair: pair[0])
+        return [s for _, group in done for s in group]
+
+    def stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling,
+               timeout_s: float) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """`generate`'s groups as the engines finish them: lists of (the prompt's index in
+        `prompts`, its samples), in finishing order; `timeout_s` bounds each wait."""
         import ray
 
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
-        if not prompts:
-            return []
         shards = [s for s in np.array_split(np.arange(len(prompts)), len(self.actors)) if len(s)]
-        futures = [
-            actor.generate.remote([prompt_ids[i] for i in idx], [prompts[i] for i in idx],
-                                  _shifted(sampling, int(idx[0])))
-            for actor, idx in zip(self.actors, shards)
+        streams = [  # (the actor's stream of finished groups, its index, its shard's first prompt)
+            (actor.generate_stream.options(num_returns="streaming").remote(
+                [prompt_ids[i] for i in idx], [prompts[i] for i in idx], _shifted(sampling, int(idx[0]))),
+             index, int(idx[0]))
+            for index, (actor, idx) in enumerate(zip(self.actors, shards))
         ]
-        samples: list[Sample] = []
-        for index, future in enumerate(futures):
+        while streams:
+            ready, _ = ray.wait([s for s, _, _ in streams], num_returns=1, timeout=timeout_s)
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(f"no rollout engine returned anything in {timeout_s}s")
+            k = next(k for k, (s, _, _) in enumerate(streams) if s is ready[0])
+            stream, index, offset = streams[k]
             try:
-                samples += ray.get(future, timeout=timeout_s)
+                done = ray.get(next(stream), timeout=timeout_s)
+            except StopIteration:
+                streams.pop(k)
+                continue
             except ray.exceptions.RayActorError as err:
                 raise EngineDiedError(index, _cause(err)) from None
-        return samples
+            yield [(offset + i, samples) for i, samples in done]
 
     def restart(self, index: int) -> None:
         """Replace actor `index` with a fresh one (initial weights, version 0)."""

@@ -73,14 +73,27 @@ class RolloutActor:
 
         Prompts left out by `rollout.prompt_too_long=skip` have no samples.
         """
+        kept, tokens = self._fit(prompt_ids, prompts, sampling)
+        groups = self.engine.generate([tokens[i] for i in kept], sampling)
+        return [s for i, group in zip(kept, groups) for s in self._samples(prompt_ids[i], tokens[i], group)]
+
+    def generate_stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling):
+        """`generate`'s groups as they finish: yields lists of (prompt index, its n samples).
+        A Ray streaming generator: call with `.options(num_returns="streaming")`."""
+        kept, tokens = self._fit(prompt_ids, prompts, sampling)
+        for done in self.engine.generate_stream([tokens[i] for i in kept], sampling):
+            yield [(kept[k], self._samples(prompt_ids[kept[k]], tokens[kept[k]], group)) for k, group in done]
+
+    def _fit(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling):
+        """(indices of the prompts that fit or were fitted, every prompt's tokens or None)."""
         budget = self.cfg.max_model_len - sampling.max_new_tokens
         tokens = [fit_prompt(self.engine.tokenizer.encode(p), budget, self.cfg.prompt_too_long, pid)
                   for pid, p in zip(prompt_ids, prompts)]
-        kept = [i for i, t in enumerate(tokens) if t is not None]
-        groups = self.engine.generate([tokens[i] for i in kept], sampling)
-        return [Sample(prompt_id=prompt_ids[i], prompt_ids=np.asarray(tokens[i], dtype=np.int32),
-                       weight_version=self.weight_version, **answer)
-                for i, group in zip(kept, groups) for answer in group]
+        return [i for i, t in enumerate(tokens) if t is not None], tokens
+
+    def _samples(self, prompt_id: str, tokens: list[int], group: list[dict]) -> list[Sample]:
+        return [Sample(prompt_id=prompt_id, prompt_ids=np.asarray(tokens, dtype=np.int32),
+                       weight_version=self.weight_version, **answer) for answer in group]
 
     def score(self, token_ids: np.ndarray) -> np.ndarray:
         """Raw log-probs of a fixed sequence (the weight-sync check)."""

@@ -14,6 +14,8 @@ the learner divides its logits by the same temperature when it recomputes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from actors.records import Sampling
@@ -72,6 +74,7 @@ class VLLMEngine:
             worker_extension_cls="cluster.weight_sync.EngineWeightReceiver",
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.streams = 0  # generate_stream calls so far: part of their request ids
         # The first batch pays one-off kernel set-up (seconds); pay it here, not in step 1.
         self.generate([self.tokenizer.encode("warm up")], Sampling(n=2, seed=seed, max_new_tokens=4))
 
@@ -81,11 +84,40 @@ class VLLMEngine:
         Prompt i gets seed `sampling.seed + i`: results do not depend on how prompts are
         batched, and seeded requests take vLLM's fast CPU sampling path.
         """
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
         if not prompts:
             return []
-        params = [
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                    self._params(sampling, len(prompts)), use_tqdm=False)
+        return [_answers(out) for out in outputs]
+
+    def generate_stream(self, prompts: list[list[int]], sampling: Sampling) -> Iterator[list[tuple[int, list[dict]]]]:
+        """What `generate` returns, as soon as it is ready: after each engine step, the
+        (prompt index, its n answers) of the prompts whose answers all finished in it. The
+        same requests in the same batch as `generate`, so the same answers."""
+        from vllm import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if not prompts:
+            return
+        self.streams += 1
+        engine, index = self.llm.llm_engine, {}
+        for i, (p, params) in enumerate(zip(prompts, self._params(sampling, len(prompts)))):
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when done
+            request = f"stream-{self.streams}-{i}"  # never one of LLM.generate's counter ids
+            engine.add_request(request, TokensPrompt(prompt_token_ids=list(p)), params)
+            index[request] = i
+        while engine.has_unfinished_requests():
+            done = [(index[out.request_id], _answers(out)) for out in engine.step() if out.finished]
+            if done:
+                yield done
+
+    @staticmethod
+    def _params(sampling: Sampling, count: int) -> list:
+        from vllm import SamplingParams
+
+        return [
             SamplingParams(
                 n=sampling.n,
                 temperature=sampling.temperature,
@@ -98,22 +130,7 @@ class VLLMEngine:
                 logprobs=0,
                 seed=sampling.seed + i,
             )
-            for i in range(len(prompts))
-        ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
-        return [
-            [
-                dict(
-                    response_ids=np.asarray(c.token_ids, dtype=np.int32),
-                    logprobs=np.asarray([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
-                                        dtype=np.float32),
-                    text=c.text,
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
-                )
-                for c in out.outputs
-            ]
-            for out in outputs
+            for i in range(count)
         ]
 
     def score(self, token_ids: np.ndarray) -> np.ndarray:
@@ -133,3 +150,16 @@ class VLLMEngine:
         """Replace a whole model's weights in place and drop prefixes cached with the old ones."""
         self.llm.collective_rpc("load_policy_weights", args=(named,))
         self.llm.reset_prefix_cache()
+
+
+def _answers(out) -> list[dict]:
+    """One vLLM RequestOutput as its n raw answers."""
+    return [
+        dict(
+            response_ids=np.asarray(c.token_ids, dtype=np.int32),
+            logprobs=np.asarray([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)], dtype=np.float32),
+            text=c.text,
+            finish_reason="length" if c.finish_reason == "length" else "stop",
+        )
+        for c in out.outputs
+    ]

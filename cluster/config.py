@@ -206,6 +206,9 @@ class RewardsConfig:
     """Host memory reserved per reward worker in Ray's scheduler (0: none reserved)."""
     processes: int = _f(1, lo=1)
     """Checker processes per reward worker (checks run in parallel, each killable)."""
+    stream: bool = _f(True)
+    """Score each group as soon as its answers are finished, while the engines still
+    generate the others; false scores the whole step after generation (same rewards)."""
     timeout_s: float = _f(10.0, lo=0.0, lo_open=True)
     """Hard limit on one sample's check: its process is killed and the sample scores 0."""
     correct_weight: float = _f(1.0, lo=0.0)
@@ -279,6 +282,13 @@ class AlgorithmConfig:
     their group's advantages); otherwise they are learned from like the others."""
     normalize_std: bool = _f(True)
     """Divide advantages by the group's standard deviation."""
+    max_staleness: int = _f(0, lo=0, hi=1)
+    """How many optimizer steps the policy that sampled a batch may lag the learner. 0: the
+    synchronous loop. 1: the next step's prompts are generated (and scored) while this step
+    learns, and the learner corrects for the lag with truncated importance sampling."""
+    is_cap: float = _f(2.0, lo=1.0)
+    """With max_staleness 1: the per-token importance weight pi_learner / pi_sampler is
+    truncated at this value (learner/grpo.py, point 6)."""
     seed: int = _f(0)
     """Seed of prompt sampling, engine sampling and the learner."""
 

@@ -130,12 +130,15 @@ def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:
     return out
 
 
-def throughput_metrics(samples: list, timings: dict[str, float]) -> dict[str, float]:
-    """Tokens per second: answers generated, and prompt + answer tokens learned from."""
+def throughput_metrics(samples: list, timings: dict[str, float], params: int) -> dict[str, float]:
+    """Tokens per second: answers generated, and prompt + answer tokens learned from; the
+    learner's achieved FLOP/s by the usual 6 x parameters x tokens (forward and backward)."""
     answers = sum(len(s.response_ids) for s in samples)
     sequences = answers + sum(len(s.prompt_ids) for s in samples)
     return {"throughput/generate_tokens_per_s": answers / max(timings["generate"], 1e-9),
-            "throughput/learn_tokens_per_s": sequences / max(timings["learn"], 1e-9)}
+            "throughput/learn_tokens_per_s": sequences / max(timings["learn"], 1e-9),
+            "throughput/learn_gflops": 6 * params * sequences / max(timings["learn"], 1e-9) / 1e9,
+            "rollout/response_tokens": float(answers), "rollout/prompt_tokens": float(sequences - answers)}
 
 
 def task_metrics(samples: list, problems: list, reasons: list[str]) -> dict[str, float]:

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from actors.pool import EngineDiedError, RolloutPool
-from actors.records import Sample, Sampling, check_groups
+from actors.records import Sample, check_groups
 from cluster import checkpoint, cli, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
+from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
@@ -47,6 +48,8 @@ class Actors:
     sync: WeightSync
     prompts: PromptFormat
     """How questions are rendered for these engines and where answers stop."""
+    params: int
+    """The policy's parameter count (for the learner's FLOP/s)."""
 
 
 def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
@@ -82,18 +85,24 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
         version = cold_start(cfg, actors, tasks, model_path, rng, probe)
         results |= accuracy(cfg, actors, eval_set, "before_rl")
         if stop.signum:
-            save(cfg, actors, run_dir, model_path, 0, version, rng, results, logger)
+            save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, logger)
         stop.exit_if_asked(0, run_dir)
+    ahead, clock = None, time.time()  # ahead: the next step's rollout, started before this step learns
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
-        problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
-        logger.log_prompts(step, problems)
-        metrics, version = grpo_step(cfg, actors, problems, step, version, probe, logger)
+        rollout = ahead or start_rollout(cfg, actors, tasks, rng, step, version, logger)
+        produced = rollout_result(cfg, actors, rollout, version)
+        ahead = None
+        if cfg.algorithm.max_staleness and step < cfg.algorithm.steps:  # generates while this step learns
+            ahead = start_rollout(cfg, actors, tasks, rng, step + 1, version, logger)
+        metrics, version, ahead = grpo_step(cfg, actors, rollout.problems, produced, step, version, probe, logger, ahead)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
+        metrics |= idle_metrics(metrics, clock, clock := time.time(), [rollout, ahead])
         logger.log({"step": step, **metrics})
         if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
-                or stop.signum:
-            save(cfg, actors, run_dir, model_path, step, version, rng, results, logger)
+                or stop.signum:  # an in-flight rollout is dropped: resume draws its prompts again
+            save(cfg, actors, run_dir, model_path, step, version, ahead.rng_state if ahead else rng.getstate(),
+                 results, logger)
         stop.exit_if_asked(step, run_dir)
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
@@ -102,35 +111,37 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     return results
 
 
-def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], step: int, version: int,
-              probe: np.ndarray, logger: MetricsLogger) -> tuple[dict[str, float], int]:
-    """Generate, score, learn, sync: one GRPO step; returns its metrics and the new version."""
+def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Produced, step: int, version: int,
+              probe: np.ndarray, logger: MetricsLogger, ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
+    """Learn from a step's scored samples, then sync; returns its metrics, the new version,
+    and the next step's rollout (`ahead`, started again if an engine died in it)."""
     import torch
 
     from learner.grpo import group_advantages
 
-    G, timings = cfg.algorithm.group_size, {}
-    sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, actors.prompts.stop)
-    with _timed(timings, "generate"):
-        samples = generate(cfg, actors, problems, sampling, version)
-        check_groups(samples, G)
+    G, samples = cfg.algorithm.group_size, produced.samples
+    check_groups(samples, G)
+    timings = {"generate": produced.generate_end - produced.generate_start,
+               "reward": max(0.0, produced.scored - produced.generate_end)}  # what scoring adds after generation
     skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
     if not samples:  # every prompt was too long and skipped
-        return skipped, version
-    with _timed(timings, "reward"):
-        reasons = actors.rewarders.score(samples, {p.id: p for p in problems}, cfg.cluster.timeout_s)
-    logger.log_samples(step, problems, samples, reasons)
+        return skipped, version, ahead
+    logger.log_samples(step, problems, samples, produced.reasons)
     rewards = torch.tensor([s.reward for s in samples])  # [N]
     advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
     lr = lr_at(cfg, step)
     with _timed(timings, "learn"):
         learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
-    synced = actors.sync.push(version + 1)
-    if cfg.sync.check:
-        synced["sync/max_logprob_diff"] = actors.sync.check(probe)
-    return {**rollout_metrics(samples, G), **task_metrics(samples, problems, reasons), **learned, **synced,
-            **skipped, **throughput_metrics(samples, timings), "learner/lr": lr,
-            **{f"timing/{k}": v for k, v in timings.items()}}, version + 1
+    with _timed(timings, "sync"):
+        synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
+    lag = [version - s.weight_version for s in samples]  # optimizer steps the sampler was behind
+    if max(lag) > cfg.algorithm.max_staleness:  # the pipeline's invariant; never expected
+        raise RuntimeError(f"step {step} learned from weight version {version - max(lag)} at version {version}, "
+                           f"more than algorithm.max_staleness={cfg.algorithm.max_staleness} behind")
+    return {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons), **learned,
+            **synced, **skipped, **throughput_metrics(samples, timings, actors.params), "learner/lr": lr,
+            "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag)),
+            **{f"timing/{k}": v for k, v in timings.items()}}, version + 1, ahead
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
@@ -167,26 +178,59 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     ray.get(ready, timeout=cfg.cluster.timeout_s)
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
-    return Actors(learners, rollouts, rewarders, sync, prompt_format(cfg, model_path))
+    params = ray.get(learners[0].num_params.remote(), timeout=cfg.cluster.timeout_s)
+    return Actors(learners, rollouts, rewarders, sync, prompt_format(cfg, model_path), params)
 
 
-def generate(cfg: Config, actors: Actors, problems: list[Problem], sampling: Sampling,
-             version: int) -> list[Sample]:
-    """The step's samples; an engine that died is replaced and the step sampled again, up to
-    `rollout.max_restarts` times in a run."""
+def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, version: int,
+                  logger: MetricsLogger) -> Rollout:
+    """Draw step `step`'s prompts; start generating and scoring them in the background."""
+    rng_state = rng.getstate()
+    problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
+    logger.log_prompts(step, problems)
+    return Rollout.start(cfg, actors, problems, step, version, rng_state)
+
+
+def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) -> Produced:
+    """The rollout's scored samples. An engine that died is replaced, brought to `version`,
+    and the step sampled again, up to `rollout.max_restarts` times in a run."""
     while True:
         try:
-            return actors.rollouts.generate([p.id for p in problems], [actors.prompts.render(p.prompt) for p in problems],
-                                            sampling, cfg.cluster.timeout_s)
+            return rollout.result(cfg.cluster.timeout_s)
         except EngineDiedError as err:
-            if actors.rollouts.restarts_left == 0:
-                raise EngineDiedError(err.index, f"{err.reason} (rollout.max_restarts="
-                                      f"{cfg.rollout.max_restarts} used up)") from None
-            print(f"r1ray: {err}; replacing it ({actors.rollouts.restarts_left} restart(s) left)", flush=True)
-            actors.rollouts.restart(err.index)
-            actors.sync.replace(actors.rollouts.actors)
+            replace_engine(cfg, actors, err)
             if version > 0:  # a fresh engine holds the initial weights
                 actors.sync.push(version)
+            rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, version, rollout.rng_state)
+
+
+def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
+                 ahead: Rollout | None) -> tuple[dict[str, float], Rollout | None]:
+    """Bring the engines to `version` once `ahead` (the next step's rollout) is done
+    generating: no engine loads weights while it samples. Returns the sync's metrics and the
+    next step's rollout, sampled again by the new weights if an engine died in it."""
+    died = None
+    if ahead is not None:
+        ahead.wait_generated(cfg.cluster.timeout_s)
+        died = ahead.engine_died()
+        if died:
+            replace_engine(cfg, actors, died)  # the push below brings it up to date
+    synced = actors.sync.push(version)
+    if cfg.sync.check:
+        synced["sync/max_logprob_diff"] = actors.sync.check(probe)
+    if died:
+        ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, version, ahead.rng_state)
+    return synced, ahead
+
+
+def replace_engine(cfg: Config, actors: Actors, err: EngineDiedError) -> None:
+    """Start a fresh engine (initial weights) in place of the one that died."""
+    if actors.rollouts.restarts_left == 0:
+        raise EngineDiedError(err.index, f"{err.reason} (rollout.max_restarts="
+                              f"{cfg.rollout.max_restarts} used up)") from None
+    print(f"r1ray: {err}; replacing it ({actors.rollouts.restarts_left} restart(s) left)", flush=True)
+    actors.rollouts.restart(err.index)
+    actors.sync.replace(actors.rollouts.actors)
 
 
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
@@ -261,7 +305,7 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
 # ---- checkpoints and stopping -----------------------------------------------------------------
 
 def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int, version: int,
-         rng: random.Random, results: dict, logger: MetricsLogger) -> None:
+         rng_state: tuple, results: dict, logger: MetricsLogger) -> None:
     """Checkpoint the run as it is after `step` (layout in cluster/checkpoint.py)."""
     import ray
 
@@ -270,7 +314,7 @@ def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int,
                                                        l.save.remote(str(folder / "model"), model_path))],
                 timeout=cfg.cluster.timeout_s)
 
-    state = {"version": version, "rng": rng.getstate(), "results": results, "wandb_id": logger.run_id}
+    state = {"version": version, "rng": rng_state, "results": results, "wandb_id": logger.run_id}
     path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep)
     print(f"r1ray: checkpoint {path}", flush=True)
 
@@ -347,6 +391,16 @@ def resolve_model(cfg: Config) -> str:
 
 def _short(node_ids: list[str]) -> str:
     return " ".join(n[:8] for n in node_ids)
+
+
+def idle_metrics(metrics: dict[str, float], t0: float, t1: float, rollouts: list) -> dict[str, float]:
+    """The step's wall time [t0, t1] and how much of it the learner and the engines sat idle:
+    the learner works in learn and sync; the engines generate (this step's rollout, and the
+    next one's when it runs ahead) and load weights in sync."""
+    busy_learner = metrics.get("timing/learn", 0.0) + metrics.get("timing/sync", 0.0)
+    busy_engines = sum(r.busy_between(t0, t1) for r in rollouts if r is not None) + metrics.get("timing/sync", 0.0)
+    return {"timing/step": t1 - t0, "timing/idle/learner": max(0.0, t1 - t0 - busy_learner),
+            "timing/idle/engines": max(0.0, t1 - t0 - busy_engines)}
 
 
 @contextmanager

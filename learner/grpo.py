@@ -40,6 +40,15 @@ for DeepSeek-R1. Where this module departs from that formula, and why:
    configured, the learner's own recompute before the first step, for engines whose
    numerics differ more.
 
+6. Stale samples. With algorithm.max_staleness = 1 a batch may have been sampled by the
+   policy one optimizer step behind the learner (the behaviour policy mu, whose log-probs
+   the engine reports). The ratio stays pi / pi_old with pi_old the learner's current
+   (proximal) policy, and each token's loss is weighted by w = min(pi_old / mu, is_cap),
+   detached: truncated importance sampling, as in decoupled PPO (Hilton et al. 2021,
+   arXiv:2110.00641) and IMPALA's truncated weights (Espeholt et al. 2018). With one
+   update per batch this is the plain policy gradient reweighted to the current policy.
+   w also absorbs the engine's numeric differences; the cap bounds the variance.
+
 Padding: mask is 1 on response tokens to train on and 0 elsewhere. Masked positions of the
 log-prob tensors may hold anything (0, -inf, NaN); they are zeroed before any exp so they
 cannot reach the loss, the metrics or the gradient.
@@ -92,6 +101,20 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0  # [N, T]
 
 
+def importance_weights(prox_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
+                       cap: float) -> Tensor:
+    """Truncated per-token importance weights min(pi_prox / mu, cap), detached (point 6).
+
+    prox_logprobs, behaviour_logprobs, mask: [N, T]. Masked positions get 1 (they carry no
+    loss anyway, and may hold anything). Returns [N, T].
+    """
+    if cap < 1.0:
+        raise ValueError(f"cap must be >= 1, got cap={cap}")
+    keep = mask.to(torch.bool)
+    log_w = (prox_logprobs.detach() - behaviour_logprobs.detach()).masked_fill(~keep, 0.0)  # [N, T]
+    return torch.exp(log_w).clamp(max=cap)  # [N, T]
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of x over positions where mask is nonzero; 0 (not NaN) where mask is all 0.
 
@@ -127,8 +150,9 @@ def policy_loss(
     kl_beta: float = 0.0,
     aggregation: str = "token",
     entropy: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO loss: -min(ratio * A, clip(ratio, 1-clip_low, 1+clip_high) * A) + kl_beta * k3.
+    """GRPO loss: -w * min(ratio * A, clip(ratio, 1-clip_low, 1+clip_high) * A) + kl_beta * k3.
 
     logprobs (with grad), old_logprobs, mask, ref_logprobs, entropy: [N, T]; advantages: [N],
     one per sequence, shared by its tokens. old/ref log-probs and advantages are constants.
@@ -137,9 +161,11 @@ def policy_loss(
     Returns (scalar loss, metrics). Metrics are floats: pg_loss, clip_fraction (share of
     unmasked tokens where the clipped term won the min), ratio_mean, and "kl" / "entropy"
     only when ref_logprobs / entropy are given (a missing key is not a measured 0).
+    is_weights [N, T] (from `importance_weights`) weight each token's policy term, for stale
+    samples (point 6); adds the metric is_weight_mean.
     """
     _check_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
-                     ref_logprobs, kl_beta, aggregation, entropy)
+                     ref_logprobs, kl_beta, aggregation, entropy, is_weights)
     keep = mask.to(torch.bool)  # [N, T]
     lp = logprobs.masked_fill(~keep, 0.0)  # [N, T] padding may be NaN/-inf: keep exp finite
     old = old_logprobs.detach().masked_fill(~keep, 0.0)  # [N, T]
@@ -149,6 +175,8 @@ def policy_loss(
     unclipped = ratio * adv  # [N, T]
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [N, T]
     pg = -torch.minimum(unclipped, clipped)  # [N, T] pessimistic bound, PPO eq. 7
+    if is_weights is not None:
+        pg = pg * is_weights.detach()  # [N, T] reweighted to the learner's policy (point 6)
 
     kl = None
     if ref_logprobs is not None:
@@ -160,6 +188,8 @@ def policy_loss(
     loss = _aggregate(per_token, keep, aggregation)  # []
 
     metrics = _loss_metrics(pg, ratio, unclipped, clipped, kl, entropy, keep, aggregation)
+    if is_weights is not None:
+        metrics["is_weight_mean"] = masked_mean(is_weights.detach(), keep).item()
     return loss, metrics
 
 
@@ -208,6 +238,7 @@ def _check_loss_args(
     kl_beta: float,
     aggregation: str,
     entropy: Tensor | None,
+    is_weights: Tensor | None = None,
 ) -> None:
     """Fail loudly on inputs that would otherwise broadcast or clamp into a wrong loss."""
     if aggregation not in AGGREGATIONS:
@@ -222,7 +253,7 @@ def _check_loss_args(
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
     others = {"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs,
-              "entropy": entropy}
+              "entropy": entropy, "is_weights": is_weights}
     for name, t in others.items():
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape "

@@ -77,24 +77,30 @@ class Learner:
         With one update the old policy is the current one (ratio 1, exact on-policy gradient);
         with several it is the engine's sampling log-probs, or the learner's own recompute
         before the first update when `recompute_old_logprobs` is set (see learner/grpo.py, 5).
+        With `max_staleness` > 0 the old policy is the learner's own (recomputed when needed)
+        and tokens are weighted by truncated importance weights against the sampler (6).
         """
         import torch
 
         from learner import grpo
 
         plan = self._plan(shard, num_updates)
-        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and self.algo.recompute_old_logprobs)
+        stale = self.algo.max_staleness > 0  # samples may come from the previous policy (grpo.py, 6)
+        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and (self.algo.recompute_old_logprobs or stale))
         metrics: dict[str, list[float]] = {}
         for index, (mini, mini_fixed) in enumerate(zip(plan, fixed)):
             total = self._global_count(mini)
             for micro, (old, ref) in zip(mini, mini_fixed):
                 logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
+                sampled, mask = self._tensor(micro.sampling_logprobs), self._tensor(micro.loss_mask)
                 if old is None:
-                    old = logprobs.detach() if num_updates == 1 else self._tensor(micro.sampling_logprobs)
+                    old = logprobs.detach() if num_updates == 1 else sampled
+                weights = grpo.importance_weights(old, sampled, mask, self.algo.is_cap) if stale else None
                 loss, stats = grpo.policy_loss(
-                    logprobs, old, self._tensor(micro.advantages), self._tensor(micro.loss_mask),
+                    logprobs, old, self._tensor(micro.advantages), mask,
                     clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
-                    kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy)
+                    kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy,
+                    is_weights=weights)
                 share = self._count(micro) / total * self.cfg.num_ranks
                 self.engine.backward(loss * share, scale_wrt_gas=False)
                 if index == 0:  # before this step's first update: the engine's policy vs ours
@@ -121,6 +127,10 @@ class Learner:
             self.engine.backward(loss * share, scale_wrt_gas=False)
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "grad_norm": self._optimizer_step(lr)}
+
+    def num_params(self) -> int:
+        """The policy's parameter count (ZeRO-3 partitions report their full size)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moments, e.g. between SFT and RL (their gradients differ ~10x

@@ -8,6 +8,8 @@ and its chunk scored again, once per call, so a run does not stop for a lost rew
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cluster.config import Config
@@ -35,12 +37,20 @@ class RewardPool:
     def score(self, samples: list, problems: dict, timeout_s: float) -> list[str]:
         """Fill in each sample's reward and breakdown from `problems[sample.prompt_id]`;
         returns the checkers' reasons in sample order."""
+        return self.collect(self.submit(samples, problems), timeout_s)
+
+    def submit(self, samples: list, problems: dict) -> "Scoring":
+        """Start scoring `samples` (contiguous chunks, one per worker); `collect` waits for it."""
+        chunks = [c for c in np.array_split(np.arange(len(samples)), len(self.workers)) if len(c)]
+        return Scoring(samples, problems, [(k, idx, self._submit(self.workers[k], samples, problems, idx))
+                                           for k, idx in enumerate(chunks)])
+
+    def collect(self, scoring: "Scoring", timeout_s: float) -> list[str]:
+        """Wait for `scoring`, fill in its samples' rewards and breakdowns; their reasons."""
         import ray
 
-        chunks = [c for c in np.array_split(np.arange(len(samples)), len(self.workers)) if len(c)]
-        futures = [self._submit(w, samples, problems, idx) for w, idx in zip(self.workers, chunks)]
-        reasons = [""] * len(samples)
-        for k, (idx, future) in enumerate(zip(chunks, futures)):
+        samples, problems, reasons = scoring.samples, scoring.problems, [""] * len(scoring.samples)
+        for k, idx, future in scoring.parts:
             try:
                 scores = ray.get(future, timeout=timeout_s)
             except ray.exceptions.RayActorError as err:
@@ -57,3 +67,12 @@ class RewardPool:
     def _submit(worker, samples: list, problems: dict, idx):
         return worker.score.remote([samples[i].text for i in idx], [problems[samples[i].prompt_id] for i in idx],
                                    [len(samples[i].response_ids) for i in idx])
+
+
+@dataclass
+class Scoring:
+    """Samples being scored: (worker index, sample indices, pending result) per part."""
+
+    samples: list
+    problems: dict
+    parts: list[tuple]

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from learner.grpo import group_advantages, kl_k3, masked_mean, policy_loss, token_entropy
+from learner.grpo import group_advantages, importance_weights, kl_k3, masked_mean, policy_loss, token_entropy
 
 torch.set_num_threads(1)
 
@@ -152,6 +152,34 @@ def test_policy_loss_ratio_one_is_plain_policy_gradient():
     close(loss, 0.0)
     close(lp.grad, [[-0.25, -0.25], [0.25, 0.25]])
     assert m["clip_fraction"] == 0.0 and m["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_importance_weights_are_truncated_ratios_and_constants():
+    # pi_prox / mu per token: e^0 = 1, e^(ln 1.5) = 1.5, e^(ln 3) = 3 -> truncated at cap 2,
+    # e^(-ln 2) = 0.5; the masked position is 1 whatever it holds (here NaN).
+    prox = t([[0.0, math.log(1.5)], [math.log(3.0), -math.log(2.0)], [float("nan"), -1.0]]).requires_grad_()
+    mu = torch.zeros(3, 2)
+    mask = t([[1, 1], [1, 1], [0, 1]])
+    w = importance_weights(prox, mu, mask, cap=2.0)
+    close(w, [[1.0, 1.5], [2.0, 0.5], [1.0, math.exp(-1.0)]])
+    assert not w.requires_grad  # a weight, not a path for the gradient
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        importance_weights(prox, mu, mask, cap=0.5)
+
+
+def test_policy_loss_with_importance_weights_scales_each_tokens_gradient():
+    # Ratio 1 (one update per batch): per-token loss -w * A, token mean over 4 tokens.
+    # A = [1, -1], w = [[2, 0.5], [1, 1.5]] -> loss = (-2 - 0.5 + 1 + 1.5) / 4 = 0
+    # d loss / d lp = -w * A / 4 = [[-0.5, -0.125], [0.25, 0.375]]
+    lp = t([[-0.5, -1.0], [-2.0, -0.1]]).requires_grad_()
+    w = t([[2.0, 0.5], [1.0, 1.5]])
+    loss, m = policy_loss(lp, lp.detach(), t([1.0, -1.0]), torch.ones(2, 2), is_weights=w)
+    loss.backward()
+    close(loss, 0.0)
+    close(lp.grad, [[-0.5, -0.125], [0.25, 0.375]])
+    assert m["is_weight_mean"] == pytest.approx(1.25)
+    _, plain = policy_loss(lp, lp.detach(), t([1.0, -1.0]), torch.ones(2, 2))
+    assert "is_weight_mean" not in plain
 
 
 def test_policy_loss_positive_advantage():

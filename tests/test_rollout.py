@@ -190,29 +190,36 @@ def test_an_engine_dying_mid_generate_surfaces_and_can_be_replaced(ray_cluster, 
 @pytest.mark.slow
 def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
         ray_cluster, tiny_model, tmp_path):
+    import random
+
     from cluster import train
+    from cluster.pipeline import Rollout
     from cluster.prompts import prompt_format
     from cluster.weight_sync import WeightSync
-    from rewards.arithmetic import ArithmeticTask
+    from rewards.pool import RewardPool
+    from rewards.tasks import build_mixture
     from tests.helpers import fixed_batch, run_on_ranks
 
-    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1)
+    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1, max_new_tokens=100)  # seconds of work
     learners = make_learners(tiny_model, 1, 2)
-    pool = RolloutPool(cfg, tiny_model)
-    actors = train.Actors(learners, pool, [], WeightSync(learners, pool.actors, cfg.sync, "float32"),
-                          prompt_format(cfg, tiny_model))
+    pool, tasks = RolloutPool(cfg, tiny_model), build_mixture(cfg.task)
+    actors = train.Actors(learners, pool, RewardPool(cfg, tasks.tasks),
+                          WeightSync(learners, pool.actors, cfg.sync, "float32"), prompt_format(cfg, tiny_model), 0)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     actors.sync.push(1)
-    problems = ArithmeticTask().problems(0, 16, "train")
-    long = Sampling(n=8, seed=0, max_new_tokens=100)  # a few seconds of work
+    problems = tasks.sample(random.Random(0), 16)
     for attempt in range(2):
         victim = pool.actors[0]
         threading.Timer(1.0, lambda: ray.kill(victim)).start()
-        if attempt == 0:  # replaced, given version 1, and the step sampled again
-            samples = train.generate(cfg, actors, problems, long, version=1)
+        rollout = Rollout.start(cfg, actors, problems, step=1, version=1, rng_state=None)
+        if attempt == 0:  # replaced, given version 1, and the step sampled and scored again
+            produced = train.rollout_result(cfg, actors, rollout, version=1)
+            samples = produced.samples
             assert len(samples) == 16 * 8 and {s.weight_version for s in samples} == {1}
+            assert [s.prompt_id for s in samples] == [p.id for p in problems for _ in range(8)]
+            assert len(produced.reasons) == len(samples) and all(produced.reasons)
             assert actors.sync.check(np.arange(1, 30)) < 1e-4
         else:  # the one restart is used up: the run stops with the engine's error
             with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
-                train.generate(cfg, actors, problems, long, version=1)
+                train.rollout_result(cfg, actors, rollout, version=1)
     ray.kill(learners[0])
