@@ -254,6 +254,9 @@ class LearnerConfig:
     """Gradient norm clip (0 disables)."""
     micro_batch_size: int = _f(64, lo=1)
     """Sequences per forward/backward on one rank; gradients accumulate over the rest."""
+    attention: str = _f("auto", choices=("auto", "eager", "sdpa"))
+    """The learner's attention kernels: auto is eager on CPU (faster than SDPA's CPU kernels
+    on short sequences) and sdpa on GPU."""
 
 
 @dataclass(frozen=True)

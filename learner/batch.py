@@ -32,8 +32,9 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def select(self, rows: slice) -> "TrainBatch":
-        """The sequences in `rows`, with padding columns beyond their longest sequence cut."""
+    def select(self, rows: slice | np.ndarray) -> "TrainBatch":
+        """The sequences in `rows` (a slice or an index array), with padding columns beyond
+        their longest sequence cut."""
         length = max(int(self.attention_mask[rows].sum(axis=1).max()), 2)
         return TrainBatch(
             input_ids=self.input_ids[rows, :length],

@@ -45,14 +45,19 @@ class Learner:
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # Eager attention on CPU: SDPA's CPU kernels (the flash backward above all) took 1.5x
+        # as long per SmolLM2 step on these short sequences (bench/RESULTS.md).
+        attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attention)
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
         self.reference = None
         if algo.kl_beta > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=attention).to(self.device).eval()
             self.reference.requires_grad_(False)
-        # A torch optimizer: DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # torch's fused AdamW (CPU and CUDA): the per-tensor loop took 1.2 s of a 15 s SmolLM2
+        # step. DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self._ds_config())
 
@@ -153,12 +158,13 @@ class Learner:
 
         from learner.grpo import token_entropy
 
+        start = _first_target(micro)
         logprobs, logits = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
-                                                self.temperature)
+                                                self.temperature, start)
         entropy = None
         if with_entropy:
             with torch.no_grad():
-                entropy = token_entropy(logits)  # [n, L-1]
+                entropy = torch.nn.functional.pad(token_entropy(logits), (start, 0))  # [n, L-1]
         return logprobs, entropy
 
     def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
@@ -173,8 +179,8 @@ class Learner:
                     old = self._logprobs(micro, with_entropy=False)[0] if need_old else None
                     ref = None
                     if self.reference is not None:
-                        ref, _ = _next_token_logprobs(self.reference, micro.input_ids,
-                                                      micro.attention_mask, self.temperature)
+                        ref, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
+                                                      self.temperature, _first_target(micro))
                     out[-1].append((old, ref))
         return out
 
@@ -260,7 +266,10 @@ class Learner:
         """Mini-batches (one per optimizer step), each cut into micro-batches."""
         plan = []
         for mini in shard.split(num_updates):
-            plan.append(mini.split(-(-len(mini) // self.cfg.micro_batch_size)))
+            # Shortest first, so each micro-batch pads to lengths like its own: the step's
+            # gradient is a sum over micro-batches and does not depend on their order.
+            by_length = mini.select(np.argsort(mini.attention_mask.sum(axis=1), kind="stable"))
+            plan.append(by_length.split(-(-len(mini) // self.cfg.micro_batch_size)))
         return plan
 
     def _tensor(self, array: np.ndarray):
@@ -286,15 +295,28 @@ class Learner:
         return max(float(total[0]), 1.0)
 
 
-def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float):
-    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, logits [n, L-1, V]) at `temperature`."""
+def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float,
+                         start: int = 0):
+    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, logits [n, L-1-start, V]) at
+    `temperature`. Only positions from `start` on are projected to the vocabulary (the
+    others, prompt positions no target needs, are 0): the LM head and the log-softmax over
+    V are a large share of a small model's work."""
     import torch
 
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, device=device)  # [n, L]
-    logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask, device=device),
-                   use_cache=False).logits[:, :-1].float() / temperature  # [n, L-1, V]
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1), logits
+    length = ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask, device=device), use_cache=False,
+                   logits_to_keep=length - start).logits[:, :-1].float() / temperature  # [n, L-1-start, V]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start + 1:, None]).squeeze(-1)  # [n, L-1-start]
+    if start:
+        logprobs = torch.cat([logprobs.new_zeros(len(ids), start), logprobs], dim=1)  # [n, L-1]
+    return logprobs, logits
+
+
+def _first_target(micro: TrainBatch) -> int:
+    """The first column of `micro` with a target to learn (where its logits are needed)."""
+    return int(np.argmax(micro.loss_mask.any(axis=0))) if micro.loss_mask.any() else 0
 
 
 def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
