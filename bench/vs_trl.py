@@ -1,7 +1,7 @@
 """r1ray against Hugging Face TRL's GRPOTrainer on the same work, one after the other.
 
     .venv/bin/pip install trl==1.16.0          # bench-only (pyproject extra "bench")
-    .venv/bin/python bench/vs_trl.py           # both settings, about 40 minutes on 2 cores
+    .venv/bin/python bench/vs_trl.py           # both settings, about 25 minutes on 2 cores
     .venv/bin/python bench/vs_trl.py --settings tiny --steps 10
 
 Settings (same model, prompts, reward, G, prompts per step, max new tokens, temperature,
@@ -23,6 +23,10 @@ How TRL's options map to one r1ray step (one optimizer update on B*G fresh answe
     transformers generation (TRL's vLLM paths need a GPU). Each system runs in a fresh
     process with 2 torch threads; TRL in fp32 (its CPU default), r1ray with the settings
     of its own config for that model (bf16 learner and engine for SmolLM2).
+
+Systems: "trl"; "r1ray", the synchronous loop (the same algorithm as TRL's); and
+"r1ray-async", r1ray with algorithm.max_staleness=1 (the next step generates while this one
+learns, with the importance-sampling correction) and a core each for engine and learner.
 
 Per system: median step wall time, generated tokens/s and trained (prompt + answer)
 tokens/s over the steps, total wall time of the process (start-up included), mean reward
@@ -53,7 +57,7 @@ from machine import describe  # noqa: E402  (bench/machine.py, beside this scrip
 SETTINGS = {
     "tiny": dict(prompts=16, group=8, max_new=32, temperature=1.0, lr=5e-5, kl=0.0, steps=30,
                  overrides=["task.arithmetic.max_digits=2"]),
-    "smollm2": dict(prompts=4, group=8, max_new=96, temperature=0.7, lr=1e-5, kl=0.0, steps=6,
+    "smollm2": dict(prompts=4, group=8, max_new=96, temperature=0.7, lr=1e-5, kl=0.0, steps=8,
                     config="configs/smollm2-arithmetic.yaml", overrides=[]),
 }
 CACHE = os.path.expanduser("~/.cache/r1ray")
@@ -113,19 +117,24 @@ def prompts(name: str, model: str, steps: int):
 
 # ---- one system, in its own process -----------------------------------------------------------
 
-def run_r1ray(name: str, steps: int, out: Path) -> dict:
+# r1ray-async: one step of staleness, generation overlapping learning, a core each.
+ASYNC = ["algorithm.max_staleness=1", "rollout.threads=1", "learner.threads=1"]
+
+
+def run_r1ray(name: str, steps: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     from cluster.train import train
     from cluster.plot import read_metrics
 
     model = model_for(name)
     run_dir = Path(tempfile.mkdtemp(prefix="vs-trl-")) / "run"
-    cfg = load(name, r1ray_overrides(name, steps, model, run_dir))
+    cfg = load(name, [*r1ray_overrides(name, steps, model, run_dir), *extra])
     train(cfg)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
     return {"step_s": [r["timing/step"] for r in rows], "generate_s": [r["timing/generate"] for r in rows],
             "learn_s": [r["timing/learn"] for r in rows], "rewards": [r["reward/mean"] for r in rows],
             "generated": [r["rollout/response_tokens"] for r in rows],
-            "trained": [r["rollout/response_tokens"] + r["rollout/prompt_tokens"] for r in rows]}
+            "trained": [r["rollout/response_tokens"] + r["rollout/prompt_tokens"] for r in rows],
+            "gflops": [r["throughput/learn_gflops"] for r in rows]}
 
 
 def run_trl(name: str, steps: int, out: Path) -> dict:
@@ -235,21 +244,24 @@ def summarize(r: dict) -> dict:
             "gen_tps": sum(r["generated"]) / sum(r["generate_s"]),
             "train_tps": sum(r["trained"]) / sum(r["learn_s"]), "total": r["total_s"],
             "first": statistics.mean(r["rewards"][:quarter]), "last": statistics.mean(r["rewards"][-quarter:]),
-            "peak": r["peak_gib"]}
+            "peak": r["peak_gib"], "gflops": statistics.median(r["gflops"]) if "gflops" in r else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--steps", type=int, help="steps per run (default: the setting's)")
-    parser.add_argument("--systems", default="trl,r1ray", help="comma-separated: trl, r1ray")
-    parser.add_argument("--one", choices=("r1ray", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--systems", default="trl,r1ray,r1ray-async", help="comma-separated: trl, r1ray, r1ray-async")
+    parser.add_argument("--one", choices=("r1ray", "r1ray-async", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.settings.split(",")
     if args.one:  # a child: run one system and write its record
-        run = run_r1ray if args.one == "r1ray" else run_trl
-        Path(args.record).write_text(json.dumps(run(names[0], args.steps, Path(args.record))))
+        if args.one == "trl":
+            record = run_trl(names[0], args.steps, Path(args.record))
+        else:
+            record = run_r1ray(names[0], args.steps, Path(args.record), ASYNC if args.one == "r1ray-async" else ())
+        Path(args.record).write_text(json.dumps(record))
         return
 
     import torch
@@ -265,22 +277,24 @@ def main() -> None:
         rows.append((name, steps, got))
     print(f"\nMachine: {describe(f'torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')}")
     print("\n| setting | steps | system | median step s | generate s | learn s | generate tok/s | train tok/s "
-          "| total s | reward first q -> last q | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| learner GFLOP/s | total s | reward first q -> last q | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, steps, got in rows:
         s = SETTINGS[name]
         label = f"{name} ({s['prompts']}x{s['group']}x{s['max_new']})"
         for system, m in got.items():
+            gflops = f"{m['gflops']:.0f}" if m["gflops"] is not None else "-"
             print(f"| {label} | {steps} | {system} | {m['step']:.2f} | {m['generate']:.2f} | {m['learn']:.2f} "
-                  f"| {m['gen_tps']:,.0f} | {m['train_tps']:,.0f} | {m['total']:.0f} | {m['first']:.3f} -> "
+                  f"| {m['gen_tps']:,.0f} | {m['train_tps']:,.0f} | {gflops} | {m['total']:.0f} | {m['first']:.3f} -> "
                   f"{m['last']:.3f} | {m['peak']:.2f} |")
-        if len(got) < 2:
-            continue
-        r, t = got["r1ray"], got["trl"]
-        print(f"| {label} | {steps} | **r1ray / TRL** | **{r['step'] / t['step']:.2f}x** | "
-              f"{r['generate'] / t['generate']:.2f}x | {r['learn'] / t['learn']:.2f}x | "
-              f"{r['gen_tps'] / t['gen_tps']:.2f}x | {r['train_tps'] / t['train_tps']:.2f}x | "
-              f"{r['total'] / t['total']:.2f}x | | {r['peak'] / t['peak']:.2f}x |")
+        t = got.get("trl")
+        for system, r in got.items():
+            if t is None or system == "trl":
+                continue
+            print(f"| {label} | {steps} | **{system} / TRL** | **{r['step'] / t['step']:.2f}x** | "
+                  f"{r['generate'] / t['generate']:.2f}x | {r['learn'] / t['learn']:.2f}x | "
+                  f"{r['gen_tps'] / t['gen_tps']:.2f}x | {r['train_tps'] / t['train_tps']:.2f}x | | "
+                  f"{r['total'] / t['total']:.2f}x | | {r['peak'] / t['peak']:.2f}x |")
 
 
 if __name__ == "__main__":

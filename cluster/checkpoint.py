@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -161,3 +162,12 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+class Stopped(Exception):
+    """A run stopped by a signal after saving a checkpoint (the command exits 128 + signum)."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint; "
+                         f"continue with: r1ray train --resume {run_dir}")
+        self.signum = signum

@@ -19,7 +19,7 @@ def run(body: Callable[[], object]) -> int:
     from actors.rollout import PromptTooLongError
     from cluster.config import ConfigError
     from cluster.placement import ClusterError
-    from cluster.train import Stopped
+    from cluster.checkpoint import Stopped
     from cluster.weight_sync import WeightSyncError
 
     try:

@@ -330,13 +330,6 @@ def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Ra
     rng.setstate((version, tuple(internal), gauss))
 
 
-class Stopped(Exception):
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint; "
-                         f"continue with: r1ray train --resume {run_dir}")
-        self.signum = signum
-
-
 class StopRequest:
     """SIGTERM (what `ray job stop` sends) or SIGINT asks the run to stop after the current
     step with a checkpoint; a second SIGINT stops at once."""
@@ -355,7 +348,7 @@ class StopRequest:
 
     def exit_if_asked(self, step: int, run_dir: Path) -> None:
         if self.signum:
-            raise Stopped(self.signum, step, run_dir)
+            raise checkpoint.Stopped(self.signum, step, run_dir)
 
 
 # ---- small helpers -----------------------------------------------------------------------------
@@ -441,6 +434,11 @@ def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float], sta
     if rows:
         first, last = (float(np.mean([r["reward/mean"] for r in part])) for part in (rows[:5], rows[-5:]))
         table.add_row("reward, first 5 -> last 5 steps", f"{first:.3f} -> {last:.3f}")
+        timed = [r for r in rows if "timing/step" in r]
+        if timed:  # where a step's time goes: the phases, and what each side spent idle
+            keys = ["step", "generate", "reward", "learn", "sync", "idle/learner", "idle/engines"]
+            table.add_row("median step time (s)", ", ".join(
+                f"{k} {np.median([r.get(f'timing/{k}', 0.0) for r in timed]):.2f}" for k in keys))
         table.add_row("curves", str(plot(run_dir)))
     for key, value in results.items():
         table.add_row(key, f"{value:.3f}")
