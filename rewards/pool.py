@@ -42,22 +42,24 @@ class RewardPool:
     def submit(self, samples: list, problems: dict) -> "Scoring":
         """Start scoring `samples` (contiguous chunks, one per worker); `collect` waits for it."""
         chunks = [c for c in np.array_split(np.arange(len(samples)), len(self.workers)) if len(c)]
-        return Scoring(samples, problems, [(k, idx, self._submit(self.workers[k], samples, problems, idx))
-                                           for k, idx in enumerate(chunks)])
+        parts = [(k, w, idx, self._submit(w, samples, problems, idx))
+                 for k, (w, idx) in enumerate(zip(self.workers, chunks))]
+        return Scoring(samples, problems, parts)
 
     def collect(self, scoring: "Scoring", timeout_s: float) -> list[str]:
         """Wait for `scoring`, fill in its samples' rewards and breakdowns; their reasons."""
         import ray
 
         samples, problems, reasons = scoring.samples, scoring.problems, [""] * len(scoring.samples)
-        for k, idx, future in scoring.parts:
+        for k, worker, idx, future in scoring.parts:
             try:
                 scores = ray.get(future, timeout=timeout_s)
             except ray.exceptions.RayActorError as err:
-                print(f"r1ray: reward worker {k} died ({type(err).__name__}); replacing it", flush=True)
-                ray.kill(self.workers[k])
-                self.workers[k] = self._start()
-                self.restarts += 1
+                if self.workers[k] is worker:  # not yet replaced while collecting an earlier part
+                    print(f"r1ray: reward worker {k} died ({type(err).__name__}); replacing it", flush=True)
+                    ray.kill(worker)
+                    self.workers[k] = self._start()
+                    self.restarts += 1
                 scores = ray.get(self._submit(self.workers[k], samples, problems, idx), timeout=timeout_s)
             for i, s in zip(idx, scores):
                 samples[i].reward, samples[i].reward_breakdown, reasons[i] = s.reward, s.breakdown, s.reason
@@ -71,7 +73,7 @@ class RewardPool:
 
 @dataclass
 class Scoring:
-    """Samples being scored: (worker index, sample indices, pending result) per part."""
+    """Samples being scored: (worker index, worker, sample indices, pending result) per part."""
 
     samples: list
     problems: dict

@@ -43,3 +43,19 @@ def test_a_dead_worker_is_replaced_and_its_share_scored(pool):
     samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(4)]
     pool.score(samples, problems, timeout_s=60)
     assert [s.reward_breakdown["correct"] for s in samples] == [1.0] * 4 and pool.restarts == 1
+
+
+def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
+    # Groups are submitted as they finish and collected later: two parts pending on a worker
+    # that dies are both scored again, by one replacement.
+    import ray
+
+    problems = {p.id: p for p in build_mixture(pool.cfg.task).eval_problems(0, 2)}
+    add = next(p for p in problems.values() if p.task == "arithmetic")
+    restarts, victim = pool.restarts, pool.workers[0]
+    ray.kill(victim)
+    parts = [[sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(2)] for _ in range(2)]
+    pending = [pool.submit(p, problems) for p in parts]
+    assert [pool.collect(p, timeout_s=60) for p in pending] == [["correct"] * 2] * 2
+    assert all(s.reward_breakdown["correct"] == 1.0 for p in parts for s in p)
+    assert pool.restarts == restarts + 1 and pool.workers[0] is not victim
