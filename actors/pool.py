@@ -1,9 +1,10 @@
 """The rollout actors of a run: started together, a step's prompts sharded over them.
 
 `generate` cuts the prompt list into contiguous shards, one per actor, and concatenates
-the results in prompt order (`stream` hands them on group by group as the engines finish); a group of G answers is never split, so each comes from one
-engine and one weight version. Prompt i of the step is seeded `seed + i` whichever engine
-samples it, so vLLM engines return the same answers however many there are.
+the results in prompt order (`stream` hands them on group by group as the engines finish);
+a group of G answers is never split, so each comes from one engine and one weight version.
+Prompt i of the step is seeded `seed + i` whichever engine samples it, so vLLM engines
+return the same answers however many there are.
 
 When an actor dies mid-generate the call raises `EngineDiedError` with the actor's own
 error; the driver may `restart` it (a fresh actor on the initial weights, which the weight

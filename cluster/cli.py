@@ -36,6 +36,9 @@ def run(body: Callable[[], object]) -> int:
     except ray.exceptions.GetTimeoutError:
         print("r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
         return 1
+    except TimeoutError as err:  # a step's rollout (cluster/pipeline.py) that never finished
+        print(f"r1ray: error: {err}", file=sys.stderr)
+        return 1
     finally:
         if ray.is_initialized():
             ray.shutdown()

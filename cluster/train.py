@@ -6,7 +6,9 @@
 
 One GRPO step (`train`, below): sample B prompts -> the rollout actors return B*G answers ->
 reward workers score them -> group-relative advantages -> the learner ranks take an
-optimizer step -> the new weights go to the rollout actors -> metrics are logged. The run
+optimizer step -> the new weights go to the rollout actors -> metrics are logged. Finished
+groups are scored while the engines generate the rest, and with `algorithm.max_staleness=1`
+the next step's rollout runs while this step learns (cluster/pipeline.py). The run
 folder (printed at start and end) holds config.yaml, metrics.jsonl, results.json, the W&B
 offline run and the final model.
 """
@@ -94,7 +96,8 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
         ahead = None
         if cfg.algorithm.max_staleness and step < cfg.algorithm.steps:  # generates while this step learns
             ahead = start_rollout(cfg, actors, tasks, rng, step + 1, version, logger)
-        metrics, version, ahead = grpo_step(cfg, actors, rollout.problems, produced, step, version, probe, logger, ahead)
+        metrics, version, ahead = grpo_step(cfg, actors, rollout.problems, produced, step, version, probe, logger,
+                                            ahead)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
         metrics |= idle_metrics(metrics, clock, clock := time.time(), [rollout, ahead])
@@ -112,7 +115,8 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
 
 
 def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Produced, step: int, version: int,
-              probe: np.ndarray, logger: MetricsLogger, ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
+              probe: np.ndarray, logger: MetricsLogger,
+              ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
     """Learn from a step's scored samples, then sync; returns its metrics, the new version,
     and the next step's rollout (`ahead`, started again if an engine died in it)."""
     import torch
@@ -126,6 +130,10 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Pr
     skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
     if not samples:  # every prompt was too long and skipped
         return skipped, version, ahead
+    lag = [version - s.weight_version for s in samples]  # optimizer steps the sampler was behind
+    if max(lag) > cfg.algorithm.max_staleness:  # the pipeline's invariant; never expected
+        raise RuntimeError(f"step {step} sampled by weight version {version - max(lag)}, more than "
+                           f"algorithm.max_staleness={cfg.algorithm.max_staleness} behind the learner's {version}")
     logger.log_samples(step, problems, samples, produced.reasons)
     rewards = torch.tensor([s.reward for s in samples])  # [N]
     advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
@@ -134,10 +142,6 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Pr
         learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
     with _timed(timings, "sync"):
         synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
-    lag = [version - s.weight_version for s in samples]  # optimizer steps the sampler was behind
-    if max(lag) > cfg.algorithm.max_staleness:  # the pipeline's invariant; never expected
-        raise RuntimeError(f"step {step} learned from weight version {version - max(lag)} at version {version}, "
-                           f"more than algorithm.max_staleness={cfg.algorithm.max_staleness} behind")
     return {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons), **learned,
             **synced, **skipped, **throughput_metrics(samples, timings, actors.params), "learner/lr": lr,
             "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag)),
