@@ -41,8 +41,6 @@ class Rollout:
 
     step: int
     problems: list[Problem]
-    version: int
-    """The weight version the engines held when this rollout was started."""
     rng_state: object
     """The prompt sampler's state before these problems were drawn (what a checkpoint saves
     while this rollout is still in flight, so that resume draws them again)."""
@@ -54,8 +52,8 @@ class Rollout:
     _error: BaseException | None = None
 
     @classmethod
-    def start(cls, cfg, actors, problems: list[Problem], step: int, version: int, rng_state) -> "Rollout":
-        rollout = cls(step, problems, version, rng_state)
+    def start(cls, cfg, actors, problems: list[Problem], step: int, rng_state) -> "Rollout":
+        rollout = cls(step, problems, rng_state)
         threading.Thread(target=rollout._run, args=(cfg, actors), daemon=True,
                          name=f"rollout-step-{step}").start()
         return rollout

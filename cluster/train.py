@@ -91,11 +91,11 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
         stop.exit_if_asked(0, run_dir)
     ahead, clock = None, time.time()  # ahead: the next step's rollout, started before this step learns
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
-        rollout = ahead or start_rollout(cfg, actors, tasks, rng, step, version, logger)
+        rollout = ahead or start_rollout(cfg, actors, tasks, rng, step, logger)
         produced = rollout_result(cfg, actors, rollout, version)
         ahead = None
         if cfg.algorithm.max_staleness and step < cfg.algorithm.steps:  # generates while this step learns
-            ahead = start_rollout(cfg, actors, tasks, rng, step + 1, version, logger)
+            ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger)
         metrics, version, ahead = grpo_step(cfg, actors, rollout.problems, produced, step, version, probe, logger,
                                             ahead)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
@@ -186,13 +186,13 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     return Actors(learners, rollouts, rewarders, sync, prompt_format(cfg, model_path), params)
 
 
-def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, version: int,
+def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int,
                   logger: MetricsLogger) -> Rollout:
     """Draw step `step`'s prompts; start generating and scoring them in the background."""
     rng_state = rng.getstate()
     problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
     logger.log_prompts(step, problems)
-    return Rollout.start(cfg, actors, problems, step, version, rng_state)
+    return Rollout.start(cfg, actors, problems, step, rng_state)
 
 
 def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) -> Produced:
@@ -205,7 +205,7 @@ def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) 
             replace_engine(cfg, actors, err)
             if version > 0:  # a fresh engine holds the initial weights
                 actors.sync.push(version)
-            rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, version, rollout.rng_state)
+            rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, rollout.rng_state)
 
 
 def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
@@ -223,7 +223,7 @@ def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
     if cfg.sync.check:
         synced["sync/max_logprob_diff"] = actors.sync.check(probe)
     if died:
-        ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, version, ahead.rng_state)
+        ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
     return synced, ahead
 
 

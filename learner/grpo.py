@@ -133,7 +133,11 @@ def token_entropy(logits: Tensor) -> Tensor:
     log_softmax goes through logsumexp, so large logits do not overflow; -inf logits (banned
     tokens) contribute 0 instead of 0 * -inf = NaN. Computed in the logits' dtype.
     """
-    logp = torch.log_softmax(logits, dim=-1)  # [N, T, V]
+    return entropy_of_logprobs(torch.log_softmax(logits, dim=-1))  # [N, T]
+
+
+def entropy_of_logprobs(logp: Tensor) -> Tensor:
+    """`token_entropy` from log-probs the caller already has: [N, T, V] -> [N, T]."""
     p_logp = logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)  # [N, T, V]
     return -p_logp.sum(dim=-1)  # [N, T]
 

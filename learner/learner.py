@@ -156,15 +156,15 @@ class Learner:
         """Log-probs [n, L-1] of each next token under the policy, at the sampling temperature."""
         import torch
 
-        from learner.grpo import token_entropy
+        from learner.grpo import entropy_of_logprobs
 
         start = _first_target(micro)
-        logprobs, logits = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
-                                                self.temperature, start)
+        logprobs, every = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
+                                               self.temperature, start)
         entropy = None
         if with_entropy:
             with torch.no_grad():
-                entropy = torch.nn.functional.pad(token_entropy(logits), (start, 0))  # [n, L-1]
+                entropy = torch.nn.functional.pad(entropy_of_logprobs(every), (start, 0))  # [n, L-1]
         return logprobs, entropy
 
     def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
@@ -297,8 +297,8 @@ class Learner:
 
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float,
                          start: int = 0):
-    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, logits [n, L-1-start, V]) at
-    `temperature`. Only positions from `start` on are projected to the vocabulary (the
+    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, log-probs of every token of
+    the vocabulary [n, L-1-start, V]) at `temperature`. Only positions from `start` on are projected to the vocabulary (the
     others, prompt positions no target needs, are 0): the LM head and the log-softmax over
     V are a large share of a small model's work."""
     import torch
@@ -308,10 +308,11 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     length = ids.shape[1]
     logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask, device=device), use_cache=False,
                    logits_to_keep=length - start).logits[:, :-1].float() / temperature  # [n, L-1-start, V]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start + 1:, None]).squeeze(-1)  # [n, L-1-start]
+    every = torch.log_softmax(logits, dim=-1)  # [n, L-1-start, V]
+    logprobs = every.gather(-1, ids[:, start + 1:, None]).squeeze(-1)  # [n, L-1-start]
     if start:
         logprobs = torch.cat([logprobs.new_zeros(len(ids), start), logprobs], dim=1)  # [n, L-1]
-    return logprobs, logits
+    return logprobs, every
 
 
 def _first_target(micro: TrainBatch) -> int:

@@ -211,7 +211,7 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     for attempt in range(2):
         victim = pool.actors[0]
         threading.Timer(1.0, lambda: ray.kill(victim)).start()
-        rollout = Rollout.start(cfg, actors, problems, step=1, version=1, rng_state=None)
+        rollout = Rollout.start(cfg, actors, problems, step=1, rng_state=None)
         if attempt == 0:  # replaced, given version 1, and the step sampled and scored again
             produced = train.rollout_result(cfg, actors, rollout, version=1)
             samples = produced.samples
