@@ -158,13 +158,12 @@ class Learner:
 
         from learner.grpo import entropy_of_logprobs
 
-        start = _first_target(micro)
         logprobs, every = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
-                                               self.temperature, start)
+                                               self.temperature, micro.loss_mask, self.cfg.zero_stage < 3)
         entropy = None
         if with_entropy:
             with torch.no_grad():
-                entropy = torch.nn.functional.pad(entropy_of_logprobs(every), (start, 0))  # [n, L-1]
+                entropy = _scatter(entropy_of_logprobs(every), micro.loss_mask)  # [n, L-1]
         return logprobs, entropy
 
     def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
@@ -180,7 +179,7 @@ class Learner:
                     ref = None
                     if self.reference is not None:
                         ref, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
-                                                      self.temperature, _first_target(micro))
+                                                      self.temperature, micro.loss_mask)
                     out[-1].append((old, ref))
         return out
 
@@ -190,7 +189,8 @@ class Learner:
 
         ids = np.asarray(token_ids, dtype=np.int64)[None]  # [1, T]
         with torch.no_grad():
-            logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0)  # [1, T-1]
+            logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0,
+                                               split_head=self.cfg.zero_stage < 3)  # [1, T-1]
         return logprobs[0].cpu().numpy()
 
     # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
@@ -296,28 +296,42 @@ class Learner:
 
 
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float,
-                         start: int = 0):
-    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, log-probs of every token of
-    the vocabulary [n, L-1-start, V]) at `temperature`. Only positions from `start` on are projected to the vocabulary (the
-    others, prompt positions no target needs, are 0): the LM head and the log-softmax over
-    V are a large share of a small model's work."""
+                         targets: np.ndarray | None = None, split_head: bool = True):
+    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, 0 where `targets` [n, L-1] is
+    0; log-probs of the whole vocabulary [m, V] at the m target positions) at `temperature`.
+
+    Only the target positions go through the LM head: with a vocabulary of 49k, the head and
+    the log-softmax over it cost as much as the rest of a 135M model, and prompt and padding
+    positions need neither. `model` is an HF causal LM or a DeepSpeed engine around one.
+    `split_head=False` runs the model whole and keeps logits from the first target column on:
+    ZeRO-3 gathers parameters in hooks around the whole model's forward, and a head called
+    apart from it got a different gradient (tests/test_learner.py).
+    """
     import torch
 
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(input_ids, device=device)  # [n, L]
-    length = ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=torch.as_tensor(attention_mask, device=device), use_cache=False,
-                   logits_to_keep=length - start).logits[:, :-1].float() / temperature  # [n, L-1-start, V]
-    every = torch.log_softmax(logits, dim=-1)  # [n, L-1-start, V]
-    logprobs = every.gather(-1, ids[:, start + 1:, None]).squeeze(-1)  # [n, L-1-start]
-    if start:
-        logprobs = torch.cat([logprobs.new_zeros(len(ids), start), logprobs], dim=1)  # [n, L-1]
-    return logprobs, every
+    module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
+    device = next(module.parameters()).device
+    ids, mask = torch.as_tensor(input_ids, device=device), torch.as_tensor(attention_mask, device=device)  # [n, L]
+    keep = (torch.ones((ids.shape[0], ids.shape[1] - 1), dtype=torch.bool, device=device) if targets is None
+            else torch.as_tensor(targets, device=device).bool())  # [n, L-1]
+    if split_head:
+        hidden = module.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = module.get_output_embeddings()(hidden[:, :-1][keep])  # [m, V]
+    else:
+        start = int(keep.any(dim=0).int().argmax()) if keep.any() else 0  # the first column with a target
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                       logits_to_keep=ids.shape[1] - start).logits[:, :-1][keep[:, start:]]  # [m, V]
+    every = torch.log_softmax(logits.float() / temperature, dim=-1)  # [m, V]
+    picked = every.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1)  # [m]
+    return _scatter(picked, keep), every
 
 
-def _first_target(micro: TrainBatch) -> int:
-    """The first column of `micro` with a target to learn (where its logits are needed)."""
-    return int(np.argmax(micro.loss_mask.any(axis=0))) if micro.loss_mask.any() else 0
+def _scatter(values, keep):
+    """[m] values at the True positions of `keep` [n, L-1] (array or tensor), 0 elsewhere."""
+    import torch
+
+    keep = torch.as_tensor(keep, device=values.device).bool()
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
 
 def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
