@@ -124,7 +124,7 @@ def prompts(name: str, model: str, steps: int):
 ASYNC = ["algorithm.max_staleness=1", "rollout.threads=1", "learner.threads=1"]
 
 
-def run_r1ray(name: str, steps: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
+def run_r1ray(name: str, steps: int, extra: list[str]) -> dict:
     from cluster.train import train
     from cluster.plot import read_metrics
 
@@ -140,7 +140,7 @@ def run_r1ray(name: str, steps: int, out: Path, extra: tuple[str, ...] = ()) -> 
             "gflops": [r["throughput/learn_gflops"] for r in rows]}
 
 
-def run_trl(name: str, steps: int, out: Path) -> dict:
+def run_trl(name: str, steps: int) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -264,10 +264,10 @@ def main() -> None:
     names = args.settings.split(",")
     if args.one:  # a child: run one system and write its record
         if args.one == "trl":
-            record = run_trl(names[0], args.steps, Path(args.record))
+            record = run_trl(names[0], args.steps)
         else:
             extra = [*args.r1ray_set, *(ASYNC if args.one == "r1ray-async" else [])]
-            record = run_r1ray(names[0], args.steps, Path(args.record), extra)
+            record = run_r1ray(names[0], args.steps, extra)
         Path(args.record).write_text(json.dumps(record))
         return
 
