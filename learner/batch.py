@@ -28,6 +28,9 @@ class TrainBatch:
     """float32 [N]: one advantage per sequence (None for SFT batches)."""
     sampling_logprobs: np.ndarray | None = None
     """float32 [N, L-1]: the engine's log-prob of each target response token (None for SFT)."""
+    segment_ids: np.ndarray | None = None
+    """int64 [N, L]: packed SFT rows only (learner/sft.py): which example of the row each
+    token belongs to (1, 2, ...; 0 is padding); examples never attend to each other."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,6 +46,7 @@ class TrainBatch:
             advantages=None if self.advantages is None else self.advantages[rows],
             sampling_logprobs=(None if self.sampling_logprobs is None
                                else self.sampling_logprobs[rows, : length - 1]),
+            segment_ids=None if self.segment_ids is None else self.segment_ids[rows, :length],
         )
 
     def split(self, k: int) -> list["TrainBatch"]:

@@ -59,20 +59,7 @@ class Learner:
         # step. DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self._ds_config())
-
-    def _ds_config(self) -> dict:
-        return {
-            # We own accumulation: any number of backward() calls, then step() is the boundary.
-            "managed_gradient_accumulation": False,
-            "train_micro_batch_size_per_gpu": 1,  # nominal; the real sizes are ours
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "bf16": {"enabled": self.cfg.dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+            model=model, optimizer=optimizer, config=ds_config(cfg))
 
     # ---- one optimizer step -------------------------------------------------------------
 
@@ -159,7 +146,8 @@ class Learner:
         from learner.grpo import entropy_of_logprobs
 
         logprobs, every = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
-                                               self.temperature, micro.loss_mask, self.cfg.zero_stage < 3)
+                                               self.temperature, micro.loss_mask, self.cfg.zero_stage < 3,
+                                               micro.segment_ids)
         entropy = None
         if with_entropy:
             with torch.no_grad():
@@ -295,8 +283,24 @@ class Learner:
         return max(float(total[0]), 1.0)
 
 
+def ds_config(cfg: LearnerConfig) -> dict:
+    """The DeepSpeed config of a learner rank. We own accumulation (any number of backward()
+    calls, then step() is the boundary), so DeepSpeed's managed accumulation is off."""
+    return {
+        "managed_gradient_accumulation": False,
+        "train_micro_batch_size_per_gpu": 1,  # nominal; the real sizes are ours
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float,
-                         targets: np.ndarray | None = None, split_head: bool = True):
+                         targets: np.ndarray | None = None, split_head: bool = True,
+                         segment_ids: np.ndarray | None = None):
     """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, 0 where `targets` [n, L-1] is
     0; log-probs of the whole vocabulary [m, V] at the m target positions) at `temperature`.
 
@@ -305,25 +309,42 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     positions need neither. `model` is an HF causal LM or a DeepSpeed engine around one.
     `split_head=False` runs the model whole and keeps logits from the first target column on:
     ZeRO-3 gathers parameters in hooks around the whole model's forward, and a head called
-    apart from it got a different gradient (tests/test_learner.py).
+    apart from it got a different gradient (tests/test_learner.py). `segment_ids` [n, L] mark
+    packed examples (learner/sft.py): each attends only to itself, from position 0.
     """
     import torch
 
     module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
     device = next(module.parameters()).device
     ids, mask = torch.as_tensor(input_ids, device=device), torch.as_tensor(attention_mask, device=device)  # [n, L]
+    extra = {}
+    if segment_ids is not None:
+        mask, extra["position_ids"] = _packed_inputs(segment_ids, next(module.parameters()).dtype, device)
     keep = (torch.ones((ids.shape[0], ids.shape[1] - 1), dtype=torch.bool, device=device) if targets is None
             else torch.as_tensor(targets, device=device).bool())  # [n, L-1]
     if split_head:
-        hidden = module.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = module.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
         logits = module.get_output_embeddings()(hidden[:, :-1][keep])  # [m, V]
     else:
         start = int(keep.any(dim=0).int().argmax()) if keep.any() else 0  # the first column with a target
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra,
                        logits_to_keep=ids.shape[1] - start).logits[:, :-1][keep[:, start:]]  # [m, V]
     every = torch.log_softmax(logits.float() / temperature, dim=-1)  # [m, V]
     picked = every.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1)  # [m]
     return _scatter(picked, keep), every
+
+
+def _packed_inputs(segment_ids: np.ndarray, dtype, device):
+    """(additive attention mask [n, 1, L, L], position ids [n, L]) of packed rows: 0 where a
+    query may attend (same example, not later), the dtype's lowest value elsewhere. HF
+    models take a 4D mask as given; eager attention needs it additive, not boolean."""
+    import torch
+
+    from learner.sft import allowed_attention, positions
+
+    allowed = torch.as_tensor(allowed_attention(segment_ids), device=device)[:, None]  # [n, 1, L, L]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask, torch.as_tensor(positions(segment_ids), device=device)
 
 
 def _scatter(values, keep):
