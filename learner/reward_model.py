@@ -1,0 +1,247 @@
+"""The preference (reward) model of DeepSeek-R1's last RL stage: Bradley-Terry on answer pairs.
+
+R1 rewards general-domain answers, which no rule can check, with a model trained on human
+preference pairs (paper, section 2.3.4). Here that model is a causal LM with a new scalar
+head (HF `...ForSequenceClassification`, num_labels=1): the score s(x) of a text x is the
+head's output at its last token, and pairs (prompt, chosen, rejected) train it to maximise
+log sigmoid(s(prompt+chosen) - s(prompt+rejected)), the Bradley-Terry likelihood.
+
+    pairs = load_pairs("pairs.jsonl", "train-rm")
+    train, held_out = split_pairs(pairs, 0.1)
+
+This module holds the pure pieces (the loss, reading and splitting pairs, tokenising and
+padding, shared by training and serving so that both see the same tokens) and
+`RewardTrainer`, one DeepSpeed ZeRO data-parallel rank per Ray actor like learner.Learner.
+The driver is cluster/reward_model.py (`r1ray train-rm`); rewards/preference.py serves it.
+
+Where the score is read: HF takes the rightmost token that is not `pad_token_id`. Batches are
+right-padded here, so that is the last real token even when the pad id also occurs inside a
+text (the tiny tokenizer's "<pad>", id 0, only does if the text spells it out); only a text
+that ends with the pad token is read one token early. `set_pad_token` makes sure the id is set.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import LearnerConfig
+from rewards.data import DatasetError, read_jsonl
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen, rejected):
+    """(mean of -log sigmoid(chosen - rejected), share of pairs with chosen > rejected).
+
+    `chosen` and `rejected` are float tensors [N] of scalar scores, pair i in row i. The
+    loss is the negative log-likelihood that each chosen answer is preferred under the
+    Bradley-Terry model P(chosen > rejected) = sigmoid(s_c - s_r); logsigmoid keeps it
+    finite for large margins. Accuracy is a python float, for logging.
+    """
+    import torch.nn.functional as F
+
+    margin = chosen - rejected  # [N]
+    loss = -F.logsigmoid(margin).mean()
+    accuracy = float((margin > 0).float().mean())
+    return loss, accuracy
+
+
+# ---- pairs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference: for `prompt` (a bare question), answer `chosen` beats `rejected`."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    id: str
+
+
+def load_pairs(path: str | Path, what: str) -> list[Pair]:
+    """The pairs of a JSONL file of {"prompt", "chosen", "rejected"[, "id"]} rows.
+
+    Ids are the row's "id", else "<file name>:<row index>" (0-based, blank lines skipped).
+    Errors name `what` reads the file, the line and the field (rewards.data.read_jsonl).
+    """
+    rows = read_jsonl(path, ("prompt", "chosen", "rejected"), what)
+    name = Path(path).name
+    return [Pair(r["prompt"], r["chosen"], r["rejected"], str(r.get("id", f"{name}:{i}")))
+            for i, r in enumerate(rows)]
+
+
+def split_pairs(pairs: list[Pair], eval_fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): all pairs of one prompt on the same side, so the held-out accuracy
+    measures answers to unseen questions. Deterministic and stable as the file grows: a
+    prompt is held out when crc32(prompt) % 1000 < eval_fraction * 1000."""
+    cut = eval_fraction * 1000
+    held = [zlib.crc32(p.prompt.encode("utf-8")) % 1000 < cut for p in pairs]
+    train = [p for p, h in zip(pairs, held) if not h]
+    held_out = [p for p, h in zip(pairs, held) if h]
+    if not train or not held_out:
+        raise DatasetError(f"splitting {len(pairs)} pairs by prompt with eval_fraction={eval_fraction:g} "
+                           f"left {len(train)} to train and {len(held_out)} held out; both need pairs "
+                           "(more distinct prompts, or another reward_model.eval_fraction)")
+    return train, held_out
+
+
+# ---- tokens -----------------------------------------------------------------------------------
+
+
+def encode(tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
+    """Token ids of each text, keeping its LAST `max_len` tokens: a long prompt loses its
+    beginning, never the answer that is being judged (the score is read at the end)."""
+    return [np.asarray(ids[-max_len:], dtype=np.int64) for ids in tokenizer(texts)["input_ids"]]
+
+
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N, L], attention mask [N, L]) with L the longest sequence, padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)  # [N, L]
+    mask = np.zeros((len(seqs), width), dtype=np.int64)  # [N, L]
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], mask[row, :len(s)] = s, 1
+    return ids, mask
+
+
+def unpad(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The rows of right-padded ids [N, L] without their padding."""
+    return [row[:n] for row, n in zip(ids, mask.sum(axis=1))]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads reward-model batches: the tokenizer's pad token, else its eos."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has neither a pad nor an eos token; "
+                         "the reward model needs one to pad batches")
+    return int(pad)
+
+
+def set_pad_token(model, tokenizer) -> int:
+    """Give `model.config` a pad id (`pad_token_id(tokenizer)` unless it has one) and return it:
+    HF's classification models need it to find each sequence's last token in a batch."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id(tokenizer)
+    return int(model.config.pad_token_id)
+
+
+def sequence_scores(model, ids: np.ndarray, mask: np.ndarray):
+    """Scores [N] (float32) of right-padded sequences [N, L] under a sequence-classification
+    model with one label (or a DeepSpeed engine around one)."""
+    import torch
+
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    out = model(input_ids=torch.as_tensor(ids, device=device), attention_mask=torch.as_tensor(mask, device=device),
+                use_cache=False)
+    return out.logits[:, 0].float()  # [N]
+
+
+# ---- the trainer: one DeepSpeed rank ----------------------------------------------------------
+
+
+class RewardTrainer:
+    """One data-parallel rank of Bradley-Terry training; create `cfg.num_ranks` of these as Ray
+    actors (cluster/reward_model.py). Every ZeRO stage works: under ZeRO-3 every rank must
+    call `scores` (with the same data) and `save` together, since both gather the weights.
+
+    Loss normalisation is the learner's: each micro-batch's loss is weighted by its share of
+    the step's pairs over all ranks, so the gradient equals that of the whole batch at once.
+    """
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, seed: int, rank: int, master_addr: str,
+                 master_port: int):
+        gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU, as device 0
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu")
+        import warnings
+
+        import deepspeed
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from learner.learner import ds_config
+
+        # DeepSpeed calls torch.distributed functions that torch has deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(seed)  # the new score head starts alike on every rank
+        self.cfg, self.rank = cfg, rank
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+        attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
+        # From a causal LM folder: the LM head is dropped, the score head [1, hidden] is new.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=torch.float32, attn_implementation=attention)
+        self.pad_id = set_pad_token(model, AutoTokenizer.from_pretrained(model_path))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=ds_config(cfg))
+
+    def train_step(self, chosen_ids: np.ndarray, chosen_mask: np.ndarray, rejected_ids: np.ndarray,
+                   rejected_mask: np.ndarray, lr: float) -> dict[str, float]:
+        """One optimizer step on this rank's pairs: right-padded ids and masks [N, Lc], [N, Lr]
+        (pair i in row i of both). Chosen and rejected answers of a micro-batch go through one
+        forward pass together. Returns this rank's mean loss and accuracy, and the grad norm."""
+        chosen, rejected = unpad(chosen_ids, chosen_mask), unpad(rejected_ids, rejected_mask)
+        n, step = len(chosen), self.cfg.micro_batch_size
+        total = self._global_count(n)
+        loss_sum = correct = 0.0
+        for start in range(0, n, step):
+            m = len(chosen[start:start + step])
+            ids, mask = pad_right(chosen[start:start + step] + rejected[start:start + step], self.pad_id)  # [2m, L]
+            scores = sequence_scores(self.engine, ids, mask)  # [2m]: chosen then rejected
+            loss, accuracy = bradley_terry_loss(scores[:m], scores[m:])
+            self.engine.backward(loss * (m / total * self.cfg.num_ranks), scale_wrt_gas=False)
+            loss_sum, correct = loss_sum + loss.item() * m, correct + accuracy * m
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # finalises the gradients accumulated since the last step
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": float(norm) if norm is not None else 0.0}
+
+    def scores(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Scores [N] (float32) of right-padded sequences [N, L], without gradients."""
+        import torch
+
+        seqs, step = unpad(ids, mask), 2 * self.cfg.micro_batch_size  # a training micro-batch's rows
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                parts = [sequence_scores(self.engine, *pad_right(seqs[i:i + step], self.pad_id)).cpu().numpy()
+                         for i in range(0, len(seqs), step)]
+        finally:
+            self.engine.train()
+        return np.concatenate(parts)
+
+    def save(self, out_dir: str, tokenizer_dir: str) -> None:
+        """Write the model as an HF folder (safetensors + the tokenizer of `tokenizer_dir`) on
+        rank 0; every rank must call it (ZeRO-3 gathers the weights from all of them)."""
+        import torch
+        from transformers import AutoTokenizer
+
+        from cluster import weight_sync
+
+        weights = weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank)
+        if weights is None:
+            return
+        self.engine.module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
+                                           safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+
+    def _global_count(self, n: int) -> float:
+        """This step's pairs over all ranks (one all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([float(n)], dtype=torch.float64, device=next(self.engine.module.parameters()).device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return max(float(total[0]), 1.0)
