@@ -8,10 +8,12 @@ default (a local folder under the run folder, `wandb sync` uploads it later) or 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 from cluster.config import ConfigError, LoggingConfig
+from rewards.language import reasoning
 
 
 class MetricsLogger:
@@ -125,9 +127,20 @@ def rollout_metrics(samples: list, group_size: int) -> dict[str, float]:
         # Groups whose answers all score the same have zero advantage: they teach nothing.
         "groups/all_equal_fraction": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
     }
-    for name in samples[0].reward_breakdown:
-        out[f"reward/{name}"] = float(np.mean([s.reward_breakdown[name] for s in samples]))
+    for name in dict.fromkeys(k for s in samples for k in s.reward_breakdown):  # preference: some tasks only
+        out[f"reward/{name}"] = float(np.mean([s.reward_breakdown[name] for s in samples
+                                               if name in s.reward_breakdown]))
+    out["rollout/reflection_rate"] = float(np.mean([reflects(s.text) for s in samples]))
     return out
+
+
+REFLECTIVE = re.compile(r"\b(wait|let me (re)?check|verify|double[- ]check|re-?examine|reconsider)\b", re.IGNORECASE)
+"""The reflective phrases whose rise the R1 paper watched in R1-Zero's reasoning ("aha moment")."""
+
+
+def reflects(response: str) -> bool:
+    """Whether the reasoning (the text before </think>) holds a reflective phrase."""
+    return REFLECTIVE.search(reasoning(response)) is not None
 
 
 def throughput_metrics(samples: list, timings: dict[str, float], params: int) -> dict[str, float]:

@@ -91,3 +91,35 @@ def _gold(text: str, fmt: str, plain: bool) -> str | None:
         found = GSM8K_RE.findall(text)
         return found[-1].replace(",", "") if found else None
     return extract_answer(text)
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...], what: str) -> list[dict]:
+    """The rows of a local JSONL file, each checked to have the non-empty string `fields`.
+
+    Errors name `what` reads it (e.g. "stage cold_start"), the file, the 1-based line and the
+    field, so a bad row is found at load time rather than mid-run; an empty file is an error.
+    """
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"{what}: {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{what}: {path}:{line_no}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{what}: {path}:{line_no}: expected an object, got {type(row).__name__}")
+            for key in fields:
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    problem = "missing" if key not in row else f"not a non-empty string ({row[key]!r:.40})"
+                    raise DatasetError(f"{what}: {path}:{line_no}: field {key!r} is {problem}")
+            rows.append(row)
+    if not rows:
+        raise DatasetError(f"{what}: {path} has no rows")
+    return rows

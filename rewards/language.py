@@ -56,3 +56,8 @@ def language_consistency(response: str, language: str = "en") -> tuple[float, st
     scripts = SCRIPTS[language]
     inside = sum(_script(w).startswith(scripts) for w in words)
     return inside / len(words), f"{inside} of {len(words)} words in {language}"
+
+
+def scripts_of(response: str) -> set[str]:
+    """The scripts the reasoning's words are written in, e.g. {"LATIN", "CJK"}."""
+    return {_script(w) for w in _WORD.findall(reasoning(response))}

@@ -9,6 +9,7 @@ and its chunk scored again, once per call, so a run does not stop for a lost rew
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -16,8 +17,13 @@ from cluster.config import Config
 
 
 class RewardPool:
-    def __init__(self, cfg: Config, tasks: dict):
+    def __init__(self, cfg: Config, tasks: dict, render: Callable[[str], str] | None = None):
+        """`render` turns a question into the prompt text the policy saw, which the preference
+        model reads before the answer: a training pool passes it, and then tasks without a
+        verifier need `rewards.preference_model`. An evaluation pool (None) scores those tasks
+        by their reference answers only (`correct`)."""
         self.cfg, self.tasks = cfg, tasks
+        self.preference = _start_preference(cfg, tasks, render)
         self.workers = [self._start() for _ in range(cfg.rewards.num_workers)]
         self.restarts = 0
 
@@ -29,10 +35,17 @@ class RewardPool:
         from cluster.placement import requests
 
         return ray.remote(RewardWorker).options(**requests(self.cfg)["reward"].options()).remote(
-            self.cfg.rewards, self.tasks, self.cfg.rollout.max_new_tokens)
+            self.cfg.rewards, self.tasks, self.cfg.rollout.max_new_tokens, self.preference)
 
     def ready_refs(self) -> list:
-        return [w.__ray_ready__.remote() for w in self.workers]
+        scorer = [self.preference.actor.__ray_ready__.remote()] if self.preference else []
+        return [w.__ray_ready__.remote() for w in self.workers] + scorer
+
+    def shutdown(self) -> None:
+        """Stop the workers and the preference model's actor."""
+        from cluster.placement import release
+
+        release(self.workers + ([self.preference.actor] if self.preference else []))
 
     def score(self, samples: list, problems: dict, timeout_s: float) -> list[str]:
         """Fill in each sample's reward and breakdown from `problems[sample.prompt_id]`;
@@ -78,3 +91,40 @@ class Scoring:
     samples: list
     problems: dict
     parts: list[tuple]
+
+
+@dataclass
+class RemotePreference:
+    """The reward workers' handle on the preference-model actor (rewards/preference.py): a
+    callable that scores (question, answer) pairs; it renders each question as the policy saw
+    it. One actor serves every worker, batching each call's answers."""
+
+    actor: object
+    render: Callable[[str], str]
+    timeout_s: float
+
+    def __call__(self, questions: list[str], responses: list[str]) -> list[float]:
+        import ray
+
+        return ray.get(self.actor.score.remote([self.render(q) for q in questions], responses),
+                       timeout=self.timeout_s)
+
+
+def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | None) -> RemotePreference | None:
+    """The preference-model actor, when a task has no verifier; else None."""
+    import ray
+
+    from cluster.config import ConfigError
+    from rewards.preference import PreferenceScorer
+    from rewards.tasks import without_verifier
+
+    judged = without_verifier(tasks)
+    if not judged or render is None:
+        return None
+    r = cfg.rewards
+    if not r.preference_model:
+        raise ConfigError(f"task(s) {', '.join(judged)} have no rule verifier: set rewards.preference_model "
+                          "to a reward-model folder (r1ray train-rm) to score them")
+    actor = ray.remote(PreferenceScorer).options(num_cpus=r.num_cpus).remote(
+        r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len)
+    return RemotePreference(actor, render, cfg.cluster.timeout_s)

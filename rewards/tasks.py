@@ -207,6 +207,36 @@ class Code:
                           timeout_s=self.timeout_s, memory_mb=self.memory_mb)
 
 
+@dataclass(frozen=True)
+class General:
+    """Prompts with no rule verifier (R1's general data: writing, QA, ...), from a JSONL of
+    prompt/response rows. In RL the preference model scores their answers (`verifier` is
+    False); `check` compares the final answer with a row's optional "answer" field, which
+    only evaluation reads."""
+
+    train: tuple[Problem, ...]
+    eval: tuple[Problem, ...]
+    name: str = "general"
+    verifier: bool = False
+
+    def sample(self, rng: random.Random, split: str) -> Problem:
+        _check_split(split)
+        return rng.choice(self.train if split == "train" else self.eval)
+
+    def problems(self, seed: int, n: int) -> list[Problem]:
+        return list(self.eval[:n])
+
+    def check(self, response: str, problem: Problem) -> tuple[float, str]:
+        if problem.reference is None:
+            return 0.0, "no reference answer"
+        got = final_answer(clean(response))
+        if got is None:
+            return 0.0, "no answer tag"
+        if got.strip() != problem.reference:
+            return 0.0, f"differs: {got.strip()[:30]!r}"
+        return 1.0, "matches the reference"
+
+
 def _digest(text: str) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
@@ -240,6 +270,11 @@ class Mixture:
     def with_traces(self) -> list[str]:
         """The tasks that can write reference traces for cold-start SFT."""
         return [t for t, task in self.tasks.items() if hasattr(task, "reference_trace")]
+
+
+def without_verifier(tasks: dict[str, Task]) -> list[str]:
+    """The names of the tasks whose answers only a preference model can score."""
+    return [name for name, task in tasks.items() if not getattr(task, "verifier", True)]
 
 
 def _distinct(task: Task, seed: int, n: int) -> list[Problem]:
@@ -280,8 +315,33 @@ def build_mixture(cfg: TaskConfig) -> Mixture:
             raise ConfigError(f"task.code.weight={cfg.code.weight:g} needs the code sandbox: {missing}")
         c = cfg.code
         tasks["code"] = Code(tuple(code.humaneval_problems()), c.partial_credit, c.timeout_s, c.memory_mb)
+    if cfg.general.weight > 0:
+        tasks["general"] = _general(cfg)
     weights = {t: getattr(cfg, t).weight for t in tasks}
     return Mixture(tasks, weights)
+
+
+def _general(cfg: TaskConfig) -> General:
+    from rewards.data import DatasetError, read_jsonl
+
+    def load(path: str) -> list[Problem]:
+        try:
+            rows = read_jsonl(path, ("prompt", "response"), "task.general")
+        except DatasetError as err:
+            raise ConfigError(str(err)) from None
+        return [Problem(str(r.get("id", f"general-{_digest(r['prompt'])}")), "general", r["prompt"],
+                        str(r["answer"]).strip() if "answer" in r else None) for r in rows]
+
+    train = load(cfg.general.path)
+    if cfg.general.eval_path:
+        evals = load(cfg.general.eval_path)
+    else:
+        evals = [p for p in train if held_out(p.prompt)]
+        train = [p for p in train if not held_out(p.prompt)]
+    if not train or not evals:
+        raise ConfigError(f"task.general: {cfg.general.path} leaves {len(train)} train and {len(evals)} "
+                          "held-out prompts; give more rows or task.general.eval_path")
+    return General(tuple(train), tuple(evals))
 
 
 def _math_dataset(cfg: TaskConfig) -> MathDataset:

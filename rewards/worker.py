@@ -13,11 +13,15 @@ the batch goes on. Checkers therefore need no time limits of their own.
 Total reward = correct_weight * correct + format_weight * format
              + language_weight * language + length_weight * length,
 with correct, format and language in [0, 1] and the overlong penalty `length` in [-1, 0].
+For a task with no rule verifier (task.general) the preference model's normalised score
+takes the place of `correct` in the total (reported as `preference`); `correct` is then the
+evaluation-only comparison with a reference answer, which no reward reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from cluster.config import RewardsConfig
 from rewards.format import format_reward
@@ -56,12 +60,18 @@ def _check(task: str, response: str, problem) -> tuple[float, str]:
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardsConfig, tasks: dict, max_new_tokens: int):
+    def __init__(self, cfg: RewardsConfig, tasks: dict, max_new_tokens: int,
+                 preference: Callable[[list[str], list[str]], list[float]] | None = None):
+        """`preference(questions, responses)` scores answers of tasks without a verifier
+        (normalised); a run with such tasks must pass one."""
         import multiprocessing
 
         from pebble import ProcessPool
 
+        from rewards.tasks import without_verifier
+
         self.cfg, self.tasks, self.max_new_tokens = cfg, tasks, max_new_tokens
+        self.preference, self.unverified = preference, set(without_verifier(tasks))
         # Spawned, not forked: the worker is a threaded Ray process.
         self.pool = ProcessPool(max_workers=cfg.processes, initializer=_install, initargs=(tasks,),
                                 context=multiprocessing.get_context("spawn"))
@@ -77,7 +87,13 @@ class RewardWorker:
             raise ValueError(f"no checker for task(s) {', '.join(unknown)}; this worker has {', '.join(self.tasks)}")
         futures = [self.pool.schedule(_check, args=(p.task, r, p), timeout=self.cfg.timeout_s)
                    for r, p in zip(responses, problems)]
-        return [self._total(r, *self._verdict(f), n) for r, f, n in zip(responses, futures, lengths)]
+        judged = [i for i, p in enumerate(problems) if p.task in self.unverified]
+        preferred: dict[int, float] = {}
+        if judged and self.preference is not None:  # while the checkers run
+            scores = self.preference([problems[i].prompt for i in judged], [responses[i] for i in judged])
+            preferred = dict(zip(judged, scores))
+        return [self._total(r, *self._verdict(f), n, preferred.get(i))
+                for i, (r, f, n) in enumerate(zip(responses, futures, lengths))]
 
     def _verdict(self, future) -> tuple[float, str]:
         from concurrent.futures import TimeoutError as FutureTimeout
@@ -93,14 +109,19 @@ class RewardWorker:
         except Exception as err:  # the checker raised: the answer is not scorable
             return 0.0, f"error: {type(err).__name__}: {str(err)[:200]}"
 
-    def _total(self, response: str, correct: float, reason: str, length: int) -> Score:
+    def _total(self, response: str, correct: float, reason: str, length: int,
+               preference: float | None = None) -> Score:
         fmt, _ = format_reward(response)
         lang, _ = language_consistency(response, self.cfg.language)
         long = overlong_penalty(length, self.max_new_tokens, self.cfg.overlong_buffer)
         c = self.cfg
-        total = (c.correct_weight * correct + c.format_weight * fmt + c.language_weight * lang
+        judged = correct if preference is None else preference
+        total = (c.correct_weight * judged + c.format_weight * fmt + c.language_weight * lang
                  + c.length_weight * long)
-        return Score(total, {"correct": correct, "format": fmt, "language": lang, "length": long}, reason)
+        parts = {"correct": correct, "format": fmt, "language": lang, "length": long}
+        if preference is not None:
+            parts["preference"] = float(preference)
+        return Score(total, parts, reason)
 
     def close(self) -> None:
         self.pool.stop()

@@ -124,3 +124,40 @@ def test_a_math_power_tower_is_killed_at_the_limit_and_symbolic_answers_still_ve
         assert (symbolic.breakdown["correct"], symbolic.reason) == (1.0, "correct")
     finally:
         worker.close()
+
+
+def test_tasks_without_a_verifier_are_scored_by_the_preference_model():
+    """The preference score replaces `correct` in the total; `correct` stays the evaluation-only
+    comparison with the reference answer, which no reward reads."""
+    from rewards.tasks import General
+
+    general = General((), ())
+    asked = []
+
+    def preference_stand_in(questions, responses):  # a unit-test double of the scorer actor
+        asked.append((questions, responses))
+        return [0.25] * len(responses)
+
+    cfg = RewardsConfig(correct_weight=1.0, format_weight=0.1)
+    w = RewardWorker(cfg, {"arithmetic": ADD, "general": general}, 32, preference_stand_in)
+    try:
+        sort = Problem("s", "general", "sort 3 1 2", "1 2 3")
+        right = "in order</think><answer>1 2 3</answer>"
+        got = w.score([right, right, "x</think><answer>85</answer>"], [sort, sort, problem("85")])
+    finally:
+        w.close()
+    assert asked == [(["sort 3 1 2", "sort 3 1 2"], [right, right])]  # one batched call, general only
+    assert got[0].reward == pytest.approx(0.25 + 0.1)
+    assert got[0].breakdown["correct"] == 1.0 and got[0].breakdown["preference"] == 0.25
+    assert got[2].reward == pytest.approx(1.1) and "preference" not in got[2].breakdown
+
+
+def test_a_training_pool_refuses_unverified_tasks_without_a_preference_model():
+    from cluster.config import ConfigError, load_config
+    from rewards.pool import _start_preference
+    from rewards.tasks import General
+
+    cfg = load_config(None, [])
+    with pytest.raises(ConfigError, match="task.s. general have no rule verifier: set rewards.preference_model"):
+        _start_preference(cfg, {"general": General((), ())}, str)
+    assert _start_preference(cfg, {"general": General((), ())}, None) is None  # evaluation pools need none

@@ -115,3 +115,28 @@ def test_chat_template_asks_arithmetic_in_words_and_can_take_the_last_number():
     assert task.check(f"It is {p.reference.answer}.", p) == (1.0, "correct")
     assert task.check(f"\\boxed{{{int(p.reference.answer) + 1}}} or {p.reference.answer}", p)[0] == 0.0  # marked wins
     assert mixture().tasks["arithmetic"].check(f"It is {p.reference.answer}.", p) == (0.0, "no answer tag")
+
+
+def test_general_prompts_come_from_jsonl_and_are_checked_only_against_their_reference(tmp_path):
+    import json
+    import random
+
+    from cluster.config import ArithmeticTaskConfig, ConfigError, GeneralTaskConfig, TaskConfig
+    from rewards import sorting
+    from rewards.tasks import build_mixture, without_verifier
+
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sorting.sft_rows(random.Random(0), 300)))
+    mixture = build_mixture(TaskConfig(arithmetic=ArithmeticTaskConfig(weight=0.0),
+                                       general=GeneralTaskConfig(weight=1.0, path=str(path))))
+    general = mixture.tasks["general"]
+    assert without_verifier(mixture.tasks) == ["general"]
+    held = general.problems(0, 1000)
+    assert 10 < len(held) < 60 and not {p.prompt for p in held} & {p.prompt for p in general.train}
+    p = held[0]
+    right = sorting.answer_text(sorted(int(d) for d in p.prompt.split()[1:]))
+    assert general.check(right, p) == (1.0, "matches the reference")
+    assert general.check(right.replace("<answer>", "<answer>9 "), p)[0] == 0.0
+    path.write_text(json.dumps({"prompt": "sort 1 2"}) + "\n")
+    with pytest.raises(ConfigError, match=r"task.general: .*general.jsonl:1: field 'response' is missing"):
+        build_mixture(TaskConfig(general=GeneralTaskConfig(weight=1.0, path=str(path))))
