@@ -93,6 +93,12 @@ class RolloutPool:
                 raise EngineDiedError(index, _cause(err)) from None
             yield [(offset + i, samples) for i, samples in done]
 
+    def shutdown(self) -> None:
+        """Stop every rollout actor (their CPUs go back to the cluster)."""
+        from cluster.placement import release
+
+        release(self.actors, self.pg)
+
     def restart(self, index: int) -> None:
         """Replace actor `index` with a fresh one (initial weights, version 0)."""
         import ray

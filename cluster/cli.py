@@ -1,4 +1,4 @@
-"""The `r1ray` command: `r1ray train ...`, `r1ray eval ...`.
+"""The `r1ray` command: `r1ray train ...`, `r1ray eval ...`, `r1ray pipeline ...`, ...
 
 Subcommands dispatch with a plain `if` so every entry point can be found with grep.
 """
@@ -20,17 +20,20 @@ def run(body: Callable[[], object]) -> int:
     from cluster.config import ConfigError
     from cluster.placement import ClusterError
     from cluster.checkpoint import Stopped
+    from cluster.recipe import StageError
+    from cluster.rejection import NothingKeptError
     from cluster.weight_sync import WeightSyncError
+    from rewards.data import DatasetError
 
     try:
         body()
     except Stopped as err:
         print(f"r1ray: {err}", file=sys.stderr)
         return 128 + err.signum
-    except (ConfigError, ClusterError, PromptTooLongError) as err:
+    except (ConfigError, ClusterError, PromptTooLongError, DatasetError, StageError) as err:
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2
-    except (WeightSyncError, EngineDiedError) as err:
+    except (WeightSyncError, EngineDiedError, NothingKeptError) as err:
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 1
     except ray.exceptions.GetTimeoutError:
@@ -56,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: r1ray train [--config FILE] [--resume RUN_DIR] [key=value ...]\n"
               "       r1ray eval --model PATH --task NAME [--k 8] [--prompts 200] [key=value ...]\n"
-              "       r1ray plot RUN_DIR [--out FILE.png]\n\n"
-              "  train   cold-start SFT then GRPO on a local or remote Ray cluster\n"
-              "  eval    pass@1 (greedy, sampled), pass@k and maj@k of a model on held-out problems\n"
-              "  plot    reward, response length and KL curves of a run, from its metrics.jsonl")
+              "       r1ray plot RUN_DIR [--out FILE.png]\n"
+              "       r1ray pipeline RECIPE.yaml [--redo STAGE]\n"
+              "       r1ray train-rm --data PAIRS.jsonl --out DIR [--config FILE] [key=value ...]\n"
+              "       r1ray distill --teacher PATH --student PATH_OR_CONFIG --task NAME [--out DIR] [key=value ...]\n\n"
+              "  train     cold-start SFT then GRPO on a local or remote Ray cluster\n"
+              "  eval      pass@1 (greedy, sampled), pass@k and maj@k of a model on held-out problems\n"
+              "  plot      reward, response length and KL curves of a run, from its metrics.jsonl\n"
+              "  pipeline  a recipe's stages in order (R1: cold start, RL, rejection sampling, SFT, RL)\n"
+              "  train-rm  a Bradley-Terry reward model from (prompt, chosen, rejected) pairs\n"
+              "  distill   a teacher's verified reasoning traces learned by a student with SFT")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -74,7 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.plot import main as plot_main
 
         return plot_main(rest)
-    print(f"r1ray: unknown command {command!r}; valid: train, eval, plot", file=sys.stderr)
+    if command == "pipeline":
+        from cluster.recipe import main as pipeline_main
+
+        return pipeline_main(rest)
+    if command == "train-rm":
+        from cluster.reward_model import main as rm_main
+
+        return rm_main(rest)
+    if command == "distill":
+        from cluster.distill import main as distill_main
+
+        return distill_main(rest)
+    print(f"r1ray: unknown command {command!r}; valid: train, eval, plot, pipeline, train-rm, distill",
+          file=sys.stderr)
     return 2
 
 

@@ -46,7 +46,7 @@ class ModelConfig:
     """Tiny model only: seed of the random initialisation."""
 
 
-TASKS = ("arithmetic", "countdown", "knights", "math", "code")
+TASKS = ("arithmetic", "countdown", "knights", "math", "code", "general")
 """The task kinds, in the order a mixture lists them."""
 
 
@@ -120,6 +120,19 @@ class CodeTaskConfig:
 
 
 @dataclass(frozen=True)
+class GeneralTaskConfig:
+    weight: float = _f(0.0, lo=0.0)
+    """Share of prompts with no rule verifier (R1's general data): scored in RL by the
+    preference model (`rewards.preference_model`), which this task needs."""
+    path: str = _f("")
+    """A JSONL of {"prompt", "response"} rows (the response is what SFT learns; RL reads only
+    the prompt). An optional "answer" field is compared exactly with the final answer in
+    evaluation only, never as a reward."""
+    eval_path: str = _f("")
+    """Held-out rows of the same layout; empty holds out a tenth of `path`'s prompts."""
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """The prompt sources: every task whose weight is above 0 joins the run's mixture."""
 
@@ -128,6 +141,7 @@ class TaskConfig:
     knights: KnightsTaskConfig = field(default_factory=KnightsTaskConfig)
     math: MathTaskConfig = field(default_factory=MathTaskConfig)
     code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
+    general: GeneralTaskConfig = field(default_factory=GeneralTaskConfig)
     eval_prompts: int = _f(200, lo=0)
     """Held-out prompts scored greedily before and after RL (0 to skip), shared out over
     the tasks by weight."""
@@ -226,6 +240,15 @@ class RewardsConfig:
     overlong_buffer: int = _f(0, lo=0)
     """Tokens before the budget where the overlong penalty starts (0: only answers that hit
     the budget get -1)."""
+    preference_model: str = _f("")
+    """A reward-model folder written by `r1ray train-rm`: it scores the answers of tasks that
+    have no rule verifier (task.general), in place of the checker's `correct`."""
+    preference_normalize: str = _f("calibrated", choices=("calibrated", "sigmoid", "none"))
+    """How a raw preference score becomes a reward before it mixes with rule rewards:
+    calibrated = sigmoid((s - mean) / std) with the mean and std of the model's scores on its
+    held-out pairs (saved by train-rm), sigmoid = sigmoid(s), none = s as is."""
+    preference_batch: int = _f(32, lo=1)
+    """Answers per forward pass of the preference model."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +330,55 @@ class ColdStartConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on JSONL traces (`r1ray pipeline` sft stages, `r1ray distill`)."""
+
+    epochs: float = _f(1.0, lo=0.0, lo_open=True)
+    """Passes over the data (fractions stop part-way)."""
+    tokens_per_step: int = _f(4096, lo=16)
+    """Packed tokens per optimizer step (rows of rollout.max_model_len tokens)."""
+    lr: float = _f(1e-3, lo=0.0, lo_open=True)
+    """Peak learning rate; linear warm-up over the first tenth, then cosine to a tenth."""
+    mix_path: str = _f("")
+    """General SFT data (JSONL of prompt/response) mixed with the main data."""
+    mix_ratio: float = _f(0.0, lo=0.0)
+    """General rows per main row (e.g. 0.33: one general example per three reasoning ones),
+    drawn with replacement from `mix_path`."""
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    """Rejection sampling (R1 stage 3, distillation's teacher traces)."""
+
+    prompts: int = _f(256, lo=1)
+    """Train prompts sampled from the task mixture."""
+    k: int = _f(8, lo=1)
+    """Samples per prompt."""
+    min_tokens: int = _f(1, lo=1)
+    """Shortest kept answer, in tokens."""
+    max_tokens: int = _f(0, lo=0)
+    """Longest kept answer (0: rollout.max_new_tokens; truncated answers are never kept)."""
+    min_language: float = _f(1.0, lo=0.0, hi=1.0)
+    """Least language-consistency score (rewards.language) a kept answer has."""
+    per_prompt: int = _f(0, lo=0)
+    """Distinct answers kept per prompt (0: all that pass)."""
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """`r1ray train-rm`: a Bradley-Terry reward model on a causal LM with a scalar head."""
+
+    epochs: float = _f(2.0, lo=0.0, lo_open=True)
+    """Passes over the training pairs."""
+    batch_size: int = _f(32, lo=1)
+    """Pairs per optimizer step."""
+    lr: float = _f(5e-4, lo=0.0, lo_open=True)
+    """Learning rate (linear warm-up over the first tenth of the steps)."""
+    eval_fraction: float = _f(0.1, lo=0.0, hi=0.5, lo_open=True)
+    """Share of pairs held out (by prompt) for pairwise accuracy and score calibration."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = _f(0, lo=0)
     """Score the held-out problems every this many GRPO steps (0: only before and after RL,
@@ -371,6 +443,9 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -388,6 +463,9 @@ class Config:
         if t.math.weight > 0 and not t.math.path:
             raise ConfigError(f"task.math.weight={t.math.weight:g} needs task.math.path (a .jsonl, "
                               ".json or .parquet file, or a hub dataset name)")
+        if t.general.weight > 0 and not t.general.path:
+            raise ConfigError(f"task.general.weight={t.general.weight:g} needs task.general.path (a JSONL "
+                              "of prompt/response rows)")
         if t.code.weight > 0 and t.code.timeout_s >= self.rewards.timeout_s:
             raise ConfigError(f"task.code.timeout_s={t.code.timeout_s:g} must be below rewards.timeout_s="
                               f"{self.rewards.timeout_s:g}, the reward worker's limit per sample")
@@ -507,6 +585,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-5")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return config_from_tree(tree)
+
+
+def config_from_tree(tree: dict) -> Config:
+    """A validated Config from a nested dict (a parsed YAML file)."""
     try:
         return _build(Config, tree, "")
     except ConfigError:

@@ -131,13 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_model(args: argparse.Namespace) -> None:
     """`r1ray eval`: start engines and reward workers for one task and print its table."""
-    import ray
-
-    from actors.pool import RolloutPool
     from cluster import placement
     from cluster.config import TASKS
     from cluster.train import resolve_model
-    from rewards.pool import RewardPool
     from rewards.tasks import build_mixture
 
     if args.task not in TASKS:
@@ -150,11 +146,27 @@ def _evaluate_model(args: argparse.Namespace) -> None:
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
     placement.connect(cfg)
-    rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
-    ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
-    results = evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, args.k,
-                       progress=True, prefix="")
+    results = evaluate_model(cfg, model_path, tasks.tasks, problems, args.k, progress=True)
     print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
+
+
+def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Problem], k: int = 1,
+                   progress: bool = False) -> dict[str, float]:
+    """`evaluate` with engines and reward workers of its own, stopped afterwards (keys without
+    the eval/ prefix, e.g. pass@1/greedy). Ray must be connected."""
+    import ray
+
+    from actors.pool import RolloutPool
+    from rewards.pool import RewardPool
+
+    rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)
+    try:
+        ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
+        return evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, k,
+                        progress=progress, prefix="")
+    finally:
+        rollouts.shutdown()
+        rewarders.shutdown()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -179,3 +179,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def release(actors: list, group=None) -> None:
+    """Stop `actors` and free their placement group's reservation, so that the next stage's
+    actors (in the same Ray session) can be placed."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
+    if group is not None:
+        ray.util.remove_placement_group(group)

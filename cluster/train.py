@@ -38,6 +38,7 @@ from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
+from learner.models import write_provenance
 from rewards.pool import RewardPool
 from rewards.tasks import Mixture, Problem, build_mixture
 
@@ -110,6 +111,7 @@ def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=cfg.cluster.timeout_s)
+    write_provenance(run_dir / "model", kind="rl", step=cfg.algorithm.steps, base=model_path, run=str(run_dir))
     _finish(run_dir, logger, results, started)
     return results
 
@@ -153,27 +155,16 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Pr
 def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     """Create the learner ranks (packed in a placement group), rollout actors, reward workers."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from learner.learner import Learner
 
-    learner_pg, rollout_pg = placement.learner_group(cfg), placement.rollout_group(cfg)
+    learners, learner_pg = start_learners(cfg, Learner, model_path, cfg.learner, cfg.algorithm,
+                                          cfg.rollout.temperature)
     nodes = placement.nodes_of(learner_pg)
-    master, port = placement.node_address(nodes[0]), placement.free_port_on(nodes[0])  # rank 0's rendezvous
-    # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
-                                str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))
-    learner_env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "TORCH_EXTENSIONS_DIR": extensions,
-                   "DS_ACCELERATOR": "cuda" if cfg.learner.num_gpus else "cpu"}
-    learners = [
-        ray.remote(Learner).options(
-            **placement.requests(cfg)["learner"].options(), runtime_env={"env_vars": learner_env},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=rank),
-        ).remote(model_path, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank, master, port)
-        for rank in range(cfg.learner.num_ranks)
-    ]
+    rollout_pg = placement.rollout_group(cfg)
     rollouts = RolloutPool(cfg, model_path, rollout_pg)  # engines in the learner's precision
-    rewarders = RewardPool(cfg, tasks.tasks)
+    fmt = prompt_format(cfg, model_path)
+    rewarders = RewardPool(cfg, tasks.tasks, fmt.render)
     print(f"r1ray: placement: {len(nodes)} learner rank(s) on node(s) {_short(nodes)}, "
           f"{cfg.rollout.num_engines} rollout actor(s) on node(s) {_short(placement.nodes_of(rollout_pg))}",
           flush=True)
@@ -183,7 +174,33 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
     params = ray.get(learners[0].num_params.remote(), timeout=cfg.cluster.timeout_s)
-    return Actors(learners, rollouts, rewarders, sync, prompt_format(cfg, model_path), params)
+    return Actors(learners, rollouts, rewarders, sync, fmt, params)
+
+
+def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
+    """`learner.num_ranks` Ray actors of `cls` (the policy's Learner, or the reward model's
+    trainer), packed in a placement group, each built as `cls(*args, rank, master, port)`
+    with rank 0's node as the rendezvous; returns them and their placement group (release
+    both with `placement.release`)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement.learner_group(cfg)
+    nodes = placement.nodes_of(group)
+    master, port = placement.node_address(nodes[0]), placement.free_port_on(nodes[0])  # rank 0's rendezvous
+    # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
+                                str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))
+    env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "TORCH_EXTENSIONS_DIR": extensions,
+           "DS_ACCELERATOR": "cuda" if cfg.learner.num_gpus else "cpu"}
+    ranks = [
+        ray.remote(cls).options(
+            **placement.requests(cfg)["learner"].options(), runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+        ).remote(*args, rank, master, port)
+        for rank in range(cfg.learner.num_ranks)
+    ]
+    return ranks, group
 
 
 def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int,

@@ -184,3 +184,16 @@ def parameter_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 def count_parameters(model_dir: str | Path) -> int:
     """Number of parameters in a saved model folder, read from its safetensors headers."""
     return sum(math.prod(shape) for shape in parameter_shapes(model_dir).values())
+
+
+PROVENANCE = "r1ray_model.json"
+"""What made a model folder: the stage kind, its step count, the model it started from."""
+
+
+def write_provenance(model_dir: str | Path, **info) -> None:
+    (Path(model_dir) / PROVENANCE).write_text(json.dumps(info, indent=2))
+
+
+def read_provenance(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / PROVENANCE
+    return json.loads(path.read_text()) if path.is_file() else {}

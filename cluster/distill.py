@@ -1,0 +1,95 @@
+"""Distillation (DeepSeek-R1, section 2.4): a teacher's verified reasoning traces, learned by a
+smaller student with SFT alone, no RL.
+
+    r1ray distill --teacher runs/r1/final_rl/model --student configs/student.yaml --task arithmetic
+    r1ray distill --teacher T --student PATH --task arithmetic --out runs/distill rejection.k=4
+
+1. The teacher samples `rejection.k` answers to `rejection.prompts` train prompts on the
+   rollout engines; the verifier (and the format and readability filters of
+   cluster/rejection.py) keep the correct ones -> OUT/traces.jsonl.
+2. The student is fine-tuned on them (cluster/sft.py) -> OUT/student.
+3. Teacher, student before and student after are scored greedily on the same held-out prompts.
+The student is an HF folder, a YAML config whose `model` group describes it ("tiny" builds a
+model of that shape), or "tiny" with model.* overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from cluster import cli
+from cluster.config import TASKS, Config, ConfigError, load_config
+
+
+def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = "distill") -> dict[str, float]:
+    """Steps 1-3 above, with `cfg`'s task mixture; writes OUT/traces.jsonl, OUT/student and
+    OUT/results.json and returns the results. Ray must be connected."""
+    from cluster.evaluate import evaluate_model
+    from cluster.rejection import rejection_sample
+    from cluster.sft import sft
+    from rewards.tasks import build_mixture
+
+    tasks = build_mixture(cfg.task)
+    problems = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    traces, model = out_dir / "traces.jsonl", out_dir / "student"
+    results = {f"teacher/{k}": v for k, v in evaluate_model(cfg, teacher, tasks.tasks, problems).items()}
+    results |= {f"student_before/{k}": v for k, v in evaluate_model(cfg, student, tasks.tasks, problems).items()}
+    results |= rejection_sample(cfg, teacher, traces, f"{what}: teacher traces")
+    results |= sft(cfg, student, traces, model, f"{what}: student SFT")
+    results |= {f"student/{k}": v for k, v in evaluate_model(cfg, str(model), tasks.tasks, problems).items()}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def student_model(spec: str, cfg: Config) -> str:
+    """The student's HF folder from --student: a folder, a YAML config (its model group), or
+    "tiny" (cfg's model group)."""
+    from cluster.train import resolve_model
+
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"--student {spec}: no such config file")
+        model = load_config(path).model
+        return resolve_model(dataclasses.replace(cfg, model=model))
+    return resolve_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=spec)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1ray distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", required=True, help="the teacher's HF model folder")
+    parser.add_argument("--student", required=True, help="an HF model folder, a YAML config with a model group, "
+                        "or tiny (with model.* overrides)")
+    parser.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/distill-<time>)")
+    parser.add_argument("--config", help="YAML config for the engines, filters and SFT")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rejection.k=4 sft.epochs=2")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        from cluster import placement
+        from cluster.evaluate import print_table
+        from cluster.train import resolve_model
+
+        if args.task not in TASKS:
+            raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
+        weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
+        cfg = load_config(args.config, [*weights, "cold_start.steps=0", *args.overrides])
+        teacher = resolve_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.teacher)))
+        student = student_model(args.student, cfg)
+        out = args.out or Path(cfg.cluster.runs_dir) / time.strftime("distill-%Y%m%d-%H%M%S")
+        placement.connect(cfg)
+        results = distill(cfg, teacher, student, out)
+        print_table(results, f"r1ray distill: {args.task}, teacher {teacher} -> student {out / 'student'}")
+
+    return cli.run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

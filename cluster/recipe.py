@@ -1,0 +1,407 @@
+"""`r1ray pipeline FILE`: a recipe's named stages in order, each one's output feeding the next.
+
+    r1ray pipeline configs/r1.yaml              # runs what is not done yet, then the summary
+    r1ray pipeline configs/r1.yaml --redo final_rl   # runs that stage (and the ones after) again
+
+A recipe file:
+    name: r1-mini              # its folder: <config.cluster.runs_dir>/<name>/<stage name>/
+    config: {...}              # the config every stage starts from (the keys of a train config)
+    evaluate: {prompts: 100, set: {...}}   # held-out greedy accuracy after each model stage
+    stages:
+      - {name: cold_start, kind: sft, data: "@traces", set: {sft: {epochs: 2}}}
+A string "@name" anywhere in a stage or in `evaluate.set` stands for stage `name`'s output (a
+model folder or a JSONL file); `model` is the model a stage starts from (default: the
+config's). `set` holds config keys for this stage only.
+
+Stage kinds and what each writes in its folder:
+    traces        data.jsonl    reference reasoning traces of the tasks that write them (`rows`)
+    general       data.jsonl    the toy general data (rewards/sorting.py; `rows`)
+    pairs         data.jsonl    preference pairs for it (`rows`)
+    sft           model/        SFT on `data` (+ sft.mix_path at sft.mix_ratio)       cluster/sft.py
+    rl            model/        GRPO, a normal run folder with checkpoints           cluster/train.py
+    rejection     data.jsonl    rejection-sampled answers of `model`                  cluster/rejection.py
+    reward_model  model/        a Bradley-Terry reward model on `data` pairs          cluster/reward_model.py
+    distill       student/      `model`'s verified traces learned by `student`       cluster/distill.py
+A stage is done when its folder has done.json (written last): done stages are skipped. An
+unfinished rl stage resumes from its newest checkpoint; other stages start again (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster import cli
+from cluster.config import Config, ConfigError, config_from_tree
+
+OUTPUTS = {"traces": "data.jsonl", "general": "data.jsonl", "pairs": "data.jsonl", "sft": "model", "rl": "model",
+           "rejection": "data.jsonl", "reward_model": "model", "distill": "student"}
+NEEDS_DATA = ("sft", "reward_model")
+DATA_STAGES = ("traces", "general", "pairs")
+"""Stages that write data without actors (no Ray session)."""
+MODEL_STAGES = ("sft", "rl", "distill")
+"""Stages whose output is a policy, evaluated after they run."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: its input is missing or empty; the message names stage and path."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str
+    model: str = ""
+    """"@stage" or a folder; empty: the recipe config's model."""
+    data: str = ""
+    """"@stage" or a JSONL file: SFT rows, or preference pairs for reward_model."""
+    student: dict = field(default_factory=dict)
+    """distill: the student's `model` config group (or {"path": folder or "@stage"})."""
+    rows: int = 0
+    """traces, general, pairs: rows to write."""
+    set: dict = field(default_factory=dict)
+    """Config keys for this stage only (nested like the config file)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    config: dict
+    stages: list[Stage]
+    eval_prompts: int
+    eval_set: dict
+    folder: Path
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and check a recipe file: kinds, unique names, references to earlier stages only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(tree) - {"name", "config", "evaluate", "stages"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid: name, config, evaluate, stages")
+    if not tree.get("stages"):
+        raise ConfigError(f"{path}: no stages")
+    stages, seen = [], []
+    for i, raw in enumerate(tree["stages"]):
+        if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
+            raise ConfigError(f"{path}: stage {i + 1} needs a name and a kind, got {raw!r}")
+        try:
+            stage = Stage(**raw)
+        except TypeError:
+            valid = ", ".join(Stage.__dataclass_fields__)
+            raise ConfigError(f"{path}: stage {raw['name']!r} has an unknown key; valid: {valid}") from None
+        if stage.kind not in OUTPUTS:
+            raise ConfigError(f"{path}: stage {stage.name!r}: kind {stage.kind!r} is not one of {', '.join(OUTPUTS)}")
+        if stage.name == "base" or not stage.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: stage name {stage.name!r}: use letters, digits, - and _ (not base)")
+        if stage.name in seen:
+            raise ConfigError(f"{path}: stage name {stage.name!r} is used twice")
+        for ref in _references(raw):
+            if ref not in seen:
+                raise ConfigError(f"{path}: stage {stage.name!r} refers to @{ref}, which is not an earlier stage")
+        if stage.kind in NEEDS_DATA and not stage.data:
+            raise ConfigError(f"{path}: stage {stage.name!r} ({stage.kind}) needs data: a JSONL file or @stage")
+        seen.append(stage.name)
+        stages.append(stage)
+    evaluate = tree.get("evaluate") or {}
+    for ref in _references(evaluate):
+        if ref not in seen:
+            raise ConfigError(f"{path}: evaluate refers to @{ref}, which is not a stage")
+    config = tree.get("config") or {}
+    if _references(config):
+        raise ConfigError(f"{path}: config refers to @{_references(config)[0]}; stage outputs go in a stage's "
+                          "set or in evaluate.set")
+    base = config_from_tree(config)  # checks the shared config once
+    name = tree.get("name") or path.stem
+    return Recipe(name, config, stages, int(evaluate.get("prompts", 100)), evaluate.get("set") or {},
+                  Path(base.cluster.runs_dir).expanduser().resolve() / name)
+
+
+def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
+    """Run the stages not done (from `redo` on, all of them); returns each stage's record."""
+    names = [s.name for s in recipe.stages]
+    if redo and redo not in names:
+        raise ConfigError(f"--redo {redo!r} is not a stage; stages: {', '.join(names)}")
+    recipe.folder.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+    records = []
+    for i, stage in enumerate(recipe.stages):
+        folder = recipe.folder / stage.name
+        done = folder / "done.json"
+        if redo and names.index(redo) <= i and done.exists():
+            done.unlink()
+        if done.exists():
+            record = json.loads(done.read_text()) | {"status": "skipped (done)"}
+            print(f"r1ray: stage {i + 1}/{len(names)} {stage.name}: done before, skipped", flush=True)
+        else:
+            print(f"r1ray: stage {i + 1}/{len(names)} {stage.name} ({stage.kind})", flush=True)
+            record = _run_stage(recipe, stage, folder, outputs)
+            done.write_text(json.dumps(record, indent=2))
+            record["status"] = "ran"
+        outputs[stage.name] = record["output"]
+        records.append(record)
+    records.insert(0, _base_record(recipe, outputs))  # evaluated last: the evaluation may read stages' data
+    print_summary(recipe, records)
+    return records
+
+
+def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, str]) -> dict:
+    import ray
+
+    from cluster import placement
+
+    started = time.time()
+    cfg = _stage_config(recipe, stage, outputs)
+    model = str(Path(_resolve(stage.model, outputs)).expanduser()) if stage.model else _model_path(cfg)
+    output = folder / OUTPUTS[stage.kind]
+    data = _input(stage, stage.data, outputs) if stage.data else ""
+    if stage.kind == "rl":
+        metrics = _rl(cfg, stage, folder, model)
+    else:
+        if folder.exists():  # a stage that did not finish: start it again
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        if stage.kind in DATA_STAGES:  # no actors
+            metrics = _produce(cfg, stage, model, data, output, outputs)
+        else:
+            placement.connect(cfg)
+            try:
+                metrics = _produce(cfg, stage, model, data, output, outputs)
+            finally:
+                ray.shutdown()
+    record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
+    if stage.kind in MODEL_STAGES:
+        record["eval"] = evaluate_policy(recipe, str(output), outputs)
+    record["minutes"] = (time.time() - started) / 60
+    return record
+
+
+def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, outputs: dict) -> dict[str, float]:
+    """Run a stage other than rl; its output goes to `output`."""
+    from rewards import sorting
+
+    what = f"stage {stage.name}"
+    if stage.kind == "traces":
+        return _write(output, _traces(cfg, stage, what))
+    if stage.kind == "general":
+        return _write(output, sorting.sft_rows(random.Random(cfg.algorithm.seed), _rows(stage)))
+    if stage.kind == "pairs":
+        return _write(output, sorting.preference_pairs(random.Random(cfg.algorithm.seed + 1), _rows(stage)))
+    if stage.kind == "sft":
+        from cluster.sft import sft
+
+        return sft(cfg, model, data, output, what)
+    if stage.kind == "rejection":
+        from cluster.rejection import rejection_sample
+
+        return rejection_sample(cfg, model, output, what)
+    if stage.kind == "reward_model":
+        from cluster.reward_model import train_reward_model
+
+        return train_reward_model(cfg, data, output, model)
+    if stage.kind == "distill":
+        from cluster.distill import distill, student_model
+
+        from cluster.config import to_dict
+
+        if "path" in stage.student:
+            student = _input(stage, stage.student["path"], outputs)
+        else:  # a model group: "tiny" builds it
+            student = _model_path(config_from_tree(_merge(to_dict(cfg), {"model": stage.student})))
+        return distill(cfg, model, student, output.parent, what)
+    raise AssertionError(stage.kind)
+
+
+def _rl(cfg: Config, stage: Stage, folder: Path, model: str) -> dict[str, float]:
+    """GRPO from `model` in `folder` (a run folder), resumed from its checkpoint if it has one."""
+    import dataclasses
+
+    import ray
+
+    from cluster import checkpoint
+    from cluster.train import train
+
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model),
+                              cluster=dataclasses.replace(cfg.cluster, runs_dir=str(folder.parent)),
+                              logging=dataclasses.replace(cfg.logging, run_name=stage.name))
+    resume = None
+    if folder.exists():
+        try:
+            checkpoint.latest(folder)
+            resume = folder
+            print(f"r1ray: stage {stage.name}: resuming from {folder}", flush=True)
+        except checkpoint.CheckpointError:
+            shutil.rmtree(folder)  # stopped before its first checkpoint
+    try:
+        results = train(cfg, resume)
+    finally:
+        ray.shutdown()
+    return results
+
+
+def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict[str, float]:
+    """Greedy held-out accuracy of `model` on the recipe's evaluation mixture."""
+    import ray
+
+    from cluster import placement
+    from cluster.evaluate import evaluate_model
+    from rewards.tasks import build_mixture
+
+    tree = _merge(_resolve(recipe.config, outputs), _resolve(recipe.eval_set, outputs))
+    tree = _merge(tree, {"model": {"path": model}, "cold_start": {"steps": 0}})
+    cfg = config_from_tree(tree)
+    tasks = build_mixture(cfg.task)
+    problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
+    placement.connect(cfg)
+    try:
+        got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
+    finally:
+        ray.shutdown()
+    if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
+        (task,) = tasks.tasks
+        got[f"pass@1/greedy/{task}"] = got["pass@1/greedy"]
+    return got
+
+
+def print_summary(recipe: Recipe, records: list[dict]) -> None:
+    """One row per stage: status, time, output, held-out accuracy per task, key metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tasks = sorted({k.rsplit("/", 1)[1] for r in records for k in r.get("eval", {}) if k.count("/") == 2})
+    table = Table(title=f"r1ray pipeline {recipe.name}: {recipe.folder}")
+    for column in ("stage", "kind", "status", "min", *[f"acc {t}" for t in tasks], "notes"):
+        table.add_column(column)
+    for r in records:
+        acc = [f"{r['eval'][f'pass@1/greedy/{t}']:.3f}" if f"pass@1/greedy/{t}" in r.get("eval", {}) else ""
+               for t in tasks]
+        table.add_row(r["stage"], r["kind"], r.get("status", ""), f"{r.get('minutes', 0):.1f}", *acc,
+                      _notes(r.get("metrics", {})))
+    Console(width=200).print(table)
+    (recipe.folder / "summary.json").write_text(json.dumps(records, indent=2))
+
+
+def _notes(metrics: dict[str, float]) -> str:
+    keys = ("rows", "sft/loss_last", "accuracy/before_rl", "accuracy/after_rl", "rejection/kept",
+            "rejection/acceptance", "rm/held_out_accuracy", "teacher/pass@1/greedy", "student_before/pass@1/greedy",
+            "student/pass@1/greedy")
+    return ", ".join(f"{k} {metrics[k]:.3g}" for k in keys if k in metrics)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _stage_config(recipe: Recipe, stage: Stage, outputs: dict[str, str]) -> Config:
+    tree = _merge(_resolve(recipe.config, outputs), _resolve(stage.set, outputs))
+    try:
+        return config_from_tree(tree)
+    except ConfigError as err:
+        raise ConfigError(f"stage {stage.name}: {err}") from None
+
+
+def _model_path(cfg: Config) -> str:
+    from cluster.train import resolve_model
+
+    return resolve_model(cfg)
+
+
+def _input(stage: Stage, ref: str, outputs: dict[str, str]) -> str:
+    """A stage's input path, checked to exist and not be empty."""
+    path = Path(_resolve(ref, outputs)).expanduser()
+    empty = path.is_file() and path.stat().st_size == 0 or path.is_dir() and not any(path.iterdir())
+    if not path.exists() or empty:
+        raise StageError(f"stage {stage.name}: its input {path} is {'empty' if path.exists() else 'missing'}")
+    return str(path)
+
+
+def _rows(stage: Stage) -> int:
+    if stage.rows < 1:
+        raise ConfigError(f"stage {stage.name} ({stage.kind}): rows={stage.rows}; give rows >= 1")
+    return stage.rows
+
+
+def _traces(cfg: Config, stage: Stage, what: str) -> list[dict]:
+    from rewards.tasks import build_mixture
+
+    tasks = build_mixture(cfg.task)
+    names = tasks.with_traces()
+    if not names:
+        raise StageError(f"{what}: no task of the mixture writes reference traces (arithmetic does)")
+    problems = tasks.sample(random.Random(cfg.algorithm.seed), _rows(stage), names=names)
+    return [{"id": p.id, "prompt": p.prompt, "response": tasks.tasks[p.task].reference_trace(p)} for p in problems]
+
+
+def _write(path: Path, rows: list[dict]) -> dict[str, float]:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+    return {"rows": float(len(rows))}
+
+
+def _references(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node[1:]] if node.startswith("@") else []
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in _references(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _references(v)]
+    return []
+
+
+def _resolve(node: Any, outputs: dict[str, str]) -> Any:
+    """`node` with every "@stage" string replaced by that stage's output path."""
+    if isinstance(node, str) and node.startswith("@"):
+        if node[1:] not in outputs:
+            raise StageError(f"@{node[1:]} has no output yet: run the stage {node[1:]} first")
+        return outputs[node[1:]]
+    if isinstance(node, dict):
+        return {k: _resolve(v, outputs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, outputs) for v in node]
+    return node
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s keys set, nested groups merged."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _base_record(recipe: Recipe, outputs: dict[str, str]) -> dict:
+    """The starting model, evaluated once (the table's first row)."""
+    path = recipe.folder / "base.json"
+    if path.exists():
+        return json.loads(path.read_text()) | {"status": "skipped (done)"}
+    started = time.time()
+    cfg = config_from_tree(recipe.config)
+    record = {"stage": "base", "kind": "model", "output": _model_path(cfg), "metrics": {}}
+    record["eval"] = evaluate_policy(recipe, record["output"], outputs)
+    record["minutes"] = (time.time() - started) / 60
+    path.write_text(json.dumps(record, indent=2))
+    return record | {"status": "ran"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1ray pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="a recipe file, e.g. configs/r1.yaml")
+    parser.add_argument("--redo", metavar="STAGE", help="run this stage and every later one again")
+    args = parser.parse_args(argv)
+    return cli.run(lambda: run(load_recipe(args.recipe), args.redo))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`r1ray pipeline`: a tiny R1 recipe with every stage kind, end to end on real Ray, DeepSpeed and
+vLLM; a rerun skips what is done; bad input stops with the stage and the path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 1-digit additions: a 0.3M-parameter model learns them from a few hundred traces in seconds,
+# so the later stages have a policy that is sometimes right.
+CONFIG = {
+    "model": {"path": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 256},
+    "task": {"arithmetic": {"weight": 1.0, "max_digits": 1}, "eval_prompts": 0},
+    "cold_start": {"steps": 0},
+    "algorithm": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "updates_per_step": 1},
+    "rollout": {"max_new_tokens": 16, "max_model_len": 64, "num_cpus": 0.5},
+    "learner": {"num_cpus": 0.5, "threads": 1},
+    "sft": {"lr": 3.0e-3, "tokens_per_step": 2048, "epochs": 6},
+    "checkpoint": {"every": 0},
+    "logging": {"wandb_mode": "disabled", "progress": False},
+}
+
+
+def _recipe(tmp_path, stages, evaluate=None, name="tiny-r1"):
+    config = {**CONFIG, "cluster": {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "config": config, "evaluate": evaluate or {"prompts": 8},
+                                    "stages": stages}))
+    return path
+
+
+def _pipeline(path, *args, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "pipeline", str(path), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+STAGES = [
+    {"name": "traces", "kind": "traces", "rows": 600},
+    {"name": "general_data", "kind": "general", "rows": 300},
+    {"name": "preferences", "kind": "pairs", "rows": 300},
+    {"name": "cold_start", "kind": "sft", "data": "@traces"},
+    {"name": "reasoning_rl", "kind": "rl", "model": "@cold_start", "set": {"rewards": {"language_weight": 0.1}}},
+    {"name": "rejection", "kind": "rejection", "model": "@reasoning_rl",
+     "set": {"rejection": {"prompts": 48, "k": 4}}},
+    {"name": "sft", "kind": "sft", "data": "@rejection",
+     "set": {"sft": {"mix_path": "@general_data", "mix_ratio": 0.5}}},
+    {"name": "reward_model", "kind": "reward_model", "data": "@preferences", "set": {"reward_model": {"epochs": 1}}},
+    {"name": "final_rl", "kind": "rl", "model": "@sft",
+     "set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}},
+             "rewards": {"preference_model": "@reward_model"}}},
+    {"name": "distill", "kind": "distill", "model": "@cold_start",
+     "student": {"path": "tiny", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128},
+     "set": {"task": {"eval_prompts": 8}, "rejection": {"prompts": 64, "k": 4}}},
+]
+
+
+def test_every_stage_runs_feeds_the_next_and_is_skipped_once_done(tmp_path):
+    path = _recipe(tmp_path, STAGES, {"prompts": 8, "set": {"task": {"general": {"weight": 0.5,
+                                                                                  "path": "@general_data"}}}})
+    run = _pipeline(path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = tmp_path / "runs" / "tiny-r1"
+    records = {r["stage"]: r for r in json.loads((folder / "summary.json").read_text())}
+    assert list(records) == ["base"] + [s["name"] for s in STAGES]
+    for stage in STAGES:
+        assert Path(records[stage["name"]]["output"]).exists(), stage["name"]
+    # Each model stage is evaluated on both tasks; cold start taught the policy something.
+    for name in ("base", "cold_start", "reasoning_rl", "sft", "final_rl", "distill"):
+        assert {"pass@1/greedy/arithmetic", "pass@1/greedy/general"} <= set(records[name]["eval"]), name
+    assert records["cold_start"]["eval"]["pass@1/greedy/arithmetic"] > records["base"]["eval"]["pass@1/greedy/arithmetic"]
+    # Rejection sampling writes SFT rows with their provenance; only right answers are kept.
+    rows = [json.loads(line) for line in (folder / "rejection" / "data.jsonl").read_text().splitlines()]
+    assert rows and all(r["scores"]["correct"] == 1.0 and r["scores"]["format"] == 1.0 for r in rows)
+    assert {"id", "prompt_id", "task", "prompt", "response", "model", "model_step", "scores"} <= set(rows[0])
+    assert rows[0]["model"].endswith("reasoning_rl/model") and rows[0]["model_step"] == 2
+    assert len({(r["prompt_id"], r["response"]) for r in rows}) == len(rows)  # deduplicated
+    # The final RL scored general prompts with the reward model, arithmetic with rules.
+    metrics = [json.loads(line) for line in (folder / "final_rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 < m["reward/preference"] < 1.0 for m in metrics)
+    assert 0.0 <= records["reward_model"]["metrics"]["rm/held_out_accuracy"] <= 1.0
+    # Distillation raised the student's accuracy toward the teacher's.
+    d = records["distill"]["metrics"]
+    assert d["student_before/pass@1/greedy"] < d["student/pass@1/greedy"] <= d["teacher/pass@1/greedy"] + 0.25
+    # Done stages are skipped: a second run trains nothing and prints the same table.
+    again = _pipeline(path, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("done before, skipped") == len(STAGES)
+    assert "r1ray pipeline tiny-r1" in again.stdout
+
+
+def test_a_missing_input_stops_with_the_stage_and_the_path(tmp_path):
+    path = _recipe(tmp_path, [{"name": "cold_start", "kind": "sft", "data": str(tmp_path / "nope.jsonl")}])
+    run = _pipeline(path, timeout=300)
+    assert run.returncode == 2
+    assert f"stage cold_start: its input {tmp_path / 'nope.jsonl'} is missing" in run.stderr
+
+
+def test_an_sft_row_without_a_field_names_file_line_and_field(tmp_path):
+    data = tmp_path / "traces.jsonl"
+    data.write_text('{"prompt": "1+2=?", "response": "3</think><answer>3</answer>"}\n{"prompt": "2+2=?"}\n')
+    run = _pipeline(_recipe(tmp_path, [{"name": "cold_start", "kind": "sft", "data": str(data)}]), timeout=300)
+    assert run.returncode == 2
+    assert f"stage cold_start: {data}:2: field 'response' is missing" in run.stderr
+
+
+def test_rejection_sampling_that_keeps_nothing_says_so_with_the_statistics(tmp_path):
+    # An untrained model never answers in the format: nothing passes, and no file is written.
+    path = _recipe(tmp_path, [{"name": "rejection", "kind": "rejection", "set": {"rejection": {"prompts": 8, "k": 2}}}])
+    run = _pipeline(path, timeout=600)
+    assert run.returncode == 1
+    assert "stage rejection: rejection sampling kept no answer of 16" in run.stderr
+    assert "arithmetic: kept 0/16 (0%), 0/8 prompts with one or more; rejected: wrong 16" in run.stderr
+    assert not (tmp_path / "runs" / "tiny-r1" / "rejection" / "data.jsonl").exists()
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "kind": "sft", "data": "@b"}], "stage 'a' refers to @b, which is not an earlier stage"),
+    ([{"name": "a", "kind": "bake"}], "kind 'bake' is not one of"),
+    ([{"name": "a", "kind": "sft"}], "stage 'a' (sft) needs data"),
+    ([{"name": "a", "kind": "traces", "rows": 1}, {"name": "a", "kind": "traces", "rows": 1}], "used twice"),
+])
+def test_a_bad_recipe_is_refused_before_anything_runs(tmp_path, stages, message):
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(_recipe(tmp_path, stages))
+
+
+def test_the_shipped_recipes_load():
+    recipe = load_recipe(ROOT / "configs" / "r1.yaml")
+    kinds = [s.kind for s in recipe.stages]
+    assert kinds.index("sft") < kinds.index("rl") < kinds.index("rejection") < kinds.index("distill")
+    assert {"traces", "general", "pairs", "sft", "rl", "rejection", "reward_model", "distill"} == set(kinds)

@@ -1,0 +1,56 @@
+"""Rejection sampling's filters, deduplication and acceptance statistics (pure functions over
+real `Sample` records; the sampling itself runs in tests/test_recipe.py)."""
+
+import numpy as np
+import pytest
+
+from actors.records import Sample
+from cluster.config import RejectionConfig
+from cluster.rejection import select, stats_table, verdict
+from rewards.tasks import Problem
+
+GOOD = "7+8=15 4+3+1=8</think><answer>85</answer>"
+
+
+def _sample(text, correct=1.0, tokens=10, finish="stop", language=1.0):
+    ids = np.arange(tokens, dtype=np.int32)
+    return Sample("p", np.zeros(3, np.int32), ids, np.zeros(tokens, np.float32), text, finish, 1,
+                  reward_breakdown={"correct": correct, "format": 1.0, "language": language, "length": 0.0})
+
+
+@pytest.mark.parametrize("sample, reason", [
+    (_sample(GOOD), "ok"),
+    (_sample(GOOD, correct=0.0), "wrong"),
+    (_sample(GOOD, finish="length"), "truncated"),
+    (_sample("7+8=15 <answer>85</answer>"), "format"),
+    (_sample(GOOD, language=0.5), "language"),
+    (_sample("add the 列 first</think><answer>85</answer>", language=1.0), "mixed"),
+    (_sample(GOOD, tokens=2), "short"),
+    (_sample(GOOD, tokens=30), "long"),
+])
+def test_each_filter_rejects_for_its_reason(sample, reason):
+    cfg = RejectionConfig(min_tokens=3, max_tokens=20, min_language=0.9)
+    got = verdict(sample.text, sample.reward_breakdown, len(sample.response_ids), sample.truncated, cfg, 32)
+    assert got == reason
+
+
+def test_max_tokens_defaults_to_the_answer_budget():
+    cfg = RejectionConfig(max_tokens=0)
+    assert verdict(GOOD, _sample(GOOD).reward_breakdown, 32, False, cfg, 32) == "ok"
+    assert verdict(GOOD, _sample(GOOD).reward_breakdown, 33, False, cfg, 32) == "long"
+
+
+def test_duplicates_and_the_per_prompt_cap_are_counted_per_task():
+    a, b = Problem("a", "arithmetic", "47+38=?", None), Problem("k", "knights", "who?", None)
+    groups = [
+        (a, [_sample(GOOD), _sample(GOOD.replace(" ", "  ")), _sample(GOOD, correct=0.0),
+             _sample("9+9=18</think><answer>85</answer>"), _sample("1+1=2</think><answer>85</answer>")]),
+        (b, [_sample(GOOD, correct=0.0)]),
+    ]
+    kept, stats = select(groups, RejectionConfig(per_prompt=2), 32)
+    assert [s.text for _, s in kept] == [GOOD, "9+9=18</think><answer>85</answer>"]
+    assert dict(stats["arithmetic"]) == {"prompts": 1, "samples": 5, "kept": 2, "prompts_kept": 1, "duplicate": 1,
+                                         "wrong": 1, "per_prompt": 1}
+    assert stats["knights"]["kept"] == 0 and stats["knights"]["prompts_kept"] == 0
+    table = stats_table(stats)
+    assert "arithmetic: kept 2/5 (40%), 1/1 prompts" in table and "knights: kept 0/1 (0%)" in table
