@@ -66,7 +66,7 @@ class Stage:
     data: str = ""
     """"@stage" or a JSONL file: SFT rows, or preference pairs for reward_model."""
     student: dict = field(default_factory=dict)
-    """distill: the student's `model` config group (or {"path": folder or "@stage"})."""
+    """distill: the student's `model` config group; its path may be "@stage"."""
     rows: int = 0
     """traces, general, pairs: rows to write."""
     set: dict = field(default_factory=dict)
@@ -165,7 +165,7 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
 
     started = time.time()
     cfg = _stage_config(recipe, stage, outputs)
-    model = str(Path(_resolve(stage.model, outputs)).expanduser()) if stage.model else _model_path(cfg)
+    model = _input(stage, stage.model, outputs) if stage.model else _model_path(cfg)
     output = folder / OUTPUTS[stage.kind]
     data = _input(stage, stage.data, outputs) if stage.data else ""
     if stage.kind == "rl":
@@ -211,15 +211,15 @@ def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, out
     if stage.kind == "reward_model":
         from cluster.reward_model import train_reward_model
 
-        return train_reward_model(cfg, data, output, model)
+        return train_reward_model(cfg, data, output, model, what)
     if stage.kind == "distill":
         from cluster.distill import distill, student_model
 
         from cluster.config import to_dict
 
-        if "path" in stage.student:
+        if str(stage.student.get("path", "")).startswith("@"):  # an earlier stage's model
             student = _input(stage, stage.student["path"], outputs)
-        else:  # a model group: "tiny" builds it
+        else:  # a model group: "tiny" builds it, a folder is checked
             student = _model_path(config_from_tree(_merge(to_dict(cfg), {"model": stage.student})))
         return distill(cfg, model, student, output.parent, what)
     raise AssertionError(stage.kind)
@@ -294,11 +294,14 @@ def print_summary(recipe: Recipe, records: list[dict]) -> None:
     (recipe.folder / "summary.json").write_text(json.dumps(records, indent=2))
 
 
+NOTES = {"rows": "rows", "sft/steps": "steps", "sft/loss_last": "loss", "rejection/kept": "kept",
+         "rejection/acceptance": "acceptance", "rm/held_out_accuracy": "held-out pair acc",
+         "teacher/pass@1/greedy": "teacher acc", "student_before/pass@1/greedy": "student before"}
+"""A stage's metrics in the summary's notes column, and their short names."""
+
+
 def _notes(metrics: dict[str, float]) -> str:
-    keys = ("rows", "sft/loss_last", "accuracy/before_rl", "accuracy/after_rl", "rejection/kept",
-            "rejection/acceptance", "rm/held_out_accuracy", "teacher/pass@1/greedy", "student_before/pass@1/greedy",
-            "student/pass@1/greedy")
-    return ", ".join(f"{k} {metrics[k]:.3g}" for k in keys if k in metrics)
+    return ", ".join(f"{name} {metrics[k]:.3g}" for k, name in NOTES.items() if k in metrics and metrics[k] == metrics[k])
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ A kept answer passes, in this order (the first failure is the reason counted):
   language     language consistency below rejection.min_language (rewards/language.py)
   mixed        its reasoning mixes scripts (e.g. Latin and CJK words)
   short, long  fewer than rejection.min_tokens or more than rejection.max_tokens tokens
-  duplicate    the same text (whitespace aside) as an answer already kept for the prompt
-  per_prompt   rejection.per_prompt answers of the prompt are already kept
+  duplicate    the same text (whitespace aside) as an answer already kept for the question
+  per_prompt   rejection.per_prompt answers of the question are already kept
 Kept rows are written as JSONL with their provenance: {"id", "prompt_id", "task", "prompt",
 "response", "model", "model_step", "scores" (the reward breakdown), "tokens"}, the same
 prompt/response layout SFT reads. Acceptance statistics are reported per task; a run that
@@ -51,21 +51,23 @@ def select(groups: list[tuple[object, list]], cfg: RejectionConfig, max_new_toke
     """The (problem, sample) pairs kept from `groups` [(problem, its k scored samples)], and
     per-task counts {task: Counter(prompts, samples, kept, prompts_kept, <reason>...)}."""
     kept, stats = [], defaultdict(Counter)
+    seen, per_prompt = defaultdict(set), Counter()  # by question: a prompt may be drawn twice
     for problem, samples in groups:
-        counts, seen, mine = stats[problem.task], set(), 0
+        counts, mine = stats[problem.task], 0
         counts["prompts"] += 1
         for s in samples:
             counts["samples"] += 1
             why = verdict(s.text, s.reward_breakdown, len(s.response_ids), s.truncated, cfg, max_new_tokens)
             key = " ".join(s.text.split())
-            if why == "ok" and key in seen:
+            if why == "ok" and key in seen[problem.id]:
                 why = "duplicate"
-            if why == "ok" and cfg.per_prompt and mine >= cfg.per_prompt:
+            if why == "ok" and cfg.per_prompt and per_prompt[problem.id] >= cfg.per_prompt:
                 why = "per_prompt"
             if why != "ok":
                 counts[why] += 1
                 continue
-            seen.add(key)
+            seen[problem.id].add(key)
+            per_prompt[problem.id] += 1
             mine += 1
             kept.append((problem, s))
         counts["kept"] += mine

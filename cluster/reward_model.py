@@ -34,7 +34,8 @@ from learner.reward_model import Pair, encode, load_pairs, pad_right, pad_token_
 from rewards.preference import CALIBRATION_FILE
 
 
-def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: str) -> dict[str, float]:
+def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: str,
+                       what: str = "train-rm") -> dict[str, float]:
     """Train a Bradley-Terry reward model on `data` from the causal LM `model_path`, write it to
     `out_dir` and return its metrics. Ray must be initialised (`placement.connect`)."""
     import ray
@@ -43,7 +44,7 @@ def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: 
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; the reward model goes to a new folder")
-    train, held_out = split_pairs(load_pairs(data, "train-rm"), cfg.reward_model.eval_fraction)
+    train, held_out = split_pairs(load_pairs(data, what), cfg.reward_model.eval_fraction)
     if min(cfg.reward_model.batch_size, len(train)) < cfg.learner.num_ranks:
         raise ConfigError(f"a step of {min(cfg.reward_model.batch_size, len(train))} pairs cannot feed "
                           f"learner.num_ranks={cfg.learner.num_ranks} ranks; raise reward_model.batch_size "

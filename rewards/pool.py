@@ -125,6 +125,8 @@ def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | N
     if not r.preference_model:
         raise ConfigError(f"task(s) {', '.join(judged)} have no rule verifier: set rewards.preference_model "
                           "to a reward-model folder (r1ray train-rm) to score them")
-    actor = ray.remote(PreferenceScorer).options(num_cpus=r.num_cpus).remote(
+    # No CPU of its own: the workers wait on it while it scores, so it runs in their share
+    # (a reservation here would not fit the default 2-CPU layout).
+    actor = ray.remote(PreferenceScorer).options(num_cpus=0).remote(
         r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len)
     return RemotePreference(actor, render, cfg.cluster.timeout_s)

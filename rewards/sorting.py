@@ -49,18 +49,19 @@ def sft_rows(rng: random.Random, n: int) -> list[dict]:
 
 
 def near_miss(digits: list[int], rng: random.Random) -> list[int]:
-    """A wrong answer close to the right one: the sorted digits with two swapped (when they
-    differ) or one replaced."""
+    """A wrong answer close to the right one: the right digits with two out of order (when
+    they differ), or in order but with one digit replaced, so that neither sortedness nor
+    the digits alone tell the answers apart."""
     right = sorted(digits)
     wrong = list(right)
     if len(set(right)) > 1 and rng.random() < 0.5:
         while wrong == right:
             i, j = rng.sample(range(len(wrong)), 2)
             wrong[i], wrong[j] = wrong[j], wrong[i]
-    else:
-        i = rng.randrange(len(wrong))
-        wrong[i] = rng.choice([d for d in range(10) if d != wrong[i]])
-    return wrong
+        return wrong
+    i = rng.randrange(len(wrong))
+    wrong[i] = rng.choice([d for d in range(10) if d != wrong[i]])
+    return sorted(wrong)
 
 
 def preference_pairs(rng: random.Random, n: int) -> list[dict]:

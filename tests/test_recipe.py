@@ -24,7 +24,7 @@ CONFIG = {
     "algorithm": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "updates_per_step": 1},
     "rollout": {"max_new_tokens": 16, "max_model_len": 64, "num_cpus": 0.5},
     "learner": {"num_cpus": 0.5, "threads": 1},
-    "sft": {"lr": 3.0e-3, "tokens_per_step": 2048, "epochs": 6},
+    "sft": {"lr": 3.0e-3, "tokens_per_step": 512, "epochs": 6},
     "checkpoint": {"every": 0},
     "logging": {"wandb_mode": "disabled", "progress": False},
 }
@@ -59,7 +59,7 @@ STAGES = [
              "rewards": {"preference_model": "@reward_model"}}},
     {"name": "distill", "kind": "distill", "model": "@cold_start",
      "student": {"path": "tiny", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128},
-     "set": {"task": {"eval_prompts": 8}, "rejection": {"prompts": 64, "k": 4}}},
+     "set": {"task": {"eval_prompts": 8}, "rejection": {"prompts": 256, "k": 4}}},
 ]
 
 
@@ -85,7 +85,8 @@ def test_every_stage_runs_feeds_the_next_and_is_skipped_once_done(tmp_path):
     assert len({(r["prompt_id"], r["response"]) for r in rows}) == len(rows)  # deduplicated
     # The final RL scored general prompts with the reward model, arithmetic with rules.
     metrics = [json.loads(line) for line in (folder / "final_rl" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.0 < m["reward/preference"] < 1.0 for m in metrics)
+    judged = [m["reward/preference"] for m in metrics if "reward/preference" in m]  # steps that drew general prompts
+    assert judged and all(0.0 < p < 1.0 for p in judged)
     assert 0.0 <= records["reward_model"]["metrics"]["rm/held_out_accuracy"] <= 1.0
     # Distillation raised the student's accuracy toward the teacher's.
     d = records["distill"]["metrics"]

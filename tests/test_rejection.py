@@ -46,11 +46,12 @@ def test_duplicates_and_the_per_prompt_cap_are_counted_per_task():
         (a, [_sample(GOOD), _sample(GOOD.replace(" ", "  ")), _sample(GOOD, correct=0.0),
              _sample("9+9=18</think><answer>85</answer>"), _sample("1+1=2</think><answer>85</answer>")]),
         (b, [_sample(GOOD, correct=0.0)]),
+        (a, [_sample(GOOD), _sample("2+2=4</think><answer>85</answer>")]),  # drawn again: same question
     ]
     kept, stats = select(groups, RejectionConfig(per_prompt=2), 32)
     assert [s.text for _, s in kept] == [GOOD, "9+9=18</think><answer>85</answer>"]
-    assert dict(stats["arithmetic"]) == {"prompts": 1, "samples": 5, "kept": 2, "prompts_kept": 1, "duplicate": 1,
-                                         "wrong": 1, "per_prompt": 1}
+    assert dict(stats["arithmetic"]) == {"prompts": 2, "samples": 7, "kept": 2, "prompts_kept": 1, "duplicate": 2,
+                                         "wrong": 1, "per_prompt": 2}
     assert stats["knights"]["kept"] == 0 and stats["knights"]["prompts_kept"] == 0
     table = stats_table(stats)
-    assert "arithmetic: kept 2/5 (40%), 1/1 prompts" in table and "knights: kept 0/1 (0%)" in table
+    assert "arithmetic: kept 2/7 (29%), 1/2 prompts" in table and "knights: kept 0/1 (0%)" in table
