@@ -141,3 +141,18 @@ def test_the_shipped_recipes_load():
     kinds = [s.kind for s in recipe.stages]
     assert kinds.index("sft") < kinds.index("rl") < kinds.index("rejection") < kinds.index("distill")
     assert {"traces", "general", "pairs", "sft", "rl", "rejection", "reward_model", "distill"} == set(kinds)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_distill_and_train_rm_commands_name_what_is_wrong(tmp_path):
+    run = _cli("distill", "--teacher", str(tmp_path), "--student", "tiny", "--task", "poetry")
+    assert run.returncode == 2 and "--task 'poetry' is not a task; choose one of arithmetic" in run.stderr
+    run = _cli("distill", "--teacher", str(tmp_path / "none"), "--student", "tiny", "--task", "arithmetic")
+    assert run.returncode == 2 and f"model.path={str(tmp_path / 'none')!r} is not a Hugging Face model folder" in run.stderr
+    run = _cli("train-rm", "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm"),
+               f"cluster.cache_dir={tmp_path / 'cache'}", "logging.wandb_mode=disabled")
+    assert run.returncode == 2 and f"train-rm: {tmp_path / 'pairs.jsonl'} does not exist" in run.stderr
