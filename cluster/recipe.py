@@ -347,9 +347,9 @@ def _traces(cfg: Config, stage: Stage, what: str) -> list[dict]:
 
 
 def _write(path: Path, rows: list[dict]) -> dict[str, float]:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
+    from rewards.data import write_jsonl
+
+    write_jsonl(path, rows)
     return {"rows": float(len(rows))}
 
 

@@ -20,13 +20,13 @@ keeps nothing stops with them rather than write an empty dataset.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from cluster.config import Config, RejectionConfig
 from cluster.prompts import prompt_format
+from rewards.data import write_jsonl
 from rewards.format import format_reward
 from rewards.language import scripts_of
 
@@ -120,7 +120,7 @@ def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str) -
     rows = [{"id": f"{p.id}#{n}", "prompt_id": p.id, "task": p.task, "prompt": p.prompt, "response": s.text,
              "model": str(model_path), "model_step": model_step, "scores": s.reward_breakdown,
              "tokens": len(s.response_ids)} for n, (p, s) in enumerate(kept)]
-    _write_jsonl(Path(out), rows)
+    write_jsonl(out, rows)
     total = Counter()
     for c in stats.values():
         total.update(c)
@@ -155,10 +155,3 @@ def _sample(cfg: Config, model_path: str, rollouts, rewarders, problems: list, w
         bar.update(len(chunk))
     bar.close()
     return groups
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)

@@ -274,13 +274,18 @@ class Learner:
 
     def _global_count(self, micros: list[TrainBatch], tokens: bool = False) -> float:
         """`_count` summed over micro-batches and over all ranks (one all-reduce)."""
-        import torch
-        import torch.distributed as dist
+        return global_sum(sum(self._count(m, tokens) for m in micros), self.device)
 
-        total = torch.tensor([sum(self._count(m, tokens) for m in micros)], dtype=torch.float64, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return max(float(total[0]), 1.0)
+
+def global_sum(value: float, device) -> float:
+    """`value` summed over all ranks (one all-reduce; at least 1, as a loss weight's divisor)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return max(float(total[0]), 1.0)
 
 
 def ds_config(cfg: LearnerConfig) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import LearnerConfig
+from learner.learner import global_sum
 from rewards.data import DatasetError, read_jsonl
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class RewardTrainer:
         forward pass together. Returns this rank's mean loss and accuracy, and the grad norm."""
         chosen, rejected = unpad(chosen_ids, chosen_mask), unpad(rejected_ids, rejected_mask)
         n, step = len(chosen), self.cfg.micro_batch_size
-        total = self._global_count(n)
+        total = global_sum(n, next(self.engine.module.parameters()).device)  # pairs over all ranks
         loss_sum = correct = 0.0
         for start in range(0, n, step):
             m = len(chosen[start:start + step])
@@ -235,13 +236,3 @@ class RewardTrainer:
         self.engine.module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
                                            safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-
-    def _global_count(self, n: int) -> float:
-        """This step's pairs over all ranks (one all-reduce)."""
-        import torch
-        import torch.distributed as dist
-
-        total = torch.tensor([float(n)], dtype=torch.float64, device=next(self.engine.module.parameters()).device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return max(float(total[0]), 1.0)

@@ -123,3 +123,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], what: str) -> list[dic
     if not rows:
         raise DatasetError(f"{what}: {path} has no rows")
     return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write `rows` as JSONL, atomically: to a .partial file, renamed when complete."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
