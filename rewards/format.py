@@ -55,29 +55,79 @@ def last_answer(text: str) -> str | None:
     return tagged[-1] if tagged else None
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is
-    none or it is unterminated."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
+# Boxes that give one answer together ("\\boxed{1}, \\boxed{2}", "\\boxed{(2,2)} \\quad \\text{and}
+# \\quad \\boxed{(6,2)}", "y_1 = \\boxed{a} and y_2 = \\boxed{b}"): once LaTeX spacing, math delimiters
+# and braces are dropped, only a comma, a semicolon, "and" or "or" (perhaps after a few words: "for
+# part (a) and") and the next box's label stand between them. Anything else ("or rather", a
+# sentence) ends the run, so a box that corrects an earlier one still stands alone.
+_BOX_OPEN_RE = re.compile(r"\\(?:boxed|fbox)\{")
+_BOX_MARKUP_RE = re.compile(r"\\(?:quad|qquad|text|mathrm|[,;:! ()\[\]])|[${}~]")
+_BOX_GLUE_RE = re.compile(r"(?:[,;]?\s*(?:and|or)?|[\w\s()]{1,24}\s(?:and|or))\s*(?:[A-Za-z](?:_\w+)?\s*=)?\s*")
+_MAX_GLUE_CHARS = 80
+
+# Minerva's few-shot format for MATH, "Final Answer: The final answer is $X$. I hope it is
+# correct.", kept by models tuned on MATH-style data. The statement after the marker ends
+# with its sentence (a period before a space), its line, or "I hope it is correct".
+_STATED_RE = re.compile(r"Final Answer:\**[ \t]*(?:The final answer is[ \t]*)?(.+?)"
+                        r"(?:\.(?=\s|$)|I hope it is correct|$)", re.MULTILINE)
+
+
+def _box_run(text: str) -> tuple[int, str] | None:
+    """(start, answer) of the last run of boxes, their contents joined by ", "; None if there
+    is no box or the last one is unterminated."""
+    contents: list[str] = []
+    run_start = len(text)  # where the run found so far starts
+    for box in reversed(list(_BOX_OPEN_RE.finditer(text))):
+        # A box must close before the next one opens; if not, it contains the run: stop.
+        end = _closing_brace(text, box.end(), run_start)
+        if end is None or (contents and not _joins(text[end + 1:run_start])):
+            break
+        contents.append(text[box.end():end])
+        run_start = box.start()
+    return (run_start, ", ".join(reversed(contents))) if contents else None
+
+
+def _closing_brace(text: str, i: int, stop: int) -> int | None:
+    """Index of the brace closing the group opened just before `i`, if it is before `stop`."""
     depth = 1
-    for j in range(i, len(text)):
+    for j in range(i, stop):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i:j]
+                return j
     return None
 
 
+def _joins(between: str) -> bool:
+    """Whether the text between two boxes makes them one answer (see `_BOX_GLUE_RE`)."""
+    return len(between) <= _MAX_GLUE_CHARS and bool(_BOX_GLUE_RE.fullmatch(_BOX_MARKUP_RE.sub(" ", between)))
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced, joined with the boxes
+    just before it that give one answer with it ("\\boxed{1}, \\boxed{2}" -> "1, 2"); None if
+    there is no box or the last one is unterminated."""
+    run = _box_run(text)
+    return run[1] if run else None
+
+
 def final_answer(text: str) -> str | None:
-    """The answer a response marks as final: the last `<answer>...</answer>` (the R1 template),
-    else the last `\\boxed{}` (the chat template's instruction); never the bare text."""
+    """The answer a response marks as final; never the bare text. The last `<answer>...</answer>`
+    (the R1 template) wins; else whichever comes later of the last run of `\\boxed{}` (the chat
+    template's instruction) and the last "Final Answer: ..." statement (Minerva's format)."""
     tagged = last_answer(text)
-    return tagged if tagged is not None else last_boxed(text)
+    if tagged is not None:
+        return tagged
+    marked = [found for found in (_box_run(text), _last_statement(text)) if found is not None]
+    return max(marked)[1] if marked else None
+
+
+def _last_statement(text: str) -> tuple[int, str] | None:
+    """(start, answer) of the last Minerva "Final Answer: ..." statement, or None."""
+    stated = list(_STATED_RE.finditer(text))
+    return (stated[-1].start(), stated[-1][1].strip()) if stated else None
 
 
 def render_prompt(question: str) -> str:

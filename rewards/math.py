@@ -1,9 +1,13 @@
 """The math verifier: find the final answer in a response and decide if it equals the gold one.
 
     extract_answer(response) -> str | None      the last <answer>...</answer>, else the last
-                                                \\boxed{...}, else a GSM8K "#### N" line
+                                                \\boxed{...} (with the boxes just before it that
+                                                complete it: "\\boxed{1}, \\boxed{2}") or Minerva
+                                                "Final Answer: ..." line, whichever comes later,
+                                                else a GSM8K "#### N" line
     verify(response, gold) -> bool              equivalence, within a hard time limit
     check(response, gold) -> (score, reason)    the same, with a short verdict
+    canonical_answer(answer) -> str             one key per class of equal numbers or letters
 
 No answer found means no answer: the whole text is never scored (models learn to spray
 numbers when it is). Equivalence is decided in two steps:
@@ -77,6 +81,18 @@ def verify(response: str | bytes, gold: str, timeout_s: float = TIMEOUT_S) -> bo
     return check(response, gold, timeout_s)[0] == 1.0
 
 
+def canonical_answer(answer: str) -> str:
+    """A key shared by answers the fast path finds equal, for votes: a number as an exact
+    rational ("0.5", "1/2", "\\frac{1}{2}" -> "1/2"), a choice letter ("(B)" -> "B"), any other
+    answer without its whitespace. Equivalences only sympy sees ("2\\pi" vs "\\pi \\cdot 2")
+    keep separate keys: a vote never waits on a worker process."""
+    choice = _CHOICE_RE.match(answer.strip())
+    if choice:
+        return choice[1]
+    number = _number(answer) if len(answer) <= MAX_ANSWER_CHARS else None
+    return str(number) if number is not None else "".join(answer.split())
+
+
 # ---- the fast exact path ---------------------------------------------------------------------
 
 # Currency, percent, LaTeX spacing, \text{...} units, and a trailing unit word ("5 cm").
@@ -87,8 +103,8 @@ _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
 def _number(text: str) -> Fraction | None:
     """`text` as an exact rational if it is plainly a number (with decorations), else None."""
     s = text.strip()
-    if "=" in s:  # "x = 3": the right-hand side
-        s = s.rsplit("=", 1)[1]
+    if s.count("=") == 1:  # "x = 3": the right-hand side; several equations go to sympy
+        s = s.split("=")[1]
     s = _DECORATION.sub("", s).strip()
     s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # thousands separators
     s = s.replace(" ", "")

@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
     ("the answer is 42", None),  # no marked answer: never the whole text
     ("\\boxed{\\frac{1}{2", None),  # unterminated box
     ("", None),
+    ("\\boxed{1}, \\boxed{2} and \\boxed{3}", "1, 2, 3"),  # boxes that give one answer together
+    ("\\boxed{1}. Wait, that is wrong: \\boxed{2}", "2"),  # a correction stands alone
+    ("\\boxed{6}. Final Answer: The final answer is $7$. I hope it is correct.", "$7$"),  # the later marker
+    ("Final Answer: the area is $\\boxed{8}$.", "8"),
 ])
 def test_extract_answer(response, expected):
     assert extract_answer(response) == expected
@@ -75,6 +79,39 @@ def test_a_runaway_verification_is_killed_and_the_pool_keeps_going():
             (1.0, "correct"), (0.0, "wrong: got 'x+1'")]
     finally:
         verifier.close()
+
+
+@pytest.mark.parametrize("response, gold", [
+    ("the roots are \\boxed{-1}, \\boxed{4} and \\boxed{7}.", "\\{7, -1, 4\\}"),
+    ("so x = \\boxed{0.5} or x = \\boxed{-2}", "-2, \\frac{1}{2}"),
+    ("the pairs are \\boxed{(0, 5)} \\quad\\text{and}\\quad \\boxed{(5, 0)}", "(5, 0), (0, 5)"),
+])
+def test_several_boxes_give_one_answer_together(response, gold):
+    assert check(response, gold) == (1.0, "correct")
+
+
+def test_hedging_over_several_boxes_is_not_rewarded():
+    assert check("\\boxed{11} or \\boxed{12}", "12")[0] == 0.0  # today the last box alone would count
+
+
+@pytest.mark.parametrize("answer, gold, score", [
+    ("y = 2, x = -1", "x = -1, y = 2", 1.0),
+    ("b = \\frac{1}{3}; a = 6", "a = 6, b = 1/3", 1.0),
+    ("x = 2, y = -1", "x = -1, y = 2", 0.0),
+])
+def test_a_set_of_equations_is_compared_in_any_order(answer, gold, score):
+    assert check(f"<answer>{answer}</answer>", gold)[0] == score
+
+
+def test_a_minerva_final_answer_line_is_read_but_bare_prose_is_not():
+    minerva = "the area is 3/4 of the square.\nFinal Answer: The final answer is $\\frac{3}{4}$. I hope it is correct."
+    assert check(minerva, "0.75") == (1.0, "correct")
+    # A box earlier in the work is not the answer when the final line comes after it.
+    assert check("the first leg is \\boxed{12} km. Final Answer: The final answer is $15$. I hope it is correct.",
+                 "15") == (1.0, "correct")
+    assert check("...\nFinal Answer: The final answer is 2,048.", "2048") == (1.0, "correct")
+    for prose in ["The final answer is 15.", "so my final answer: 15", "15 is correct, I hope it is correct."]:
+        assert check(prose, "15") == (0.0, "no answer")
 
 
 def test_verify_is_the_boolean_of_check():
