@@ -11,9 +11,12 @@ one greedy answer, and with k > 1 also k answers sampled at `rollout.temperature
 - `pass@k`: share of problems with at least one right answer among the k (the unbiased
   estimator of Chen et al., 2021, with n = k samples);
 - `maj@k`: share of problems where the most common final answer among the k is right
-  (ties go to the answer seen first).
-Each is reported over all problems and per task (`.../<task>`) when several tasks are mixed.
-A prompt skipped as too long counts as wrong.
+  (ties go to the answer seen first). Answers vote by the verifier's equivalence classes
+  (`rewards.math.canonical_answer`): "0.5", "1/2" and "\\frac{1}{2}" are one answer.
+An answer is right only at full credit (its checker's score is 1.0): a task with partial
+credit (`task.code.partial_credit`) scores 0.5 for half the tests passed, and two half-right
+answers are not a right one. Each metric is reported over all problems and per task
+(`.../<task>`) when several tasks are mixed. A prompt skipped as too long counts as wrong.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from cluster.config import Config, ConfigError, load_config
 from cluster.prompts import PromptFormat, prompt_format
 from rewards import arithmetic
 from rewards.format import clean
-from rewards.math import extract_answer
+from rewards.math import canonical_answer, extract_answer
 from rewards.tasks import Problem
 
 CHUNK = 32  # prompts per generate call: the progress bar's grain
@@ -44,23 +47,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def majority_correct(answers: list[str | None], correct: list[float]) -> float:
-    """Correctness of the most common final answer (None: no answer, never the majority
-    unless nothing answered)."""
+def majority_correct(answers: list[str | None], scores: list[float]) -> float:
+    """1.0 if the most common final answer is right (full credit), else 0.0 (None: no answer,
+    never the majority unless nothing answered)."""
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return 0.0
     top = votes.most_common(1)[0][0]  # Counter keeps first-seen order among ties
-    return float(correct[answers.index(top)])
+    return float(scores[answers.index(top)] == 1.0)
 
 
 def final_answer(text: str, last_number: bool = False) -> str | None:
     """The answer a vote counts, read as the checkers read it: the marked final answer (or,
-    with `task.answer=last_number`, else the last number), whitespace removed."""
+    with `task.answer=last_number`, else the last number), as its equivalence class's key."""
     answer = extract_answer(text)
     if answer is None and last_number:
         answer = arithmetic.last_number(clean(text))
-    return None if answer is None else "".join(answer.split())
+    return None if answer is None else canonical_answer(answer)
 
 
 def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list[Problem], k: int,
@@ -96,9 +99,9 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
                                                                for i in ids]))
         if k > 1:
             per = [([c for c, _ in sampled[i]], [a for _, a in sampled[i]]) for i in ids]
-            out[f"{prefix}pass@1{suffix}"] = float(np.mean([sum(c) / k for c, _ in per]))
-            out[f"{prefix}pass@{k}{suffix}"] = float(np.mean(
-                [pass_at_k(k, int(sum(c)), k) if c else 0.0 for c, _ in per]))
+            right = [sum(score == 1.0 for score in c) for c, _ in per]  # full credit only
+            out[f"{prefix}pass@1{suffix}"] = float(np.mean([r / k for r in right]))
+            out[f"{prefix}pass@{k}{suffix}"] = float(np.mean([pass_at_k(k, r, k) for r in right]))
             out[f"{prefix}maj@{k}{suffix}"] = float(np.mean([majority_correct(a, c) for c, a in per]))
     return out
 

@@ -72,6 +72,33 @@ def test_evaluate_reproduces_an_answer_key():
                                  "eval/pass@4": 2 / 3, "eval/maj@4": 1 / 3})
 
 
+class HalfCredit:
+    """Stand-in reward pool (unit-test double): a partial-credit checker that gives the answer
+    "half" 0.5 (half the tests passed) and anything else 0.0."""
+
+    def score(self, samples, problems, timeout_s):
+        for s in samples:
+            s.reward_breakdown = {"correct": 0.5 if s.text.endswith("<answer>half</answer>") else 0.0}
+
+
+def test_half_right_answers_are_not_right():
+    cfg = load_config(None, ["cold_start.steps=0"])
+    p, = build_mixture(cfg.task).eval_problems(0, 1)
+    key = {p.id: ("half", ["half", "half", "0"])}  # summed, the two halves would make one pass
+    got = evaluate(cfg, AnswerKey(key), HalfCredit(), prompt_format(cfg, "unused"), [p], k=3)
+    assert got == {"eval/pass@1/greedy": 0.0, "eval/pass@1": 0.0, "eval/pass@3": 0.0, "eval/maj@3": 0.0}
+
+
+def test_equal_answers_in_different_forms_vote_together():
+    from cluster.evaluate import final_answer
+
+    forms = ["3", "3", "0.5", "1/2", "\\frac{1}{2}", "(B)", "B"]
+    keys = [final_answer(f"<answer>{a}</answer>") for a in forms]
+    assert keys == ["3", "3", "1/2", "1/2", "1/2", "B", "B"]
+    # Read as raw strings, "3" (twice, seen first) would win over three singletons.
+    assert majority_correct(keys[:5], [0.0, 0.0, 1.0, 1.0, 1.0]) == 1.0
+
+
 @pytest.mark.slow
 def test_eval_command_prints_its_table(tmp_path, tiny_model):
     proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", tiny_model, "--task", "countdown",
