@@ -22,6 +22,9 @@ opens network connections (its own network namespace has only an unconfigured lo
 or signals processes outside (other pid namespace, other uid).
 Not covered: kernel exploits and CPU side channels (namespaces are not a VM); a run can
 use its share of CPU and memory up to its limits; the Python standard library is there.
+The processes of one run share a uid: one can ptrace another or read its memory and
+descriptors through /proc unless that one is not dumpable (which is why the test harness
+in rewards/code.py makes itself so).
 Needs: root (for the private tmpfs and uid switch) and the `bubblewrap` package, which
 setup.sh installs.
 """

