@@ -106,20 +106,33 @@ class RolloutActor:
 
     # ---- weight sync (the engine half; see cluster/weight_sync.py) -----------------------------
 
-    def stage_weights(self, weights: dict[str, np.ndarray], version: int) -> int:
-        """Object-store transport: hold a whole new version beside the served one."""
-        return self.receiver.stage_arrays(version, weights)
+    def stage_weights(self, weights: dict[str, np.ndarray], version: int) -> tuple[int, int]:
+        """Object-store transport: hold a whole new version beside the served one; returns
+        (bytes held, the version served meanwhile)."""
+        return self.receiver.stage_arrays(version, weights), self.weight_version
 
     def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
                         device: str) -> None:
         self.receiver.join(host, port, rank, world_size, timeout_s, device)
 
-    def receive_weights(self, version: int, manifest: list, bucket_bytes: int, timeout_s: float) -> int:
-        """Broadcast transport: receive a whole new version from learner rank 0 and hold it."""
-        return self.receiver.receive(version, manifest, bucket_bytes, timeout_s)
+    def receive_weights(self, version: int, manifest: list, bucket_bytes: int,
+                        timeout_s: float) -> tuple[int, int]:
+        """Broadcast transport: receive a whole new version from learner rank 0 and hold it;
+        returns (bytes held, the version served meanwhile)."""
+        return self.receiver.receive(version, manifest, bucket_bytes, timeout_s), self.weight_version
 
     def commit_weights(self, version: int) -> int:
         """Load the held version in place, then serve it; returns the version now served."""
         self.receiver.commit(version)
         self.weight_version = version
         return self.weight_version
+
+    def rollback_weights(self) -> int:
+        """Another engine did not load this sync's version (or this one did not): load the
+        version served before it whole and serve it again; returns the version now served."""
+        self.weight_version = self.receiver.rollback()
+        return self.weight_version
+
+    def release_weights(self) -> None:
+        """Every engine loaded this sync's version: drop the copy kept for a rollback."""
+        self.receiver.release()

@@ -147,9 +147,12 @@ class VLLMEngine:
                           dtype=np.float32)
 
     def load_weights(self, named: list) -> None:
-        """Replace a whole model's weights in place and drop prefixes cached with the old ones."""
-        self.llm.collective_rpc("load_policy_weights", args=(named,))
-        self.llm.reset_prefix_cache()
+        """Replace a whole model's weights in place and drop prefixes cached with the old ones
+        (also when the load fails: it may have changed some weights already)."""
+        try:
+            self.llm.collective_rpc("load_policy_weights", args=(named,))
+        finally:
+            self.llm.reset_prefix_cache()
 
 
 def _answers(out) -> list[dict]:

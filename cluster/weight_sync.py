@@ -2,7 +2,9 @@
 
 The protocol, run by the driver after each optimizer step (`WeightSync.push`):
 
-    pause -> flush -> send -> stage -> load -> reset prefix cache -> bump version -> resume
+    pause -> flush -> send -> stage -> load -> reset prefix cache -> bump version
+          -> (all loaded: drop the old copy | any not: every engine back to the old version)
+          -> resume
 
 - pause/flush: a rollout actor runs one method at a time, so a sync call waits until the
   generate call in flight has returned; nothing is half-sampled across versions.
@@ -19,14 +21,36 @@ The protocol, run by the driver after each optimizer step (`WeightSync.push`):
 - load (commit): only when every engine holds the whole new version does the driver tell
   them to load it in place, drop their prefix caches (keys/values computed with the old
   weights) and take the new version number. Every sample generated afterwards carries it.
+- conclude: when every engine has loaded, each drops its copy of the version it served
+  before. If one did not (its load failed, part-way or not, timed out, or it died), the
+  driver tells every live engine to load the version it served before again, whole (those
+  that loaded the new one, and the one whose load stopped part-way), checks that each
+  reports that version, and raises `WeightSyncError` naming the engine and what happened.
+  An engine that died is not rolled back: it serves nothing, and an engine started in its
+  place serves the model folder's weights (version 0) until a push brings it up to date.
 
 Every remote call and every collective has a timeout (`sync.timeout_s`). A sync that fails
 or times out before the commit raises `WeightSyncError` naming the stage, and every engine
 keeps serving its previous weights whole: staged weights are only ever loaded by a commit
-for their own version. (The commit is an in-memory copy of checked tensors; should an
-engine die during it, the others may already serve the new version, each whole, and every
-sample says which.) `WeightSync.check` scores one fixed sequence on the learner and on
-every engine and fails if their log-probs differ by more than the dtype's tolerance.
+for their own version. So after any failure every live engine serves the version it served
+before the sync, whole (should going back fail too, the error says which engine may not),
+and every sample says which version made it. `WeightSync.check` scores one fixed sequence
+on the learner and on every engine and fails if their log-probs differ by more than the
+dtype's tolerance.
+
+Memory per engine besides the engine's own weights, in host memory (M: the model's size as
+sent, float32 from the object store, the learner's dtype by broadcast). Going back needs
+the served version whole, and an engine cannot hand its loaded weights back (vLLM repacks
+them), so each engine keeps the tensors it loaded:
+- between syncs, the served version: nothing for version 0 (reread from the model folder).
+  By broadcast, views into the receive buffers; an engine keeps two sets of buffers (2M
+  from its second sync on) and receives into the one the served weights do not use, so a
+  sync never overwrites them and buffers are still reused (faulting in fresh memory cost
+  more than the transfer). From the object store, the arrays stay pinned in Ray's store
+  (M per node: the engines on one node share them).
+- during a sync, also the staged version (M; broadcast: the other set of buffers).
+- from its commit until every engine has committed, also the version served before (M),
+  for a rollback; dropped as soon as every engine has loaded the new one.
 """
 
 from __future__ import annotations
@@ -35,6 +59,8 @@ import contextlib
 import datetime
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,29 +122,37 @@ def _broadcast(group, buffer, timeout_s: float) -> None:
 
 
 class BroadcastEnd:
-    """One end of the broadcast transport: the group, and one reusable buffer per bucket.
+    """One end of the broadcast transport: the group, and reusable buffers for every bucket.
 
     The buffers are kept between syncs: faulting in fresh memory for every sync cost more
     than the transfer itself (405 MB to 2 receivers on 2 cores: 0.7 s fresh, 0.3 s reused).
-    On a receiver, staged weights are views into them until the commit copies them.
+    The sender needs one set. On a receiver, staged and served weights are views into them,
+    so it keeps two sets and receives into the one its served weights do not use.
     """
 
     def __init__(self, group, device: str):
         self.group, self.device = group, device
         self.key: tuple | None = None
-        self.buckets: list[tuple[list[int], list[int], Any]] = []  # (indices, byte sizes, buffer)
+        # Each set: per bucket (parameter indices, their byte sizes, one buffer).
+        self.sets: list[list[tuple[list[int], list[int], Any]]] = []
 
-    def plan(self, manifest: Manifest, bucket_bytes: int) -> list[tuple[list[int], list[int], Any]]:
+    def plan(self, manifest: Manifest, bucket_bytes: int, busy: list | None = None
+             ) -> list[tuple[list[int], list[int], Any]]:
+        """The buckets of `manifest`, with the first set of buffers that is not `busy`."""
         import torch
 
         key = (tuple(manifest), bucket_bytes)
         if key != self.key:
-            self.buckets = []
-            for bucket in plan_buckets(manifest, bucket_bytes):
-                sizes = [_nbytes(manifest[i][1], manifest[i][2]) for i in bucket]
-                self.buckets.append((bucket, sizes, torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)))
-            self.key = key
-        return self.buckets
+            self.sets, self.key = [], key
+        for buckets in self.sets:
+            if buckets is not busy:
+                return buckets
+        buckets = []
+        for bucket in plan_buckets(manifest, bucket_bytes):
+            sizes = [_nbytes(manifest[i][1], manifest[i][2]) for i in bucket]
+            buckets.append((bucket, sizes, torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)))
+        self.sets.append(buckets)
+        return buckets
 
 
 # ---- learner half (runs inside each learner rank) ------------------------------------------
@@ -186,21 +220,38 @@ def send_weights(engine: Any, zero_stage: int, rank: int, end: BroadcastEnd | No
 # ---- engine half (runs inside each rollout actor) --------------------------------------------
 
 
-class WeightReceiver:
-    """Holds at most one new version beside the served one, and loads it only on commit.
+@dataclass
+class Held:
+    """One whole version of the weights as an engine holds it."""
 
+    version: int
+    named: list | None  # (HF name, tensor) pairs; None: the model folder's own files
+    buffers: list | None = None  # the broadcast buffer set the tensors are views into
+
+
+class WeightReceiver:
+    """Serves one version whole: stages a new one beside it, loads it only on commit, and
+    can load the one served before again (`rollback`).
+
+    What it holds (sizes in the module docstring): `served`, the version the engine serves,
+    as loaded (version 0: the model folder); `staged`, a checked new version until a commit
+    has loaded it, kept when the load fails; `previous`, after a commit, the version served
+    before it, until `release` (every engine committed) or `rollback` (one did not).
     `load` is the engine's in-place loader: it takes (name, tensor) pairs of a whole model.
     """
 
     def __init__(self, model_dir: str, load):
+        self.model_dir = model_dir
         self.expected = parameter_shapes(model_dir)  # the engine's own model, from its files
         self.load = load
-        self.staged: tuple[int, list] | None = None
+        self.served = Held(0, None)
+        self.staged: Held | None = None
+        self.previous: Held | None = None
         self.end: BroadcastEnd | None = None
 
-    def stage(self, version: int, named: list[tuple[str, Any]]) -> int:
+    def stage(self, version: int, named: list[tuple[str, Any]], buffers: list | None = None) -> int:
         """Check a whole new version against the model's names and shapes and hold it."""
-        self.staged = None
+        self.staged = self.previous = None  # a new sync: the driver has concluded the last one
         names = [n for n, _ in named]
         missing, unknown = set(self.expected) - set(names), set(names) - set(self.expected)
         if missing or unknown:
@@ -210,11 +261,12 @@ class WeightReceiver:
             if tuple(t.shape) != self.expected[name]:
                 raise WeightSyncError(f"weights version {version}: {name} has shape {tuple(t.shape)}, "
                                       f"the engine's model has {self.expected[name]}")
-        self.staged = (version, named)
+        self.staged = Held(version, named, buffers)
         return sum(t.nbytes for _, t in named)
 
     def stage_arrays(self, version: int, weights: dict[str, np.ndarray]) -> int:
-        """Object-store transport: stage numpy arrays read from Ray's store."""
+        """Object-store transport: stage numpy arrays read from Ray's store (read-only views,
+        which keep the object pinned there while they are held)."""
         import warnings
 
         import torch
@@ -229,28 +281,52 @@ class WeightReceiver:
         self.end = BroadcastEnd(join_group(host, port, rank, world_size, timeout_s, device), device)
 
     def receive(self, version: int, manifest: Manifest, bucket_bytes: int, timeout_s: float) -> int:
-        """Broadcast transport, receiving half: every bucket into this end's buffers, then stage."""
+        """Broadcast transport, receiving half: every bucket into the buffers that the served
+        weights do not use, then stage."""
         import torch
 
         if self.end is None:
             raise WeightSyncError("this engine has not joined the sync group")
-        self.staged = None  # the buffers are about to be overwritten
+        self.staged = self.previous = None  # their buffers may be about to be overwritten
+        buckets = self.end.plan(manifest, bucket_bytes, busy=self.served.buffers)
         named = []
-        for bucket, sizes, flat in self.end.plan(manifest, bucket_bytes):
+        for bucket, sizes, flat in buckets:
             _broadcast(self.end.group, flat, timeout_s)
             for i, part in zip(bucket, torch.split(flat, sizes)):
                 name, shape, dtype = manifest[i]
                 named.append((name, part.view(getattr(torch, dtype)).view(shape)))
-        return self.stage(version, named)
+        return self.stage(version, named, buckets)
 
     def commit(self, version: int) -> None:
-        """Load the staged weights if they are `version`; the caller then bumps its version."""
-        if self.staged is None or self.staged[0] != version:
-            held = None if self.staged is None else self.staged[0]
+        """Load the staged weights if they are `version`, then serve them; the caller then
+        bumps its version. A load that fails keeps them staged and the served copy as it was."""
+        if self.staged is None or self.staged.version != version:
+            held = None if self.staged is None else self.staged.version
             raise WeightSyncError(f"cannot load weights version {version}: the engine holds {held}")
-        _, named = self.staged
-        self.staged = None
-        self.load(named)
+        self.load(self.staged.named)
+        self.previous, self.served, self.staged = self.served, self.staged, None
+
+    def rollback(self) -> int:
+        """Load the version served before this sync's commit whole and serve it; returns it.
+
+        Loaded even when this engine's commit failed or never ran: a load that stopped
+        part-way may have changed any weight.
+        """
+        back = self.previous if self.previous is not None else self.served
+        self.load(back.named if back.named is not None else model_weights(self.model_dir))
+        self.served, self.staged, self.previous = back, None, None
+        return back.version
+
+    def release(self) -> None:
+        """Every engine serves the new version: the one served before it is not needed."""
+        self.previous = None
+
+
+def model_weights(model_dir: str) -> list[tuple[str, Any]]:
+    """Version 0 whole: the tensors of the model folder's safetensors files."""
+    from safetensors.torch import load_file
+
+    return [item for f in sorted(Path(model_dir).glob("*.safetensors")) for item in load_file(str(f)).items()]
 
 
 class EngineWeightReceiver:
@@ -261,7 +337,16 @@ class EngineWeightReceiver:
     """
 
     def load_policy_weights(self, named: list) -> None:
-        self.model_runner.reload_weights(weights_iterator=iter(named))
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        try:
+            self.model_runner.reload_weights(weights_iterator=iter(named))
+        except BaseException:
+            # A reload that stops part-way leaves the layers still waiting for weights on
+            # the meta device, and the next reload would skip setting them up: put every
+            # layer back on its own tensors, so a rollback can load whole weights again.
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+            raise
 
 
 # ---- the protocol (runs in the driver) -------------------------------------------------------
@@ -296,8 +381,18 @@ class WeightSync:
         self.connected = False
 
     def push(self, version: int) -> dict[str, float]:
-        """Send the learner's weights to every engine and switch them to `version`."""
+        """Send the learner's weights to every engine and switch them all to `version`; on a
+        failure, every live engine serves the version it served before (see the module)."""
         start = time.perf_counter()
+        staged = self._send(version)  # per engine: (bytes staged, version it serves)
+        self._commit(version, [served for _, served in staged])
+        seconds = time.perf_counter() - start
+        nbytes = staged[0][0]
+        return {"timing/sync": seconds, "sync/bytes": float(nbytes), "sync/version": float(version),
+                "sync/gb_per_s": nbytes * len(self.rollouts) / seconds / 1e9}
+
+    def _send(self, version: int) -> list[tuple[int, int]]:
+        """Send + stage: every engine holds the whole new version beside the served one."""
         if self.cfg.transport == "broadcast":
             if not self.connected:
                 self.connect()
@@ -306,24 +401,40 @@ class WeightSync:
             receives = [r.receive_weights.remote(version, self.manifest, bucket, self.cfg.timeout_s)
                         for r in self.rollouts]
             try:
-                staged = self._get(receives + sends, f"broadcasting weights version {version}")
+                return self._get(receives + sends, f"broadcasting weights version {version}")[:len(receives)]
             except WeightSyncError:
                 self.connected = False  # a broken collective leaves the group unusable
                 raise
-            staged = staged[:len(receives)]
-        else:
-            refs = [l.gather_weights.remote() for l in self.learners]
-            self._get(refs, "gathering weights from the learner", fetch=False)
-            self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors
-            staged = self._get([r.stage_weights.remote(refs[0], version) for r in self.rollouts],
-                               f"sending weights version {version} to the engines")
-        versions = self._get([r.commit_weights.remote(version) for r in self.rollouts],
-                             f"loading weights version {version}")
-        if versions != [version] * len(self.rollouts):
-            raise WeightSyncError(f"engines report versions {versions} after loading version {version}")
-        seconds = time.perf_counter() - start
-        return {"timing/sync": seconds, "sync/bytes": float(staged[0]), "sync/version": float(version),
-                "sync/gb_per_s": staged[0] * len(self.rollouts) / seconds / 1e9}
+        refs = [l.gather_weights.remote() for l in self.learners]
+        self._get(refs, "gathering weights from the learner", fetch=False)
+        self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors
+        return self._get([r.stage_weights.remote(refs[0], version) for r in self.rollouts],
+                         f"sending weights version {version} to the engines")
+
+    def _commit(self, version: int, before: list[int]) -> None:
+        """Every engine loads `version`; if one does not, every live engine goes back to the
+        version it served `before`, and the error says what happened to which engine."""
+        loaded = self._each([r.commit_weights.remote(version) for r in self.rollouts])
+        failed = {i: why or f"reports version {got}"
+                  for i, (got, why, _) in enumerate(loaded) if why or got != version}
+        if not failed:
+            self._get([r.release_weights.remote() for r in self.rollouts],
+                      f"dropping the weights served before version {version}")
+            return
+        live = [i for i, (_, _, died) in enumerate(loaded) if not died]
+        back = self._each([self.rollouts[i].rollback_weights.remote() for i in live])
+        whole = [i for i, (got, why, _) in zip(live, back) if not why and got == before[i]]
+        notes = [f"engine {i} could not go back to version {before[i]} "
+                 f"({why or f'it reports version {got}'}): its weights may be mixed"
+                 for i, (got, why, _) in zip(live, back) if i not in whole]
+        if whole:
+            notes.insert(0, f"engines {whole} serve versions {[before[i] for i in whole]} again, whole")
+        dead = [i for i, (_, _, died) in enumerate(loaded) if died]
+        if dead:
+            notes.append(f"engines {dead} died and must be replaced")
+        what = "; ".join(f"engine {i}: {why}" for i, why in failed.items())
+        raise WeightSyncError(f"weight sync: loading weights version {version} failed on {what}. "
+                              + "; ".join(notes))
 
     def check(self, token_ids: np.ndarray) -> float:
         """Max |learner - engine| log-prob over a fixed sequence; raises beyond the dtype's tolerance."""
@@ -351,7 +462,31 @@ class WeightSync:
         try:
             values = ray.get(refs)
         except ray.exceptions.RayError as err:
-            cause = getattr(err, "cause", None) or err
-            first = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            raise WeightSyncError(f"weight sync: {stage} failed: {first}") from err
+            raise WeightSyncError(f"weight sync: {stage} failed: {_reason(err)}") from err
         return values[0] if single else values
+
+    def _each(self, refs: list) -> list[tuple[Any, str | None, bool]]:
+        """Every call's (value, why it failed or None, whether its actor died), within the
+        sync timeout; unlike `_get`, one call's failure does not hide the others' results."""
+        import ray
+
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s, fetch_local=False)
+        ready = set(ready)
+        results = []
+        for ref in refs:
+            if ref not in ready:
+                results.append((None, f"took longer than {self.cfg.timeout_s:g}s (sync.timeout_s)", False))
+                continue
+            try:
+                results.append((ray.get(ref), None, False))
+            except ray.exceptions.RayActorError as err:
+                results.append((None, f"died: {_reason(err)}", True))
+            except ray.exceptions.RayError as err:
+                results.append((None, _reason(err), False))
+        return results
+
+
+def _reason(err: Exception) -> str:
+    """The last line of a remote error's cause: what went wrong, without the traceback."""
+    cause = getattr(err, "cause", None) or err
+    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__

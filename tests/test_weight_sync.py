@@ -2,9 +2,12 @@
 either transport; a sync that fails leaves every engine serving its previous weights whole.
 
 Real pieces: vLLM engines in rollout actors, DeepSpeed learner ranks, Ray's object store and
-a gloo group. The bucket plan and the receiver's checks are also unit-tested with a
-stand-in loader (a list that records what it is given).
+a gloo group; one engine's load is made to fail part-way by a fault-injecting stand-in
+rollout actor (`CommitFailingRollout`). The bucket plan and the receiver's checks are also
+unit-tested with a stand-in loader (a list that records what it is given).
 """
+
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +15,9 @@ import ray
 import torch
 
 from actors.records import Sampling
-from cluster.config import SyncConfig
-from cluster.weight_sync import WeightReceiver, WeightSync, WeightSyncError, plan_buckets
+from actors.rollout import RolloutActor, actor_env
+from cluster.config import RolloutConfig, SyncConfig
+from cluster.weight_sync import WeightReceiver, WeightSync, WeightSyncError, model_weights, plan_buckets
 from learner.models import count_parameters
 from tests.helpers import fixed_batch, make_learners, run_on_ranks, start_rollout
 
@@ -54,6 +58,49 @@ def test_receiver_loads_only_a_whole_checked_version_on_commit(tiny_model):
     assert len(loaded) == 1 and len(loaded[0]) == len(names)
 
 
+def test_a_failed_load_keeps_the_staged_version_and_a_rollback_reloads_the_served_one(tiny_model):
+    loaded, failing = [], []  # stand-in loader: records each load, raises while `failing`
+
+    def load(named):
+        loaded.append({n: float(t.flatten()[0]) for n, t in named})
+        if failing:
+            raise RuntimeError("load stopped part-way")
+
+    receiver = WeightReceiver(tiny_model, load)
+    shapes = receiver.expected
+    one, two = ([(n, torch.full(shape, v)) for n, shape in shapes.items()] for v in (1.0, 2.0))
+    receiver.stage(1, one)
+    receiver.commit(1)
+    receiver.release()
+    receiver.stage(2, two)
+    failing.append(True)
+    with pytest.raises(RuntimeError, match="part-way"):
+        receiver.commit(2)
+    failing.clear()
+    # The failed load left version 2 staged: loading it again needs nothing re-sent.
+    receiver.commit(2)
+    assert set(loaded[-1].values()) == {2.0}
+    # Another engine failed: this one goes back to version 1, whole, from its kept copy.
+    assert receiver.rollback() == 1
+    assert set(loaded[-1].values()) == {1.0} and len(loaded[-1]) == len(shapes)
+    # An engine whose own load failed reloads the version it serves, whole (it may be mixed).
+    receiver.stage(2, two)
+    failing.append(True)
+    with pytest.raises(RuntimeError):
+        receiver.commit(2)
+    failing.clear()
+    assert receiver.rollback() == 1
+    assert set(loaded[-1].values()) == {1.0} and len(loaded[-1]) == len(shapes)
+    with pytest.raises(WeightSyncError, match="holds None"):
+        receiver.commit(2)  # a rollback drops the failed version
+    # Version 0 is the model folder: going back to it rereads its files.
+    fresh = WeightReceiver(tiny_model, load)
+    fresh.stage(1, one)
+    fresh.commit(1)
+    assert fresh.rollback() == 0
+    assert loaded[-1] == {n: float(t.flatten()[0]) for n, t in model_weights(tiny_model)}
+
+
 # ---- real engines and learners --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -66,6 +113,52 @@ def engines(ray_cluster, tiny_model):
 
 def _scores(actors):
     return ray.get([a.score.remote(SEQ) for a in actors], timeout=120)
+
+
+def _versions(actors):
+    """The weight version each engine's samples carry now."""
+    sampling = Sampling(n=1, seed=0, max_new_tokens=2)
+    return [s.weight_version for a in actors
+            for s in ray.get(a.generate.remote(["p"], [PROMPT], sampling), timeout=120)]
+
+
+class CommitFailingRollout(RolloutActor):
+    """Fault-injecting stand-in for a rollout actor: its commit of `fail_version` feeds part
+    of the staged weights to its real engine's loader, then fails. Layers 0-1 load whole,
+    layer 2 gets q and k but not v (vLLM fuses them into one tensor), layer 3 nothing."""
+
+    def __init__(self, model_path, cfg, seed, fail_version):
+        super().__init__(model_path, cfg, seed)
+        self.fail_version = fail_version
+
+    def commit_weights(self, version):
+        if version != self.fail_version:
+            return super().commit_weights(version)
+        engine_load = self.receiver.load
+
+        def load_part_then_fail(named):
+            def weights():
+                yield from named[:[n for n, _ in named].index("model.layers.2.self_attn.v_proj.weight")]
+                raise RuntimeError("injected fault: the load stopped part-way")
+            engine_load(weights())
+
+        self.receiver.load = load_part_then_fail
+        try:
+            return super().commit_weights(version)
+        finally:
+            self.receiver.load = engine_load
+
+
+@pytest.fixture(scope="module")
+def failing_engine(ray_cluster, tiny_model):
+    # Ray's workers cannot import a test module: ship the class itself.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8)
+    actor = ray.remote(CommitFailingRollout).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}
+                                                     ).remote(tiny_model, cfg, 2, fail_version=2)
+    ray.get(actor.__ray_ready__.remote(), timeout=300)
+    yield actor
+    ray.kill(actor)
 
 
 @pytest.mark.slow
@@ -130,4 +223,29 @@ def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, tiny_mode
     sync.replace(engines)
     sync.push(3)
     assert sync.check(SEQ) < 1e-4
+    ray.kill(learners[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, failing_engine, tiny_model,
+                                                                     transport):
+    pair = [engines[0], failing_engine]
+    learners = make_learners(tiny_model, 1, 2)
+    sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
+    sync.push(1)
+    before = _scores(pair)
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    # Engine 0 loads version 2; engine 1 loads part of it and fails.
+    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: injected fault"
+                                              r".*engines \[0, 1\] serve versions \[1, 1\] again"):
+        sync.push(2)
+    # Both went back to version 1, whole: they score exactly as they did after its push.
+    assert _versions(pair) == [1, 1]
+    for b, a in zip(before, _scores(pair)):
+        np.testing.assert_array_equal(a, b)
+    # And the next sync goes through on both.
+    sync.push(3)
+    assert sync.check(SEQ) < 1e-4
+    assert _versions(pair) == [3, 3]
     ray.kill(learners[0])
