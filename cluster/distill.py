@@ -9,6 +9,8 @@ smaller student with SFT alone, no RL.
    cluster/rejection.py) keep the correct ones -> OUT/traces.jsonl.
 2. The student is fine-tuned on them (cluster/sft.py) -> OUT/student.
 3. Teacher, student before and student after are scored greedily on the same held-out prompts.
+Neither the traces nor the student's SFT data hold a question of the run's held-out split
+(the task mixture's; in a pipeline, also the questions the pipeline evaluates on).
 The student is an HF folder, a YAML config whose `model` group describes it ("tiny" builds a
 model of that shape), or "tiny" with model.* overrides.
 """
@@ -24,11 +26,14 @@ from pathlib import Path
 
 from cluster import cli
 from cluster.config import TASKS, Config, ConfigError, load_config
+from rewards.tasks import HeldOut
 
 
-def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = "distill") -> dict[str, float]:
-    """Steps 1-3 above, with `cfg`'s task mixture; writes OUT/traces.jsonl, OUT/student and
-    OUT/results.json and returns the results. Ray must be connected."""
+def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = "distill", *,
+            held_out: HeldOut) -> dict[str, float]:
+    """Steps 1-3 above, with `cfg`'s task mixture, never training on a `held_out` question;
+    writes OUT/traces.jsonl, OUT/student and OUT/results.json and returns the results. Ray
+    must be connected."""
     from cluster.evaluate import evaluate_model
     from cluster.rejection import rejection_sample
     from cluster.sft import sft
@@ -40,8 +45,8 @@ def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = 
     traces, model = out_dir / "traces.jsonl", out_dir / "student"
     results = {f"teacher/{k}": v for k, v in evaluate_model(cfg, teacher, tasks.tasks, problems).items()}
     results |= {f"student_before/{k}": v for k, v in evaluate_model(cfg, student, tasks.tasks, problems).items()}
-    results |= rejection_sample(cfg, teacher, traces, f"{what}: teacher traces")
-    results |= sft(cfg, student, traces, model, f"{what}: student SFT")
+    results |= rejection_sample(cfg, teacher, traces, f"{what}: teacher traces", held_out=held_out)
+    results |= sft(cfg, student, traces, model, f"{what}: student SFT", held_out=held_out)
     results |= {f"student/{k}": v for k, v in evaluate_model(cfg, str(model), tasks.tasks, problems).items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster import placement
         from cluster.evaluate import print_table
         from cluster.train import resolve_model
+        from rewards.tasks import build_mixture
 
         if args.task not in TASKS:
             raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         student = student_model(args.student, cfg)
         out = args.out or Path(cfg.cluster.runs_dir) / time.strftime("distill-%Y%m%d-%H%M%S")
         placement.connect(cfg)
-        results = distill(cfg, teacher, student, out)
+        results = distill(cfg, teacher, student, out, held_out=build_mixture(cfg.task).held_out)
         print_table(results, f"r1ray distill: {args.task}, teacher {teacher} -> student {out / 'student'}")
 
     return cli.run(body)

@@ -24,6 +24,11 @@ Stage kinds and what each writes in its folder:
     distill       student/      `model`'s verified traces learned by `student`       cluster/distill.py
 A stage is done when its folder has done.json (written last): done stages are skipped. An
 unfinished rl stage resumes from its newest checkpoint; other stages start again (minutes).
+
+No stage trains on a question the pipeline evaluates on: each stage that reads training data
+(all but traces, general and pairs) gets the run's held-out split, the eval splits of the
+`evaluate` mixture and of its own mixture (`held_out_split`), and drops what is in it. So
+`evaluate` may refer only to data stages that run before the first such stage.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import yaml
 
 from cluster import cli
 from cluster.config import Config, ConfigError, config_from_tree
+from rewards.tasks import HeldOut
 
 OUTPUTS = {"traces": "data.jsonl", "general": "data.jsonl", "pairs": "data.jsonl", "sft": "model", "rl": "model",
            "rejection": "data.jsonl", "reward_model": "model", "distill": "student"}
@@ -117,9 +123,13 @@ def load_recipe(path: str | Path) -> Recipe:
         seen.append(stage.name)
         stages.append(stage)
     evaluate = tree.get("evaluate") or {}
+    trains = next((s for s in stages if s.kind not in DATA_STAGES), None)
     for ref in _references(evaluate):
         if ref not in seen:
             raise ConfigError(f"{path}: evaluate refers to @{ref}, which is not a stage")
+        if trains and seen.index(ref) > stages.index(trains):  # its held-out split is needed from there on
+            raise ConfigError(f"{path}: evaluate refers to @{ref}, which runs after stage {trains.name!r} "
+                              f"({trains.kind}) trains; what is evaluated on must exist before any stage trains")
     config = tree.get("config") or {}
     if _references(config):
         raise ConfigError(f"{path}: config refers to @{_references(config)[0]}; stage outputs go in a stage's "
@@ -168,18 +178,19 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
     model = _input(stage, stage.model, outputs) if stage.model else _model_path(cfg)
     output = folder / OUTPUTS[stage.kind]
     data = _input(stage, stage.data, outputs) if stage.data else ""
+    held_out = None if stage.kind in DATA_STAGES else held_out_split(recipe, cfg, outputs)
     if stage.kind == "rl":
-        metrics = _rl(cfg, stage, folder, model)
+        metrics = _rl(cfg, stage, folder, model, held_out)
     else:
         if folder.exists():  # a stage that did not finish: start it again
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         if stage.kind in DATA_STAGES:  # no actors
-            metrics = _produce(cfg, stage, model, data, output, outputs)
+            metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
         else:
             placement.connect(cfg)
             try:
-                metrics = _produce(cfg, stage, model, data, output, outputs)
+                metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
             finally:
                 ray.shutdown()
     record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
@@ -189,8 +200,10 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
     return record
 
 
-def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, outputs: dict) -> dict[str, float]:
-    """Run a stage other than rl; its output goes to `output`."""
+def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, outputs: dict,
+             held_out: HeldOut | None) -> dict[str, float]:
+    """Run a stage other than rl; its output goes to `output`. Stages that train never see a
+    `held_out` question (None for the data stages, which read nothing)."""
     from rewards import sorting
 
     what = f"stage {stage.name}"
@@ -203,15 +216,15 @@ def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, out
     if stage.kind == "sft":
         from cluster.sft import sft
 
-        return sft(cfg, model, data, output, what)
+        return sft(cfg, model, data, output, what, held_out=held_out)
     if stage.kind == "rejection":
         from cluster.rejection import rejection_sample
 
-        return rejection_sample(cfg, model, output, what)
+        return rejection_sample(cfg, model, output, what, held_out=held_out)
     if stage.kind == "reward_model":
         from cluster.reward_model import train_reward_model
 
-        return train_reward_model(cfg, data, output, model, what)
+        return train_reward_model(cfg, data, output, model, what, held_out=held_out)
     if stage.kind == "distill":
         from cluster.distill import distill, student_model
 
@@ -221,12 +234,13 @@ def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, out
             student = _input(stage, stage.student["path"], outputs)
         else:  # a model group: "tiny" builds it, a folder is checked
             student = _model_path(config_from_tree(_merge(to_dict(cfg), {"model": stage.student})))
-        return distill(cfg, model, student, output.parent, what)
+        return distill(cfg, model, student, output.parent, what, held_out=held_out)
     raise AssertionError(stage.kind)
 
 
-def _rl(cfg: Config, stage: Stage, folder: Path, model: str) -> dict[str, float]:
-    """GRPO from `model` in `folder` (a run folder), resumed from its checkpoint if it has one."""
+def _rl(cfg: Config, stage: Stage, folder: Path, model: str, held_out: HeldOut) -> dict[str, float]:
+    """GRPO from `model` in `folder` (a run folder), resumed from its checkpoint if it has one,
+    never on a `held_out` prompt."""
     import dataclasses
 
     import ray
@@ -246,7 +260,7 @@ def _rl(cfg: Config, stage: Stage, folder: Path, model: str) -> dict[str, float]
         except checkpoint.CheckpointError:
             shutil.rmtree(folder)  # stopped before its first checkpoint
     try:
-        results = train(cfg, resume)
+        results = train(cfg, resume, held_out)
     finally:
         ray.shutdown()
     return results
@@ -260,8 +274,7 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     from cluster.evaluate import evaluate_model
     from rewards.tasks import build_mixture
 
-    tree = _merge(_resolve(recipe.config, outputs), _resolve(recipe.eval_set, outputs))
-    tree = _merge(tree, {"model": {"path": model}, "cold_start": {"steps": 0}})
+    tree = _merge(_eval_tree(recipe, outputs), {"model": {"path": model}, "cold_start": {"steps": 0}})
     cfg = config_from_tree(tree)
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
@@ -274,6 +287,16 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
         (task,) = tasks.tasks
         got[f"pass@1/greedy/{task}"] = got["pass@1/greedy"]
     return got
+
+
+def held_out_split(recipe: Recipe, cfg: Config, outputs: dict[str, str]) -> HeldOut:
+    """The held-out split of a stage with config `cfg`: whether a question is held out by the
+    recipe's evaluation mixture (as `evaluate_policy` builds it) or by the stage's own."""
+    from rewards.tasks import build_mixture
+
+    evaluated = build_mixture(config_from_tree(_eval_tree(recipe, outputs)).task)
+    own = build_mixture(cfg.task)
+    return lambda question: evaluated.held_out(question) or own.held_out(question)
 
 
 def print_summary(recipe: Recipe, records: list[dict]) -> None:
@@ -305,6 +328,11 @@ def _notes(metrics: dict[str, float]) -> str:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _eval_tree(recipe: Recipe, outputs: dict[str, str]) -> dict:
+    """The evaluation's config tree: `evaluate.set` over the recipe's config."""
+    return _merge(_resolve(recipe.config, outputs), _resolve(recipe.eval_set, outputs))
+
 
 def _stage_config(recipe: Recipe, stage: Stage, outputs: dict[str, str]) -> Config:
     tree = _merge(_resolve(recipe.config, outputs), _resolve(stage.set, outputs))

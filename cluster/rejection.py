@@ -1,7 +1,10 @@
 """Rejection sampling (R1's third stage, and distillation's teacher traces): k answers per
 train prompt from a model, kept only if they are right, well formed and readable.
 
-    stats = rejection_sample(cfg, model_path, "out/data.jsonl", what="stage rejection")
+    stats = rejection_sample(cfg, model_path, "out/data.jsonl", "stage rejection", held_out=mixture.held_out)
+
+The prompts are train prompts: none is in the run's held-out split (`held_out`), so the data
+this writes never teaches a later stage an answer it is evaluated on.
 
 A kept answer passes, in this order (the first failure is the reason counted):
   wrong        the task's verifier does not accept it (score below 1)
@@ -29,6 +32,7 @@ from cluster.prompts import prompt_format
 from rewards.data import write_jsonl
 from rewards.format import format_reward
 from rewards.language import scripts_of
+from rewards.tasks import HeldOut, Mixture, Problem
 
 REASONS = ("wrong", "truncated", "format", "language", "mixed", "short", "long", "duplicate", "per_prompt")
 
@@ -85,23 +89,33 @@ def stats_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str) -> dict[str, float]:
-    """Sample `rejection.k` answers to `rejection.prompts` train prompts of the task mixture
-    with `model_path`, keep those that pass (see the module docstring), write them to `out`
-    (atomically); returns acceptance metrics. Ray must be connected."""
-    import ray
+def train_prompts(cfg: Config, tasks: Mixture, what: str) -> list[Problem]:
+    """`rejection.prompts` train prompts of the mixture's tasks that have a verifier, drawn
+    with replacement; none is held out by `tasks` (its tasks' eval splits and its `exclude`)."""
+    from rewards.tasks import without_verifier
 
-    from actors.pool import RolloutPool
-    from rewards.pool import RewardPool
-    from rewards.tasks import build_mixture, without_verifier
-
-    tasks = build_mixture(cfg.task)
     unverified = without_verifier(tasks.tasks)
     verified = [t for t in tasks.tasks if t not in unverified]
     if not verified:
         raise NothingKeptError(f"{what}: rejection sampling needs a task with a verifier; the mixture has only "
                                f"{', '.join(unverified)}")
-    problems = tasks.sample(random.Random(cfg.algorithm.seed), cfg.rejection.prompts, names=verified)
+    return tasks.sample(random.Random(cfg.algorithm.seed), cfg.rejection.prompts, "train", names=verified)
+
+
+def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str, *,
+                     held_out: HeldOut) -> dict[str, float]:
+    """Sample `rejection.k` answers to `rejection.prompts` train prompts of the task mixture
+    (none of them `held_out`) with `model_path`, keep those that pass (see the module
+    docstring), write them to `out` (atomically); returns acceptance metrics. Ray must be
+    connected."""
+    import ray
+
+    from actors.pool import RolloutPool
+    from rewards.pool import RewardPool
+    from rewards.tasks import build_mixture
+
+    tasks = build_mixture(cfg.task, held_out, what)
+    problems = train_prompts(cfg, tasks, what)
     rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
     try:
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)

@@ -7,7 +7,10 @@ answers to it, the first preferred. The base model is `model.path` ("tiny", "smo
 folder); prompts are rendered with the run's template (`task.template`) so the model judges
 the same text it will see in RL, and prompt + answer keeps its last `rollout.max_model_len`
 tokens. `learner.*` sets the ranks, ZeRO stage, precision and micro-batches;
-`reward_model.*` the epochs, batch, learning rate and held-out share.
+`reward_model.*` the epochs, batch, learning rate and held-out share. Pairs whose prompt is
+in the run's held-out split (the config's task mixture; in a pipeline, also the questions it
+evaluates the policy on) are dropped: a reward model that has seen the evaluation questions
+would leak their answers into the final RL.
 
 The output folder is an HF sequence-classification model with its tokenizer and
 rewards/preference.CALIBRATION_FILE (held-out accuracy and score statistics); RL uses it with
@@ -31,20 +34,30 @@ import numpy as np
 from cluster import cli, placement
 from cluster.config import Config, ConfigError, load_config
 from learner.reward_model import Pair, encode, load_pairs, pad_right, pad_token_id, split_pairs
+from rewards.data import drop_held_out
 from rewards.preference import CALIBRATION_FILE
+from rewards.tasks import HeldOut
+
+
+def read_pairs(data: str | Path, what: str, held_out: HeldOut, eval_fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out) pairs of `data`: those whose prompt is `held_out` (the run's held-out
+    split) dropped, the rest split by prompt (`split_pairs`) for the model's own accuracy."""
+    pairs = drop_held_out(load_pairs(data, what), held_out, what, data, question=lambda pair: pair.prompt)
+    return split_pairs(pairs, eval_fraction)
 
 
 def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: str,
-                       what: str = "train-rm") -> dict[str, float]:
-    """Train a Bradley-Terry reward model on `data` from the causal LM `model_path`, write it to
-    `out_dir` and return its metrics. Ray must be initialised (`placement.connect`)."""
+                       what: str = "train-rm", *, held_out: HeldOut) -> dict[str, float]:
+    """Train a Bradley-Terry reward model on the pairs of `data` whose prompt is not `held_out`,
+    from the causal LM `model_path`, write it to `out_dir` and return its metrics. Ray must be
+    initialised (`placement.connect`)."""
     import ray
     from transformers import AutoTokenizer
 
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; the reward model goes to a new folder")
-    train, held_out = split_pairs(load_pairs(data, what), cfg.reward_model.eval_fraction)
+    train, held_pairs = read_pairs(data, what, held_out, cfg.reward_model.eval_fraction)
     if min(cfg.reward_model.batch_size, len(train)) < cfg.learner.num_ranks:
         raise ConfigError(f"a step of {min(cfg.reward_model.batch_size, len(train))} pairs cannot feed "
                           f"learner.num_ranks={cfg.learner.num_ranks} ranks; raise reward_model.batch_size "
@@ -52,7 +65,7 @@ def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = pad_token_id(tokenizer)
     train_c, train_r = _tokenize(cfg, model_path, tokenizer, train)
-    held_c, held_r = _tokenize(cfg, model_path, tokenizer, held_out)
+    held_c, held_r = _tokenize(cfg, model_path, tokenizer, held_pairs)
     trainers, group = _start_trainers(cfg, model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -170,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 def _train_rm(args: argparse.Namespace) -> None:
     from cluster.evaluate import print_table
     from cluster.train import resolve_model
+    from rewards.tasks import build_mixture
 
     cfg = load_config(args.config, args.overrides)
     model_path = resolve_model(cfg)
+    held_out = build_mixture(cfg.task).held_out
     placement.connect(cfg)
-    results = train_reward_model(cfg, args.data, args.out, model_path)
+    results = train_reward_model(cfg, args.data, args.out, model_path, held_out=held_out)
     print_table(results, f"reward model {args.out} (from {model_path}, pairs {args.data})")

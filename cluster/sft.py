@@ -1,14 +1,15 @@
 """Supervised fine-tuning on JSONL traces: R1's cold start, its SFT on rejection-sampled data
 mixed with general data, and distillation's student training.
 
-    metrics = sft(cfg, model_path, "traces.jsonl", "out/model", what="stage cold_start")
+    metrics = sft(cfg, model_path, "traces.jsonl", "out/model", "stage cold_start", held_out=mixture.held_out)
 
 Each row is {"prompt": question, "response": what follows the rendered prompt}; the prompt is
 rendered as the policy sees it in RL (cluster/prompts.py), so SFT and RL agree on where an
 answer starts. Examples are packed into rows of `rollout.max_model_len` tokens
 (learner/sft.py: no attention across examples, loss on response tokens only) and trained on
 the same DeepSpeed learner ranks as RL (`Learner.sft_step`). With `sft.mix_path`, each epoch
-adds `sft.mix_ratio` general rows per main row, drawn with replacement.
+adds `sft.mix_ratio` general rows per main row, drawn with replacement. Rows of either file
+whose question is in the run's held-out split (`held_out`) are dropped, and counted.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from cluster import placement
 from cluster.config import Config
 from cluster.prompts import PromptFormat, prompt_format
 from learner.sft import Example, pack
-from rewards.data import read_jsonl
+from rewards.data import drop_held_out, read_jsonl
+from rewards.tasks import HeldOut
 
 
-def load_examples(path: str | Path, tokenizer, fmt: PromptFormat, what: str) -> list[Example]:
-    """The prompt/response rows of `path`, tokenized (errors name `what`, the file, the line
-    and the field). Without stop strings (chat template) the answer ends with end-of-sequence."""
-    rows = read_jsonl(path, ("prompt", "response"), what)
+def load_examples(path: str | Path, tokenizer, fmt: PromptFormat, what: str, held_out: HeldOut) -> list[Example]:
+    """The prompt/response rows of `path` whose question is not `held_out`, tokenized (errors
+    name `what`, the file, the line and the field). Without stop strings (chat template) the
+    answer ends with end-of-sequence."""
+    rows = drop_held_out(read_jsonl(path, ("prompt", "response"), what), held_out, what, path)
     eos = [tokenizer.eos_token_id] if not fmt.stop and tokenizer.eos_token_id is not None else []
     prompts = tokenizer([fmt.render(r["prompt"]) for r in rows])["input_ids"]
     responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
@@ -56,10 +59,11 @@ def lr_at(peak: float, step: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, what: str) -> dict[str, float]:
-    """Fine-tune `model_path` on `data` (plus `sft.mix_path` at `sft.mix_ratio`) and write the
-    result to `out_dir` as an HF folder (atomically); returns the run's metrics. Ray must be
-    connected (cluster.placement.connect)."""
+def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, what: str, *,
+        held_out: HeldOut) -> dict[str, float]:
+    """Fine-tune `model_path` on `data` (plus `sft.mix_path` at `sft.mix_ratio`), without the
+    rows whose question is `held_out`, and write the result to `out_dir` as an HF folder
+    (atomically); returns the run's metrics. Ray must be connected (cluster.placement.connect)."""
     import ray
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -69,8 +73,8 @@ def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, wha
 
     c, max_len = cfg.sft, cfg.rollout.max_model_len
     tokenizer, fmt = AutoTokenizer.from_pretrained(model_path), prompt_format(cfg, model_path)
-    main = load_examples(data, tokenizer, fmt, what)
-    general = load_examples(c.mix_path, tokenizer, fmt, f"{what} (sft.mix_path)") if c.mix_ratio > 0 else []
+    main = load_examples(data, tokenizer, fmt, what, held_out)
+    general = load_examples(c.mix_path, tokenizer, fmt, f"{what} (sft.mix_path)", held_out) if c.mix_ratio > 0 else []
     rows_per_step = max(cfg.learner.num_ranks, c.tokens_per_step // max_len)
     rng = random.Random(cfg.algorithm.seed)
     epochs = [pack(epoch_examples(main, general, c.mix_ratio, rng), max_len, tokenizer.pad_token_id or 0)

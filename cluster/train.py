@@ -40,7 +40,7 @@ from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
 from learner.models import write_provenance
 from rewards.pool import RewardPool
-from rewards.tasks import Mixture, Problem, build_mixture
+from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 
 
 @dataclass
@@ -55,14 +55,14 @@ class Actors:
     """The policy's parameter count (for the learner's FLOP/s)."""
 
 
-def train(cfg: Config, resume: Path | None = None) -> dict[str, float]:
+def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
     """Run cold-start SFT then `algorithm.steps` GRPO steps, or continue the run in `resume`
     from its newest checkpoint; returns the run's results."""
     import ray
 
     started = time.time()
     model_path = resolve_model(cfg)
-    tasks = build_mixture(cfg.task)  # loads datasets: a bad file stops the run here
+    tasks = build_mixture(cfg.task, held_out, cfg.logging.run_name or "train")  # a bad dataset stops the run here
     eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
     ckpt = checkpoint.latest(resume) if resume else None
     state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from rewards.math import GSM8K_RE, extract_answer
+
+Row = TypeVar("Row")
 
 FORMATS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 _LOCAL = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet"}
@@ -134,3 +137,17 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.rename(path)
+
+
+def drop_held_out(rows: list[Row], held_out: Callable[[str], bool], what: str, path: str | Path,
+                  question: Callable[[Row], str] = lambda row: row["prompt"]) -> list[Row]:
+    """`rows` without those whose question (a row's "prompt") is in the run's held-out split,
+    so that no stage trains on what the run is evaluated on. Prints one line naming `what`
+    reads the file, the file and how many rows went (nothing if `what` is empty); an error if
+    no row is left."""
+    kept = [row for row in rows if not held_out(question(row))]
+    if what:
+        print(f"r1ray: {what}: dropped {len(rows) - len(kept)} held-out rows of {path}", flush=True)
+    if rows and not kept:
+        raise DatasetError(f"{what + ': ' if what else ''}all {len(rows)} rows of {path} are in the held-out split")
+    return kept

@@ -13,6 +13,9 @@ samples; the workers hold the same task objects and look the checker up by `Prob
 Every task has a train and an eval split that never share a question: the synthetic tasks
 hold out the problems whose key hashes into one bucket of ten (as `rewards.arithmetic`
 does), a dataset task uses its eval file or holds out a tenth of its questions the same way.
+`task.held_out(question)` says whether a question text is in a task's eval split, and
+`mixture.held_out` whether any task's: every stage that trains drops such questions from its
+data (`rewards.data.drop_held_out`), so nothing a run is evaluated on is trained on.
 
 Checkers are pure functions of strings. They may be slow or hostile (sympy on a power
 tower, a program that never ends): the reward worker, not the task, bounds their time.
@@ -20,10 +23,13 @@ tower, a program that never ends): the reward worker, not the task, bounds their
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Protocol
 
 from cluster.config import ConfigError, TaskConfig
@@ -57,10 +63,24 @@ class Task(Protocol):
     def check(self, response: str, problem: Problem) -> tuple[float, str]:
         """(score in [0, 1], short reason) for one response."""
 
+    def held_out(self, question: str) -> bool:
+        """Whether `question` (a prompt as this task writes it, before the template; whitespace
+        aside) is in this task's eval split. False for anything this task does not ask."""
 
-def held_out(key: str) -> bool:
+
+HeldOut = Callable[[str], bool]
+"""A run's held-out split, as a test of a question text (`Mixture.held_out`, or the union a
+pipeline stage gets: the questions it is evaluated on and those of its own mixture)."""
+
+
+def in_eval_bucket(key: str) -> bool:
     """Whether a question belongs to the eval split: its key hashes into one bucket of ten."""
     return zlib.crc32(key.encode()) % EVAL_BUCKETS == 0
+
+
+def canonical(question: str) -> str:
+    """The form questions are compared in: runs of whitespace made one space, ends stripped."""
+    return " ".join(question.split())
 
 
 def _check_split(split: str) -> None:
@@ -74,7 +94,7 @@ def _draw(make: Callable[[], Problem], key: Callable[[Problem], str], split: str
     _check_split(split)
     for _ in range(10_000):
         problem = make()
-        if held_out(key(problem)) == (split == "eval"):
+        if in_eval_bucket(key(problem)) == (split == "eval"):
             return problem
     raise RuntimeError(f"no {split} problem in 10000 draws")
 
@@ -113,6 +133,15 @@ class Arithmetic:
         """A worked solution for cold-start SFT (see `ArithmeticTask.reference_trace`)."""
         return self.generator.reference_trace(problem.reference)
 
+    def held_out(self, question: str) -> bool:
+        # Either wording ("47+38=?", "What is 47+38?"): data may come from a run with the other template.
+        q = canonical(question)
+        expression = q[len("What is "):-1] if q.startswith("What is ") and q.endswith("?") else q.removesuffix("=?")
+        op = self.generator.operation
+        if expression == q or not re.fullmatch(rf"\d+(?:{re.escape(op)}\d+)+", expression):
+            return False
+        return arithmetic.in_eval_split(tuple(int(x) for x in expression.split(op)))
+
 
 @dataclass(frozen=True)
 class Countdown:
@@ -122,8 +151,7 @@ class Countdown:
     name: str = "countdown"
 
     def sample(self, rng: random.Random, split: str) -> Problem:
-        # Keyed like arithmetic: the same numbers in another order are the same question.
-        key = lambda q: f"{sorted(q.reference.numbers)}->{q.reference.target}"  # noqa: E731
+        key = lambda q: _countdown_key(q.reference.numbers, q.reference.target)  # noqa: E731
         return _draw(lambda: self._wrap(self.generator.sample(rng)), key, split)
 
     def problems(self, seed: int, n: int) -> list[Problem]:
@@ -134,6 +162,21 @@ class Countdown:
 
     def check(self, response: str, problem: Problem) -> tuple[float, str]:
         return countdown.check(response, problem.reference)
+
+    def held_out(self, question: str) -> bool:
+        q = canonical(question)
+        found = re.search(r"\[([\d, ]+)\].* (\d+)\.$", q)
+        if found is None:
+            return False
+        numbers, target = tuple(int(x) for x in re.findall(r"\d+", found[1])), int(found[2])
+        # Only a question this task writes: it must read back as the same prompt.
+        same = countdown.CountdownProblem("", numbers, target).prompt == q
+        return same and in_eval_bucket(_countdown_key(numbers, target))
+
+
+def _countdown_key(numbers: tuple[int, ...], target: int) -> str:
+    # Keyed like arithmetic: the same numbers in another order are the same question.
+    return f"{sorted(numbers)}->{target}"
 
 
 @dataclass(frozen=True)
@@ -156,6 +199,15 @@ class Knights:
     def check(self, response: str, problem: Problem) -> tuple[float, str]:
         return knights.check(response, problem.reference)
 
+    def held_out(self, question: str) -> bool:
+        q = canonical(question)  # generated prompts have single spaces: the key is unchanged
+        said = re.findall(r'(\w+) says: "([^"]*)"', q)
+        if not said:
+            return False
+        names, statements = zip(*said)
+        same = knights.KnightsProblem("", names, statements, ()).prompt == q  # a puzzle this task writes
+        return same and in_eval_bucket(q)
+
 
 @dataclass(frozen=True)
 class MathDataset:
@@ -175,6 +227,13 @@ class MathDataset:
     def check(self, response: str, problem: Problem) -> tuple[float, str]:
         # In-process: the reward worker already runs this in a process it kills on overrun.
         return math.check(response, problem.reference, in_process=True)
+
+    def held_out(self, question: str) -> bool:
+        return canonical(question) in self._eval_questions
+
+    @cached_property
+    def _eval_questions(self) -> frozenset[str]:
+        return frozenset(canonical(p.prompt) for p in self.eval)
 
 
 CODE_PROMPT = ("Complete the Python function below. Give the whole function in a ```python "
@@ -197,7 +256,16 @@ class Code:
         return _draw(make, lambda q: q.id, split)
 
     def problems(self, seed: int, n: int) -> list[Problem]:
-        return [self._wrap(p) for p in self.bank if held_out(p.id)][:n]
+        return [self._wrap(p) for p in self.bank if in_eval_bucket(p.id)][:n]
+
+    def held_out(self, question: str) -> bool:
+        problem_id = self._ids.get(canonical(question))
+        return problem_id is not None and in_eval_bucket(problem_id)
+
+    @cached_property
+    def _ids(self) -> dict[str, str]:
+        """Problem ids by question, as asked (CODE_PROMPT) and bare (HumanEval's own prompt)."""
+        return {canonical(text): p.id for p in self.bank for text in (p.prompt, CODE_PROMPT.format(prompt=p.prompt))}
 
     def _wrap(self, p: code.CodeProblem) -> Problem:
         return Problem(p.id, self.name, CODE_PROMPT.format(prompt=p.prompt), p)
@@ -236,6 +304,13 @@ class General:
             return 0.0, f"differs: {got.strip()[:30]!r}"
         return 1.0, "matches the reference"
 
+    def held_out(self, question: str) -> bool:
+        return canonical(question) in self._eval_questions
+
+    @cached_property
+    def _eval_questions(self) -> frozenset[str]:
+        return frozenset(canonical(p.prompt) for p in self.eval)
+
 
 def _digest(text: str) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
@@ -249,15 +324,35 @@ class Mixture:
 
     tasks: dict[str, Task]
     weights: dict[str, float]
+    exclude: HeldOut | None = None
+    """Questions held out beyond the tasks' own eval splits (a pipeline's evaluation set):
+    never drawn for training."""
 
     def sample(self, rng: random.Random, n: int, split: str = "train",
                names: list[str] | None = None) -> list[Problem]:
         """`n` problems of `split`, drawn with replacement (from `names` only, if given)."""
         names = names or list(self.tasks)
         if len(names) == 1:  # no draw: a single task's problems do not depend on the mixture
-            return [self.tasks[names[0]].sample(rng, split) for _ in range(n)]
+            return [self._draw(rng, names[0], split) for _ in range(n)]
         picks = rng.choices(names, [self.weights[t] for t in names], k=n)
-        return [self.tasks[t].sample(rng, split) for t in picks]
+        return [self._draw(rng, t, split) for t in picks]
+
+    def held_out(self, question: str) -> bool:
+        """Whether `question` is in the eval split of any task of the mixture."""
+        return any(task.held_out(question) for task in self.tasks.values())
+
+    def excluded(self, question: str) -> bool:
+        """Whether `question` may not be trained on: held out here or by `exclude`."""
+        return self.held_out(question) or (self.exclude is not None and self.exclude(question))
+
+    def _draw(self, rng: random.Random, name: str, split: str) -> Problem:
+        # A task's own train split never holds its own eval questions; another task's (or the
+        # pipeline's) may, rarely: such a draw is drawn again.
+        for _ in range(10_000):
+            problem = self.tasks[name].sample(rng, split)
+            if split == "eval" or not self.excluded(problem.prompt):
+                return problem
+        raise RuntimeError(f"task {name}: no train problem outside the held-out split in 10000 draws")
 
     def eval_problems(self, seed: int, n: int) -> list[Problem]:
         """`n` distinct held-out problems, shared out over the tasks by weight (each task at
@@ -292,8 +387,13 @@ def _distinct(task: Task, seed: int, n: int) -> list[Problem]:
     return out
 
 
-def build_mixture(cfg: TaskConfig) -> Mixture:
-    """The tasks of `cfg` whose weight is above 0, built and checked (datasets loaded)."""
+def build_mixture(cfg: TaskConfig, held_out: HeldOut | None = None, what: str = "") -> Mixture:
+    """The tasks of `cfg` whose weight is above 0, built and checked (datasets loaded).
+
+    No train problem is in the eval split of a task of the mixture or in `held_out` (e.g. the
+    questions a pipeline evaluates on): dataset tasks drop such train rows (e.g. GSM8K
+    questions that are also in its test file), saying how many with `what` (the stage) when
+    given; synthetic tasks draw again (`Mixture.exclude`)."""
     tasks: dict[str, Task] = {}
     c = cfg.arithmetic
     if c.weight > 0:
@@ -318,7 +418,24 @@ def build_mixture(cfg: TaskConfig) -> Mixture:
     if cfg.general.weight > 0:
         tasks["general"] = _general(cfg)
     weights = {t: getattr(cfg, t).weight for t in tasks}
-    return Mixture(tasks, weights)
+    excluded = Mixture(dict(tasks), weights, held_out).excluded  # reads the tasks' eval splits only
+    for name, path in (("math", cfg.math.path), ("general", cfg.general.path)):
+        if name in tasks:
+            tasks[name] = _without_held_out(tasks[name], excluded, name, path, what)
+    return Mixture(tasks, weights, held_out)
+
+
+def _without_held_out(task: MathDataset | General, excluded: HeldOut, name: str, path: str,
+                      what: str) -> MathDataset | General:
+    """`task` with no train row that `excluded` claims (reported when `what` names the stage)."""
+    from rewards.data import DatasetError, drop_held_out
+
+    try:
+        train = drop_held_out(list(task.train), excluded, what and f"{what} (task.{name})", path,
+                              question=lambda p: p.prompt)
+    except DatasetError as err:
+        raise ConfigError(f"task.{name}: {err}") from None
+    return dataclasses.replace(task, train=tuple(train))
 
 
 def _general(cfg: TaskConfig) -> General:
@@ -336,8 +453,8 @@ def _general(cfg: TaskConfig) -> General:
     if cfg.general.eval_path:
         evals = load(cfg.general.eval_path)
     else:
-        evals = [p for p in train if held_out(p.prompt)]
-        train = [p for p in train if not held_out(p.prompt)]
+        evals = [p for p in train if in_eval_bucket(p.prompt)]
+        train = [p for p in train if not in_eval_bucket(p.prompt)]
     if not train or not evals:
         raise ConfigError(f"task.general: {cfg.general.path} leaves {len(train)} train and {len(evals)} "
                           "held-out prompts; give more rows or task.general.eval_path")
@@ -361,8 +478,8 @@ def _math_dataset(cfg: TaskConfig) -> MathDataset:
     if c.eval_path:
         evals = load(c.eval_path, c.eval_split)
     else:  # hold out a tenth of the questions
-        evals = [p for p in train if held_out(p.prompt)]
-        train = [p for p in train if not held_out(p.prompt)]
+        evals = [p for p in train if in_eval_bucket(p.prompt)]
+        train = [p for p in train if not in_eval_bucket(p.prompt)]
     for name, rows in (("train", train), ("eval", evals)):
         if not rows:
             raise ConfigError(f"task.math: the {name} split of {c.path} is empty; give more rows "

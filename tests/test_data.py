@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rewards.data import DatasetError, load_problems
+from rewards.data import DatasetError, drop_held_out, load_problems
 from rewards.math import check
 
 GSM8K = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -64,3 +64,13 @@ def test_bad_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as on these machines: no hub
     with pytest.raises(DatasetError, match="openai/gsm8k: cannot load"):
         load_problems("openai/gsm8k")
+
+
+def test_drop_held_out_drops_exactly_the_held_out_rows_and_says_how_many(capsys):
+    rows = [{"prompt": q, "response": str(i)} for i, q in enumerate(["1+2=?", "sort 3 1", "5+5=?", "sort 3 1"])]
+    kept = drop_held_out(rows, lambda q: q == "sort 3 1", "stage sft", "mix.jsonl")
+    assert kept == [rows[0], rows[2]]
+    assert capsys.readouterr().out == "r1ray: stage sft: dropped 2 held-out rows of mix.jsonl\n"
+    assert drop_held_out(rows, lambda q: False, "", "mix.jsonl") == rows and not capsys.readouterr().out
+    with pytest.raises(DatasetError, match="stage sft: all 2 rows of mix.jsonl are in the held-out split"):
+        drop_held_out(rows[1::2], lambda q: q == "sort 3 1", "stage sft", "mix.jsonl")

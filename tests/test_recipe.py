@@ -91,11 +91,39 @@ def test_every_stage_runs_feeds_the_next_and_is_skipped_once_done(tmp_path):
     # Distillation raised the student's accuracy toward the teacher's.
     d = records["distill"]["metrics"]
     assert d["student_before/pass@1/greedy"] < d["student/pass@1/greedy"] <= d["teacher/pass@1/greedy"] + 0.25
+    _check_no_stage_trained_on_held_out_questions(folder.resolve(), run.stdout)
     # Done stages are skipped: a second run trains nothing and prints the same table.
     again = _pipeline(path, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("done before, skipped") == len(STAGES)
     assert "r1ray pipeline tiny-r1" in again.stdout
+
+
+def _check_no_stage_trained_on_held_out_questions(folder, stdout):
+    """Each stage that reads training data said how many held-out rows it dropped: the general
+    prompts evaluated on (task.general's tenth of @general_data) are gone from the SFT mix and
+    the reward model's pairs; the data the stages wrote holds no held-out question."""
+    from cluster.config import load_config
+    from rewards.tasks import build_mixture, in_eval_bucket
+
+    def rows(stage, name="data.jsonl"):
+        return [json.loads(line) for line in (folder / stage / name).read_text().splitlines()]
+
+    general = rows("general_data")
+    evaluated = {r["prompt"] for r in general if in_eval_bucket(r["prompt"])}
+    addition = build_mixture(load_config(None, ["task.arithmetic.max_digits=1"]).task)
+    drops = {"cold_start": ("traces", 0), "sft": ("rejection", 0),
+             "sft (sft.mix_path)": ("general_data", sum(r["prompt"] in evaluated for r in general)),
+             "reward_model": ("preferences", sum(r["prompt"] in evaluated for r in rows("preferences"))),
+             "distill: student SFT": ("distill", 0)}
+    assert drops["sft (sft.mix_path)"][1] > 0 and drops["reward_model"][1] > 0
+    for stage, (source, n) in drops.items():
+        name = "traces.jsonl" if source == "distill" else "data.jsonl"
+        assert f"r1ray: stage {stage}: dropped {n} held-out rows of {folder / source / name}\n" in stdout, stage
+    assert f"r1ray: final_rl (task.general): dropped 0 held-out rows of {folder / 'general_data' / 'data.jsonl'}\n" \
+        in stdout
+    for written in rows("rejection") + rows("distill", "traces.jsonl"):  # train prompts only
+        assert not addition.held_out(written["prompt"]) and written["prompt"] not in evaluated
 
 
 def test_a_missing_input_stops_with_the_stage_and_the_path(tmp_path):

@@ -1,5 +1,5 @@
 """Rejection sampling's filters, deduplication and acceptance statistics (pure functions over
-real `Sample` records; the sampling itself runs in tests/test_recipe.py)."""
+real `Sample` records; the sampling itself runs in tests/test_recipe.py), and its prompts."""
 
 import numpy as np
 import pytest
@@ -55,3 +55,19 @@ def test_duplicates_and_the_per_prompt_cap_are_counted_per_task():
     assert stats["knights"]["kept"] == 0 and stats["knights"]["prompts_kept"] == 0
     table = stats_table(stats)
     assert "arithmetic: kept 2/7 (29%), 1/2 prompts" in table and "knights: kept 0/1 (0%)" in table
+
+
+def test_prompts_are_train_prompts_outside_the_runs_held_out_split():
+    import random
+
+    from cluster.config import load_config
+    from cluster.rejection import train_prompts
+    from rewards.tasks import build_mixture
+
+    cfg = load_config(None, ["cold_start.steps=0", "task.arithmetic.max_digits=1", "rejection.prompts=600"])
+    plain = build_mixture(cfg.task)
+    train = sorted({p.prompt for p in plain.sample(random.Random(0), 1000)})
+    evaluated = set(train[::4])  # held out by the run's evaluation, not by the task's own split
+    prompts = {p.prompt for p in train_prompts(cfg, build_mixture(cfg.task, lambda q: q in evaluated), "stage x")}
+    assert prompts == set(train) - evaluated
+    assert not any(plain.held_out(q) for q in prompts)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.reward_model import batch_order, train_reward_model, warmup_lr
+from cluster.reward_model import batch_order, read_pairs, train_reward_model, warmup_lr
 from learner.reward_model import Pair, bradley_terry_loss, load_pairs, split_pairs
 from rewards.data import DatasetError
 from rewards.preference import CALIBRATION_FILE, PreferenceScorer, normalize
@@ -75,6 +75,16 @@ def test_split_pairs_keeps_each_prompt_on_one_side():
     assert split_pairs(pairs, 0.25) == (train, held_out)  # deterministic
     with pytest.raises(DatasetError, match=r"left 0 to train and 5 held out|left 5 to train and 0 held out"):
         split_pairs([Pair("one prompt", "a", "b", str(i)) for i in range(5)], 0.5)
+
+
+def test_pairs_on_held_out_prompts_are_dropped_before_the_split(tmp_path, capsys):
+    rows = _toy_pairs(200)
+    evaluated = {r["prompt"] for r in rows[::7]}  # questions the policy is evaluated on
+    path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    train, held_out = read_pairs(path, "stage reward_model", lambda q: q in evaluated, 0.2)
+    kept = [r["id"] for r in rows if r["prompt"] not in evaluated]
+    assert sorted(p.id for p in train + held_out) == sorted(kept) and held_out
+    assert capsys.readouterr().out == f"r1ray: stage reward_model: dropped {200 - len(kept)} held-out rows of {path}\n"
 
 
 def test_batch_order_and_warmup():
@@ -167,7 +177,7 @@ def trained(ray_cluster, base_model, tmp_path_factory):
         "reward_model.lr=2e-3", "reward_model.eval_fraction=0.2", "rollout.max_model_len=128",
         "cluster.num_cpus=2", f"cluster.cache_dir={tmp}", "logging.wandb_mode=disabled",
         "logging.progress=false"])
-    results = train_reward_model(cfg, str(data), tmp / "rm", base_model)
+    results = train_reward_model(cfg, str(data), tmp / "rm", base_model, held_out=lambda question: False)
     return cfg, results, tmp / "rm", data
 
 
@@ -227,7 +237,7 @@ def test_zero3_bf16_trains_and_saves_a_float32_folder(ray_cluster, base_model, t
         "learner.dtype=bfloat16", "learner.micro_batch_size=8", "reward_model.epochs=2",
         "reward_model.batch_size=16", "reward_model.lr=2e-3", "reward_model.eval_fraction=0.2",
         "rollout.max_model_len=128", "logging.wandb_mode=disabled", "logging.progress=false"])
-    results = train_reward_model(cfg, str(data), tmp_path / "rm", base_model)
+    results = train_reward_model(cfg, str(data), tmp_path / "rm", base_model, held_out=lambda question: False)
     assert results["rm/held_out_accuracy"] >= 0.95, results
     _, held_out = split_pairs(load_pairs(data, "test"), cfg.reward_model.eval_fraction)
     prompts = [prompt_format(cfg, base_model).render(p.prompt) for p in held_out]

@@ -73,13 +73,39 @@ def test_sft_rows_with_missing_fields_name_file_line_and_field(tmp_path, tiny_mo
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=?", "response": "x"}) + "\n\n" + json.dumps({"prompt": "2+2=?"}) + "\n")
     tokenizer, fmt = AutoTokenizer.from_pretrained(tiny_model), PromptFormat("r1", ("</answer>",), tiny_model)
+    keep_all = lambda question: False  # noqa: E731
     with pytest.raises(DatasetError, match=r"stage cold_start: .*traces.jsonl:3: field 'response' is missing"):
-        load_examples(path, tokenizer, fmt, "stage cold_start")
+        load_examples(path, tokenizer, fmt, "stage cold_start", keep_all)
     path.write_text("")
     with pytest.raises(DatasetError, match="has no rows"):
-        load_examples(path, tokenizer, fmt, "stage cold_start")
+        load_examples(path, tokenizer, fmt, "stage cold_start", keep_all)
     with pytest.raises(DatasetError, match="does not exist"):
-        load_examples(tmp_path / "nope.jsonl", tokenizer, fmt, "stage cold_start")
+        load_examples(tmp_path / "nope.jsonl", tokenizer, fmt, "stage cold_start", keep_all)
+
+
+def test_sft_data_loses_exactly_its_held_out_rows(tmp_path, tiny_model, capsys):
+    """Both SFT files (the main data and sft.mix_path) are read this way."""
+    from transformers import AutoTokenizer
+
+    from cluster.config import load_config
+    from cluster.prompts import PromptFormat
+    from cluster.sft import load_examples
+    from rewards.tasks import build_mixture
+
+    tasks = build_mixture(load_config(None, ["cold_start.steps=0"]).task)
+    held, train = tasks.eval_problems(0, 3), tasks.sample(random.Random(0), 6)
+    rows = [{"prompt": p.prompt, "response": f"x</think><answer>{p.reference.answer}</answer>"}
+            for p in train[:2] + held + train[2:]]
+    mixed, clean = tmp_path / "mixed.jsonl", tmp_path / "clean.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[5:]))
+    tokenizer, fmt = AutoTokenizer.from_pretrained(tiny_model), PromptFormat("r1", ("</answer>",), tiny_model)
+    got = load_examples(mixed, tokenizer, fmt, "stage sft (sft.mix_path)", tasks.held_out)
+    assert capsys.readouterr().out == f"r1ray: stage sft (sft.mix_path): dropped 3 held-out rows of {mixed}\n"
+    want = load_examples(clean, tokenizer, fmt, "clean", lambda question: False)
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want):
+        assert a.prompt_ids.tolist() == b.prompt_ids.tolist() and a.response_ids.tolist() == b.response_ids.tolist()
 
 
 def test_general_rows_are_mixed_in_at_the_ratio():

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from rewards import arithmetic, sandbox
-from rewards.tasks import Problem, build_mixture, held_out
+from rewards.tasks import Problem, build_mixture, in_eval_bucket
 
 
 def mixture(*overrides):
@@ -48,7 +48,8 @@ def test_eval_set_is_shared_out_by_weight_distinct_and_repeatable():
     assert Counter(p.task for p in evals) == {"arithmetic": 30, "countdown": 10}
     assert len({p.id for p in evals}) == 40
     assert evals == tasks.eval_problems(0, 40)
-    assert all(held_out(f"{sorted(p.reference.numbers)}->{p.reference.target}") for p in evals if p.task == "countdown")
+    assert all(in_eval_bucket(f"{sorted(p.reference.numbers)}->{p.reference.target}") for p in evals
+               if p.task == "countdown")
 
 
 def test_each_checker_reads_its_problem_reference():
@@ -140,3 +141,84 @@ def test_general_prompts_come_from_jsonl_and_are_checked_only_against_their_refe
     path.write_text(json.dumps({"prompt": "sort 1 2"}) + "\n")
     with pytest.raises(ConfigError, match=r"task.general: .*general.jsonl:1: field 'response' is missing"):
         build_mixture(TaskConfig(general=GeneralTaskConfig(weight=1.0, path=str(path))))
+
+
+# ---- held-out questions: every stage drops them from its training data -------------------------
+
+def _spaced(question):
+    """The same question with its whitespace changed (a file written by other code)."""
+    return "  " + question.replace(" ", " \n ", 1) + "\n" if " " in question else f" {question}\t"
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "knights"])
+def test_a_synthetic_task_holds_out_exactly_its_eval_questions_whitespace_aside(task):
+    tasks = mixture(f"task.{task}.weight=1", *([] if task == "arithmetic" else ["task.arithmetic.weight=0"]))
+    held, train = tasks.tasks[task].problems(0, 40), tasks.sample(random.Random(1), 300, "train", names=[task])
+    assert all(tasks.held_out(p.prompt) and tasks.held_out(_spaced(p.prompt)) for p in held)
+    assert not any(tasks.held_out(p.prompt) or tasks.held_out(_spaced(p.prompt)) for p in train)
+    # Questions of other shapes are never claimed, whatever their hash.
+    others = [f"sort {i} {i + 1} 3" for i in range(200)] + ["47+38", "What is 47+38=?", "Using the numbers [1], x"]
+    assert not any(tasks.held_out(q) for q in others)
+
+
+def test_arithmetic_recognises_both_wordings_and_only_its_operation():
+    compact, worded = mixture().tasks["arithmetic"], mixture("task.template=chat").tasks["arithmetic"]
+    for p in compact.problems(0, 20):  # "47+38=?"
+        a, b = p.reference.operands
+        assert compact.held_out(f"What is {a}+{b}?") and worded.held_out(p.prompt)
+        assert not compact.held_out(f"{a}-{b}=?") and not compact.held_out(f"{a}*{b}=?")
+    subtract = mixture("task.arithmetic.operation='-'").tasks["arithmetic"]
+    assert all(subtract.held_out(p.prompt) for p in subtract.problems(0, 20))
+    assert not any(subtract.held_out(p.prompt.replace("-", "+")) for p in subtract.problems(0, 20))
+
+
+def test_code_holds_out_its_eval_problems_by_id_asked_or_bare():
+    from rewards import code
+    from rewards.tasks import Code
+
+    task = Code(tuple(code.humaneval_problems()))
+    held = {p.id for p in task.problems(0, 1000)}
+    assert 5 <= len(held) <= 40
+    for p in task.bank:
+        assert task.held_out(task._wrap(p).prompt) == task.held_out(p.prompt) == (p.id in held)
+    assert not task.held_out("def f(): pass")
+
+
+def _gsm8k(path, questions):
+    path.write_text("".join(json.dumps({"question": q, "answer": f"#### {i}"}) + "\n" for i, q in enumerate(questions)))
+    return path
+
+
+def test_a_dataset_trains_on_no_question_of_its_eval_file(tmp_path, capsys):
+    # GSM8K's train file shares questions with its test file; here 3 of 40, one with other spacing.
+    evals = [f"Tom has {i} apples. How many?" for i in range(10)]
+    train = [f"Ann has {i} pears. How many?" for i in range(37)] + [evals[0], evals[5], "Tom  has 7\napples. How many?"]
+    cfg = ["task.arithmetic.weight=0", "task.math.weight=1", f"task.math.path={_gsm8k(tmp_path / 't.jsonl', train)}",
+           f"task.math.eval_path={_gsm8k(tmp_path / 'e.jsonl', evals)}"]
+    task = build_mixture(load_config(None, ["cold_start.steps=0", *cfg]).task, what="train").tasks["math"]
+    assert [p.prompt for p in task.train] == train[:37]
+    assert len(task.eval) == 10 and task.held_out("Tom has 7 apples.  How many?") and not task.held_out(train[0])
+    assert capsys.readouterr().out == f"r1ray: train (task.math): dropped 3 held-out rows of {tmp_path / 't.jsonl'}\n"
+
+
+def test_a_mixture_never_draws_a_question_held_out_elsewhere(tmp_path, capsys):
+    """What another task or the pipeline holds out (`exclude`) is dropped from a general file and
+    never drawn by a generator, and nothing else changes."""
+    from rewards import sorting
+
+    rows = sorting.sft_rows(random.Random(0), 300)
+    addition_train = sorted({p.prompt for p in mixture("task.arithmetic.max_digits=1").sample(random.Random(0), 500)})
+    evaluated = set(addition_train[:5]) | {rows[0]["prompt"], rows[1]["prompt"]}  # e.g. a pipeline's eval set
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": addition_train[0], "response": "x"}]))
+    cfg = load_config(None, ["cold_start.steps=0", "task.arithmetic.max_digits=1", "task.general.weight=1",
+                             f"task.general.path={path}"]).task
+    plain, guarded = build_mixture(cfg), build_mixture(cfg, lambda q: q in evaluated, "final_rl")
+    out = capsys.readouterr().out
+    dropped = [p.prompt for p in plain.tasks["general"].train if p.prompt in evaluated]
+    assert out == f"r1ray: final_rl (task.general): dropped {len(dropped)} held-out rows of {path}\n" and dropped
+    assert [p.prompt for p in guarded.tasks["general"].train] == [
+        p.prompt for p in plain.tasks["general"].train if p.prompt not in evaluated]
+    drawn = {p.prompt for p in guarded.sample(random.Random(0), 3000, names=["arithmetic"])}
+    assert drawn == set(addition_train) - evaluated
+    assert guarded.excluded(addition_train[0]) and not plain.excluded(addition_train[0])

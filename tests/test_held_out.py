@@ -1,0 +1,49 @@
+"""A pipeline stage's held-out split: the questions the pipeline evaluates on plus its own mixture's
+eval split (no Ray; each stage's dropping of them is tested beside the stage, and the stages run
+with it in tests/test_recipe.py)."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from cluster.config import ConfigError
+from cluster.recipe import _stage_config, held_out_split, load_recipe
+from rewards import sorting
+from rewards.tasks import build_mixture, in_eval_bucket
+
+
+def _recipe(tmp_path, stages, evaluate):
+    path = tmp_path / "r.yaml"
+    config = {"task": {"arithmetic": {"weight": 1.0, "max_digits": 1}}, "cluster": {"runs_dir": str(tmp_path)}}
+    path.write_text(yaml.safe_dump({"name": "r", "config": config, "evaluate": evaluate, "stages": stages}))
+    return load_recipe(path)
+
+
+def test_a_stage_holds_out_the_pipelines_evaluation_and_its_own_eval_split(tmp_path):
+    rows = sorting.sft_rows(random.Random(0), 300)
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = [{"name": "general_data", "kind": "general", "rows": 300},
+              {"name": "sft", "kind": "sft", "data": "@general_data",
+               "set": {"task": {"countdown": {"weight": 1.0}}}}]  # a task only this stage has
+    recipe = _recipe(tmp_path, stages, {"set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}}}})
+    outputs = {"general_data": str(general)}
+    stage_cfg = _stage_config(recipe, recipe.stages[1], outputs)
+    held = held_out_split(recipe, stage_cfg, outputs)
+
+    evaluated = {r["prompt"] for r in rows if in_eval_bucket(r["prompt"])}  # task.general's rule
+    assert 10 < len(evaluated) < 60
+    assert [r["prompt"] for r in rows if held(r["prompt"])] == [r["prompt"] for r in rows if r["prompt"] in evaluated]
+    stage = build_mixture(stage_cfg.task)
+    for name in ("arithmetic", "countdown"):
+        assert all(held(p.prompt) for p in stage.tasks[name].problems(0, 8)), name
+        assert not any(held(p.prompt) for p in stage.sample(random.Random(0), 200, names=[name])), name
+
+
+def test_evaluate_may_not_read_what_a_training_stage_precedes(tmp_path):
+    stages = [{"name": "cold_start", "kind": "sft", "data": str(tmp_path / "t.jsonl")},
+              {"name": "general_data", "kind": "general", "rows": 30}]
+    with pytest.raises(ConfigError, match="evaluate refers to @general_data, which runs after stage 'cold_start'"):
+        _recipe(tmp_path, stages, {"set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}}}})
