@@ -5,7 +5,8 @@ It returns exactly what the vLLM engine returns, with the same meaning:
 
 - log-probs are "processed", like vLLM's `processed_logprobs`: the log-softmax of the
   logits after temperature and the top-k / top-p cut, i.e. of the distribution sampled
-  from (greedy decoding reports the raw log-softmax, as vLLM does);
+  from (`Sampling.logprobs`, the rule the learner applies too; greedy decoding reports the
+  raw log-softmax, as vLLM does);
 - an answer ends at the end-of-sequence token (kept in its token ids) or after the first
   stop string (kept in its text); otherwise it is cut at `max_new_tokens` ("length").
 
@@ -56,20 +57,22 @@ class TransformersEngine:
         n = sampling.n
         ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
         # A fresh config: nothing from the model's generation_config.json (penalties, its own
-        # temperature) may change what is sampled.
-        warpers = {} if sampling.greedy else dict(  # top_k 0 and top_p 1.0 switch them off
-            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        # temperature) may change what is sampled. transformers' own warpers are off (top_k 0,
+        # top_p 1, temperature 1): tokens are drawn from `Sampling.logprobs`, vLLM's rule,
+        # which the learner recomputes (transformers' top-p splits tied logits differently).
+        warpers = {} if sampling.greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens, **warpers,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
             stop_strings=list(sampling.stop) or None,
             return_dict_in_generate=True, output_logits=True)
+        processors = [] if sampling.greedy else [lambda _, scores: sampling.logprobs(scores.float())]
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(sampling.seed)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                      tokenizer=self.tokenizer)
+                                      logits_processor=processors, tokenizer=self.tokenizer)
         tokens = out.sequences[:, width:]  # [B*n, T]
-        logprobs = torch.stack([processed_logprobs(step.float(), sampling)
+        logprobs = torch.stack([sampling.logprobs(step.float())
                                 .gather(-1, tokens[:, t, None]).squeeze(-1)
                                 for t, step in enumerate(out.logits)], dim=1)  # [B*n, T]
         answers = [self._answer(tokens[row].tolist(), logprobs[row].cpu().numpy(), sampling)
@@ -113,25 +116,3 @@ class TransformersEngine:
         with torch.no_grad():
             for name, tensor in named:
                 params[name].copy_(tensor)
-
-
-def processed_logprobs(logits, sampling: Sampling):
-    """Log-probs [.., V] of the distribution sampled from: temperature, then top-k, then top-p.
-
-    Greedy decoding: the raw log-softmax (what vLLM reports in that case too).
-    """
-    import torch
-
-    if sampling.greedy:
-        return torch.log_softmax(logits, -1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = (probs.cumsum(-1) - probs) >= sampling.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.log_softmax(logits, -1)

@@ -47,6 +47,42 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k or top-p cut the distribution (sampled from, so log-probs differ)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+    def logprobs(self, logits, truncate: bool = True):
+        """Log-probs [.., V] of the distribution sampled from: logits / temperature, then the
+        top-k cut, then the top-p cut (tokens outside get -inf). Greedy: the raw log-softmax.
+
+        This is vLLM's rule (its CPU sampler, `apply_top_k_top_p_pytorch`), step for step:
+        keep the k largest logits, ties included; sort ascending and drop the tokens whose
+        cumulative probability is <= 1 - top_p, always keeping the likeliest. Tokens tied at
+        the top-p boundary are split by the order of one sort of the unmasked logits, as vLLM
+        does (transformers' warpers sort after the top-k cut and may split them otherwise, so
+        the transformers engine samples through this function too). The learner calls it on
+        its own logits and so recomputes exactly what an engine reported. `truncate=False`
+        applies the temperature only.
+        """
+        import torch
+
+        if self.greedy:
+            return torch.log_softmax(logits, -1)
+        logits = logits / self.temperature
+        k = min(self.top_k, logits.shape[-1]) if truncate else 0
+        if truncate and self.top_p < 1.0:
+            ascending, order = logits.sort(dim=-1)
+            if k:
+                ascending = ascending.masked_fill(ascending < ascending[..., -k:][..., :1], float("-inf"))
+            drop = ascending.softmax(-1).cumsum(-1) <= 1.0 - self.top_p
+            drop[..., -1] = False  # the likeliest token always stays
+            logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+        elif k:
+            kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.log_softmax(logits, -1)
+
 
 @dataclass
 class Sample:

@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
-       hi: float | None = None, lo_open: bool = False) -> Any:
-    """A field with its valid set (`choices`) or range (`lo`..`hi`, `lo_open` excludes lo)."""
-    return field(default=default, metadata=dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open))
+       hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A field with its valid set (`choices`) or range (`lo`..`hi`; `lo_open` / `hi_open`
+    exclude the bound)."""
+    return field(default=default, metadata=dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open))
 
 
 @dataclass(frozen=True)
@@ -290,12 +291,16 @@ class AlgorithmConfig:
     """B: prompts sampled per step."""
     group_size: int = _f(8, lo=2)
     """G: answers sampled per prompt; advantages are relative within a group."""
-    clip_low: float = _f(0.2, lo=0.0, hi=1.0)
-    """PPO clip below 1 (ratio >= 1 - clip_low)."""
+    clip_low: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True)
+    """PPO clip below 1 (ratio >= 1 - clip_low; below 1, or the lower bound would be 0)."""
     clip_high: float = _f(0.2, lo=0.0)
     """PPO clip above 1 (ratio <= 1 + clip_high); larger than clip_low is "clip-higher"."""
     kl_beta: float = _f(0.0, lo=0.0)
     """Weight of the k3 KL penalty to the frozen reference (0: no reference model)."""
+    kl_reference: str = _f("rl_start")
+    """The KL penalty's frozen reference: rl_start (the policy as RL starts: after cold-start
+    SFT, else model.path; kept in the run folder as reference/ so a resumed run uses the
+    same), or an HF model folder with the policy's architecture."""
     aggregation: str = _f("token", choices=("token", "sequence"))
     """Average the loss over all tokens of the batch, or per sequence then over sequences."""
     updates_per_step: int = _f(2, lo=1)
@@ -308,6 +313,13 @@ class AlgorithmConfig:
     their group's advantages); otherwise they are learned from like the others."""
     normalize_std: bool = _f(True)
     """Divide advantages by the group's standard deviation."""
+    dynamic_sampling: bool = _f(False)
+    """DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are dropped and
+    more prompts are sampled, a step's worth per round, until prompts_per_step groups with
+    signal are in the batch or dynamic_sampling_rounds extra rounds are spent. Off, groups
+    without signal are still left out of the batch, which is then smaller."""
+    dynamic_sampling_rounds: int = _f(3, lo=1)
+    """Most extra generation rounds per step with dynamic_sampling."""
     max_staleness: int = _f(0, lo=0, hi=1)
     """How many optimizer steps the policy that sampled a batch may lag the learner. 0: the
     synchronous loop. 1: the next step's prompts are generated (and scored) while this step
@@ -492,12 +504,10 @@ class Config:
                               f"(got {self.rollout.num_gpus:g})")
         if self.rollout.engine == "transformers" and self.rollout.tensor_parallel_size > 1:
             raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
-        parts = self.learner.num_ranks * self.algorithm.updates_per_step
-        if self.samples_per_step % parts:
-            raise ConfigError(f"samples per step (algorithm.prompts_per_step * group_size = "
-                              f"{self.samples_per_step}) must divide evenly over learner.num_ranks="
-                              f"{self.learner.num_ranks} x algorithm.updates_per_step="
-                              f"{self.algorithm.updates_per_step}")
+        a = self.algorithm
+        if a.kl_reference != "rl_start" and not (Path(a.kl_reference).expanduser() / "config.json").is_file():
+            raise ConfigError(f"algorithm.kl_reference={a.kl_reference!r} is neither rl_start nor a Hugging "
+                              f"Face model folder (no config.json in it)")
 
     @property
     def samples_per_step(self) -> int:
@@ -535,9 +545,10 @@ def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
     low_bad = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
-    if low_bad or (hi is not None and value > hi):
-        left = "(" if meta.get("lo_open") else "["
-        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    high_bad = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if low_bad or high_bad:
+        left, right = "(" if meta.get("lo_open") else "[", ")" if meta.get("hi_open") else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
         raise ConfigError(f"{key}={value!r} is out of range; valid: {rng}")
 
 

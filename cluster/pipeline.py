@@ -25,14 +25,20 @@ from rewards.tasks import Problem
 
 @dataclass
 class Produced:
-    """A step's scored samples, in prompt order, and when its phases ran (time.time())."""
+    """A step's prompts, their scored samples in prompt order, and when its phases ran (time.time())."""
 
+    problems: list[Problem]
     samples: list[Sample]
     reasons: list[str]
     generate_start: float
     generate_end: float
     scored: float
     """When the last score arrived (rewards that outlast generation: `scored - generate_end`)."""
+
+    def __add__(self, more: "Produced") -> "Produced":
+        """This round and a later one of the same step (dynamic sampling), in that order."""
+        return Produced(self.problems + more.problems, self.samples + more.samples, self.reasons + more.reasons,
+                        self.generate_start, more.generate_end, more.scored)
 
 
 @dataclass
@@ -44,6 +50,9 @@ class Rollout:
     rng_state: object
     """The prompt sampler's state before these problems were drawn (what a checkpoint saves
     while this rollout is still in flight, so that resume draws them again)."""
+    round: int = 0
+    """0 for a step's prompts; 1, 2, ... for the extra rounds of dynamic sampling (each is
+    seeded apart)."""
     started: float = field(default_factory=time.time)
     generated_at: float | None = None
     _generated: threading.Event = field(default_factory=threading.Event)
@@ -52,8 +61,8 @@ class Rollout:
     _error: BaseException | None = None
 
     @classmethod
-    def start(cls, cfg, actors, problems: list[Problem], step: int, rng_state) -> "Rollout":
-        rollout = cls(step, problems, rng_state)
+    def start(cls, cfg, actors, problems: list[Problem], step: int, rng_state, round: int = 0) -> "Rollout":
+        rollout = cls(step, problems, rng_state, round)
         threading.Thread(target=rollout._run, args=(cfg, actors), daemon=True,
                          name=f"rollout-step-{step}").start()
         return rollout
@@ -84,7 +93,8 @@ class Rollout:
 
     def _run(self, cfg, actors) -> None:
         try:
-            self._result = generate_and_score(cfg, actors, self.problems, self.step, self._mark_generated)
+            self._result = generate_and_score(cfg, actors, self.problems, self.step, self._mark_generated,
+                                              self.round)
         except BaseException as err:  # handed to the driver by result()
             self._error = err
         finally:
@@ -97,11 +107,13 @@ class Rollout:
             self._generated.set()
 
 
-def generate_and_score(cfg, actors, problems: list[Problem], step: int, on_generated=lambda: None) -> Produced:
+def generate_and_score(cfg, actors, problems: list[Problem], step: int, on_generated=lambda: None,
+                       round: int = 0) -> Produced:
     """Sample G answers per problem and score them; finished groups go to the reward workers
     while the engines generate the rest, unless `rewards.stream` is off."""
     G, by_id = cfg.algorithm.group_size, {p.id: p for p in problems}
-    sampling = Sampling.from_config(cfg.rollout, G, cfg.algorithm.seed + 1000 * step, actors.prompts.stop)
+    seed = cfg.algorithm.seed + 1000 * step + 10**7 * round  # prompt i of the round is seeded seed + i
+    sampling = Sampling.from_config(cfg.rollout, G, seed, actors.prompts.stop)
     start, done, scoring = time.time(), [], []
     for chunk in actors.rollouts.stream([p.id for p in problems], [actors.prompts.render(p.prompt) for p in problems],
                                         sampling, cfg.cluster.timeout_s):
@@ -117,4 +129,4 @@ def generate_and_score(cfg, actors, problems: list[Problem], step: int, on_gener
     for part in scoring:
         for sample, reason in zip(part.samples, actors.rewarders.collect(part, cfg.cluster.timeout_s)):
             reason_of[id(sample)] = reason
-    return Produced(samples, [reason_of[id(s)] for s in samples], start, generated, time.time())
+    return Produced(problems, samples, [reason_of[id(s)] for s in samples], start, generated, time.time())

@@ -69,7 +69,7 @@ def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, wha
     from transformers import AutoTokenizer
 
     from cluster.train import start_learners
-    from learner.learner import Learner
+    from learner.learner import RAW, Learner
 
     c, max_len = cfg.sft, cfg.rollout.max_model_len
     tokenizer, fmt = AutoTokenizer.from_pretrained(model_path), prompt_format(cfg, model_path)
@@ -82,7 +82,7 @@ def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, wha
     rows = sum(len(e) for e in epochs[:-1]) + round(len(epochs[-1]) * (c.epochs - math.ceil(c.epochs) + 1))
     steps = max(1, math.ceil(rows / rows_per_step))
     algo = dataclasses.replace(cfg.algorithm, kl_beta=0.0)  # no reference model
-    learners, group = start_learners(cfg, Learner, model_path, cfg.learner, algo, 1.0)
+    learners, group = start_learners(cfg, Learner, model_path, cfg.learner, algo, RAW)
     timeout = cfg.cluster.timeout_s
     losses = []
     bar = tqdm(range(steps), desc=what, unit="step", dynamic_ncols=True, disable=not cfg.logging.progress)

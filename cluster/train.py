@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.pool import EngineDiedError, RolloutPool
-from actors.records import Sample, check_groups
+from actors.records import Sample, Sampling, check_groups
 from cluster import checkpoint, cli, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
@@ -87,26 +87,25 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
         results = accuracy(cfg, actors, eval_set, "initial")
         version = cold_start(cfg, actors, tasks, model_path, rng, probe)
         results |= accuracy(cfg, actors, eval_set, "before_rl")
-        if stop.signum:
-            save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, logger)
-        stop.exit_if_asked(0, run_dir)
+    reference = set_reference(cfg, actors, run_dir, model_path, version, state if ckpt else None)
+    if not ckpt and stop.signum:
+        save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
+    stop.exit_if_asked(state["step"], run_dir)
     ahead, clock = None, time.time()  # ahead: the next step's rollout, started before this step learns
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
-        rollout = ahead or start_rollout(cfg, actors, tasks, rng, step, logger)
-        produced = rollout_result(cfg, actors, rollout, version)
+        produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
         ahead = None
         if cfg.algorithm.max_staleness and step < cfg.algorithm.steps:  # generates while this step learns
             ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger)
-        metrics, version, ahead = grpo_step(cfg, actors, rollout.problems, produced, step, version, probe, logger,
-                                            ahead)
+        metrics, version, ahead = grpo_step(cfg, actors, produced, step, version, probe, logger, ahead)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
-        metrics |= idle_metrics(metrics, clock, clock := time.time(), [rollout, ahead])
+        metrics |= idle_metrics(metrics, clock, clock := time.time(), [*rollouts, ahead])
         logger.log({"step": step, **metrics})
         if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
                 or stop.signum:  # an in-flight rollout is dropped: resume draws its prompts again
             save(cfg, actors, run_dir, model_path, step, version, ahead.rng_state if ahead else rng.getstate(),
-                 results, logger)
+                 results, reference, logger)
         stop.exit_if_asked(step, run_dir)
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
@@ -116,16 +115,17 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     return results
 
 
-def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Produced, step: int, version: int,
-              probe: np.ndarray, logger: MetricsLogger,
-              ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
+def grpo_step(cfg: Config, actors: Actors, produced: Produced, step: int, version: int, probe: np.ndarray,
+              logger: MetricsLogger, ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
     """Learn from a step's scored samples, then sync; returns its metrics, the new version,
-    and the next step's rollout (`ahead`, started again if an engine died in it)."""
+    and the next step's rollout (`ahead`, started again if an engine died in it). Groups
+    without signal are left out of the batch (learner/grpo.py, 8); with none left, the step
+    learns nothing and the version stays."""
     import torch
 
-    from learner.grpo import group_advantages
+    from learner.grpo import group_advantages, groups_with_signal
 
-    G, samples = cfg.algorithm.group_size, produced.samples
+    G, samples, problems = cfg.algorithm.group_size, produced.samples, produced.problems
     check_groups(samples, G)
     timings = {"generate": produced.generate_end - produced.generate_start,
                "reward": max(0.0, produced.scored - produced.generate_end)}  # what scoring adds after generation
@@ -138,16 +138,22 @@ def grpo_step(cfg: Config, actors: Actors, problems: list[Problem], produced: Pr
                            f"algorithm.max_staleness={cfg.algorithm.max_staleness} behind the learner's {version}")
     logger.log_samples(step, problems, samples, produced.reasons)
     rewards = torch.tensor([s.reward for s in samples])  # [N]
-    advantages = group_advantages(rewards, G, cfg.algorithm.normalize_std)  # [N]
-    lr = lr_at(cfg, step)
-    with _timed(timings, "learn"):
-        learned = learn(cfg, actors.learners, samples, advantages.numpy(), lr)
-    with _timed(timings, "sync"):
-        synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
-    return {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons), **learned,
-            **synced, **skipped, **throughput_metrics(samples, timings, actors.params), "learner/lr": lr,
-            "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag)),
-            **{f"timing/{k}": v for k, v in timings.items()}}, version + 1, ahead
+    groups = torch.nonzero(groups_with_signal(rewards, G)).flatten()[:cfg.algorithm.prompts_per_step]  # [b]
+    rows = (groups[:, None] * G + torch.arange(G)).flatten()  # [b*G] the batch's samples
+    batch = [samples[i] for i in rows.tolist()]
+    metrics = {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons), **skipped,
+               "groups/generated": len(samples) / G, "groups/trained": float(len(groups)),
+               "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag))}
+    if batch:
+        advantages = group_advantages(rewards[rows], G, cfg.algorithm.normalize_std)  # [b*G]
+        lr = lr_at(cfg, step)
+        with _timed(timings, "learn"):
+            metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
+        with _timed(timings, "sync"):
+            synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
+        version += 1
+        metrics |= synced | throughput_metrics(batch, timings, actors.params)
+    return metrics | {f"timing/{k}": v for k, v in timings.items()}, version, ahead
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
@@ -159,7 +165,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     from learner.learner import Learner
 
     learners, learner_pg = start_learners(cfg, Learner, model_path, cfg.learner, cfg.algorithm,
-                                          cfg.rollout.temperature)
+                                          Sampling.from_config(cfg.rollout, n=1, seed=cfg.algorithm.seed))
     nodes = placement.nodes_of(learner_pg)
     rollout_pg = placement.rollout_group(cfg)
     rollouts = RolloutPool(cfg, model_path, rollout_pg)  # engines in the learner's precision
@@ -204,12 +210,13 @@ def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
 
 
 def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int,
-                  logger: MetricsLogger) -> Rollout:
-    """Draw step `step`'s prompts; start generating and scoring them in the background."""
+                  logger: MetricsLogger, round: int = 0) -> Rollout:
+    """Draw step `step`'s prompts (or a dynamic-sampling round's); start generating and
+    scoring them in the background."""
     rng_state = rng.getstate()
     problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
     logger.log_prompts(step, problems)
-    return Rollout.start(cfg, actors, problems, step, rng_state)
+    return Rollout.start(cfg, actors, problems, step, rng_state, round)
 
 
 def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) -> Produced:
@@ -222,7 +229,28 @@ def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) 
             replace_engine(cfg, actors, err)
             if version > 0:  # a fresh engine holds the initial weights
                 actors.sync.push(version)
-            rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, rollout.rng_state)
+            rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, rollout.rng_state, rollout.round)
+
+
+def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, logger: MetricsLogger,
+           rollout: Rollout | None, version: int) -> tuple[Produced, list[Rollout]]:
+    """Step `step`'s scored samples (from `rollout` when it was started ahead) and every
+    rollout that made them: with `algorithm.dynamic_sampling`, rounds of prompts_per_step
+    more prompts until as many groups have signal, at most dynamic_sampling_rounds of them."""
+    import torch
+
+    from learner.grpo import groups_with_signal
+
+    rollouts = [rollout or start_rollout(cfg, actors, tasks, rng, step, logger)]
+    produced = rollout_result(cfg, actors, rollouts[0], version)
+    a = cfg.algorithm
+    for round in range(1, a.dynamic_sampling_rounds + 1 if a.dynamic_sampling else 1):
+        rewards = torch.tensor([s.reward for s in produced.samples])  # [N]
+        if int(groups_with_signal(rewards, a.group_size).sum()) >= a.prompts_per_step:
+            break
+        rollouts.append(start_rollout(cfg, actors, tasks, rng, step, logger, round))
+        produced = produced + rollout_result(cfg, actors, rollouts[-1], version)
+    return produced, rollouts
 
 
 def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
@@ -256,7 +284,8 @@ def replace_engine(cfg: Config, actors: Actors, err: EngineDiedError) -> None:
 
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
           lr: float) -> dict[str, float]:
-    """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across ranks."""
+    """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across
+    ranks; the metrics are the whole batch's (every rank reports the same)."""
     import ray
 
     from learner.batch import collate
@@ -266,9 +295,9 @@ def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.nda
     if cfg.algorithm.mask_truncated:
         batch.loss_mask[[s.truncated for s in samples]] = 0.0
     shards = batch.split(len(learners))
-    per_rank = ray.get([l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step)
-                        for l, shard in zip(learners, shards)], timeout=cfg.cluster.timeout_s)
-    return {f"learner/{k}": float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
+    first, *_ = ray.get([l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step)
+                         for l, shard in zip(learners, shards)], timeout=cfg.cluster.timeout_s)
+    return {f"learner/{k}": v for k, v in first.items()}
 
 
 def accuracy(cfg: Config, actors: Actors, problems: list[Problem], when: str) -> dict[str, float]:
@@ -325,8 +354,38 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
 
 # ---- checkpoints and stopping -----------------------------------------------------------------
 
+def set_reference(cfg: Config, actors: Actors, run_dir: Path, model_path: str, version: int,
+                  resumed: dict | None) -> str | None:
+    """Load the KL penalty's frozen reference on every learner rank (none when kl_beta is 0);
+    returns its folder. `algorithm.kl_reference=rl_start` is the policy as RL starts: the model
+    itself without cold start, else the cold-started policy, written once to RUN_DIR/reference.
+    A resumed run (`resumed`: its checkpoint's state) loads the folder the checkpoint recorded."""
+    import ray
+
+    if cfg.algorithm.kl_beta == 0:
+        return None
+    if resumed is not None:
+        path = resumed.get("reference")
+        if path is None:
+            raise checkpoint.CheckpointError("the checkpoint records no KL reference (algorithm.kl_beta was 0 or "
+                                             "an earlier r1ray wrote it); start the run again")
+    elif cfg.algorithm.kl_reference != "rl_start":
+        path = str(Path(cfg.algorithm.kl_reference).expanduser().resolve())
+    elif version == 0:
+        path = model_path
+    else:
+        path = str(run_dir / "reference")
+        ray.get([l.save.remote(path, model_path) for l in actors.learners], timeout=cfg.cluster.timeout_s)
+        write_provenance(path, kind="reference", step=0, base=model_path, run=str(run_dir))
+    if not (Path(path) / "config.json").is_file():
+        raise checkpoint.CheckpointError(f"the KL reference {path} recorded by the checkpoint is gone; "
+                                         "restore it or start the run again")
+    ray.get([l.load_reference.remote(path) for l in actors.learners], timeout=cfg.cluster.timeout_s)
+    return path
+
+
 def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int, version: int,
-         rng_state: tuple, results: dict, logger: MetricsLogger) -> None:
+         rng_state: tuple, results: dict, reference: str | None, logger: MetricsLogger) -> None:
     """Checkpoint the run as it is after `step` (layout in cluster/checkpoint.py)."""
     import ray
 
@@ -335,13 +394,15 @@ def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int,
                                                        l.save.remote(str(folder / "model"), model_path))],
                 timeout=cfg.cluster.timeout_s)
 
-    state = {"version": version, "rng": rng_state, "results": results, "wandb_id": logger.run_id}
+    state = {"version": version, "rng": rng_state, "results": results, "wandb_id": logger.run_id,
+             "reference": reference}
     path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep)
     print(f"r1ray: checkpoint {path}", flush=True)
 
 
 def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Random, probe: np.ndarray) -> None:
-    """Bring a fresh set of actors and the prompt sampler to where checkpoint `ckpt` left off."""
+    """Bring a fresh set of actors and the prompt sampler to where checkpoint `ckpt` left off
+    (the KL reference is `set_reference`'s, with the folder the checkpoint recorded)."""
     import ray
 
     ray.get([l.load_state.remote(str(ckpt / "learner")) for l in actors.learners], timeout=cfg.cluster.timeout_s)

@@ -35,10 +35,19 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @classmethod
+    def placeholder(cls) -> "TrainBatch":
+        """One sequence of two real tokens with nothing to learn (loss mask 0, advantage 0):
+        a micro-batch that runs the collectives of a forward and backward and weighs nothing."""
+        return cls(np.zeros((1, 2), dtype=np.int64), np.ones((1, 2), dtype=np.int64),
+                   np.zeros((1, 1), dtype=np.float32), np.zeros(1, dtype=np.float32),
+                   np.zeros((1, 1), dtype=np.float32))
+
     def select(self, rows: slice | np.ndarray) -> "TrainBatch":
         """The sequences in `rows` (a slice or an index array), with padding columns beyond
         their longest sequence cut."""
-        length = max(int(self.attention_mask[rows].sum(axis=1).max()), 2)
+        lengths = self.attention_mask[rows].sum(axis=1)
+        length = max(int(lengths.max()) if len(lengths) else 0, 2)
         return TrainBatch(
             input_ids=self.input_ids[rows, :length],
             attention_mask=self.attention_mask[rows, :length],
@@ -50,8 +59,9 @@ class TrainBatch:
         )
 
     def split(self, k: int) -> list["TrainBatch"]:
-        """`k` contiguous parts of (almost) equal size; none empty."""
-        if not 1 <= k <= len(self):
+        """`k` contiguous parts of (almost) equal size; empty ones only when there are fewer
+        than `k` sequences (a learner rank then pads its micro-batches, learner/learner.py)."""
+        if k < 1:
             raise ValueError(f"cannot split {len(self)} sequences into {k} parts")
         bounds = np.linspace(0, len(self), k + 1).round().astype(int)
         return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]

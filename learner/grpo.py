@@ -48,6 +48,18 @@ for DeepSeek-R1. Where this module departs from that formula, and why:
    arXiv:2110.00641) and IMPALA's truncated weights (Espeholt et al. 2018). With one
    update per batch this is the plain policy gradient reweighted to the current policy.
    w also absorbs the engine's numeric differences; the cap bounds the variance.
+7. Top-k / top-p. The engines sample from the truncated distribution and report its
+   log-probs; the learner computes the same truncation (`Sampling.logprobs`), so the ratio,
+   the importance weights and the entropy are those of the distribution actually sampled
+   from. The KL compares the policy and the reference at the temperature without the cuts:
+   it regularises the model, and a sampled token outside the reference's nucleus would
+   otherwise cost an infinite penalty.
+8. Groups without signal. A group whose G rewards are all equal has advantage 0 for every
+   answer and teaches nothing; the driver leaves such groups out of the learner's batch
+   (`groups_with_signal`), so they neither dilute the loss's normaliser nor receive the KL
+   term, and a step with no such group takes no optimizer step (Adam's momentum would
+   still move the weights). DAPO's dynamic sampling (arXiv:2503.14476 sec. 3.2,
+   `algorithm.dynamic_sampling`) goes further and samples more prompts to refill the batch.
 
 Padding: mask is 1 on response tokens to train on and 0 elsewhere. Masked positions of the
 log-prob tensors may hold anything (0, -inf, NaN); they are zeroed before any exp so they
@@ -87,9 +99,18 @@ def group_advantages(
     adv = r - r.mean(dim=1, keepdim=True)  # [B, G]
     if normalize_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)  # [B, G] unbiased std, as TRL
-    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    all_equal = ~groups_with_signal(rewards, group_size)[:, None]  # [B, 1]
     adv = adv.masked_fill(all_equal, 0.0)  # [B, G] exact 0, not rounding error / eps
     return adv.reshape(-1)  # [N]
+
+
+def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool: whether group g's rewards differ (its advantages are not all 0; point 8).
+
+    rewards: [N], rows g*G .. g*G+G-1 are the answers to prompt g.
+    """
+    r = rewards.view(-1, group_size)  # [B, G]
+    return (r != r[:, :1]).any(dim=1)  # [B]
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -155,6 +176,7 @@ def policy_loss(
     aggregation: str = "token",
     entropy: Tensor | None = None,
     is_weights: Tensor | None = None,
+    kl_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO loss: -w * min(ratio * A, clip(ratio, 1-clip_low, 1+clip_high) * A) + kl_beta * k3.
 
@@ -166,10 +188,12 @@ def policy_loss(
     unmasked tokens where the clipped term won the min), ratio_mean, and "kl" / "entropy"
     only when ref_logprobs / entropy are given (a missing key is not a measured 0).
     is_weights [N, T] (from `importance_weights`) weight each token's policy term, for stale
-    samples (point 6); adds the metric is_weight_mean.
+    samples (point 6); adds the metric is_weight_mean. kl_logprobs [N, T] (with grad): the
+    policy's log-probs in the distribution the reference's are taken in, where it is not the
+    sampling one (top-k / top-p cut the sampled distribution, not the models; point 7).
     """
     _check_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
-                     ref_logprobs, kl_beta, aggregation, entropy, is_weights)
+                     ref_logprobs, kl_beta, aggregation, entropy, is_weights, kl_logprobs)
     keep = mask.to(torch.bool)  # [N, T]
     lp = logprobs.masked_fill(~keep, 0.0)  # [N, T] padding may be NaN/-inf: keep exp finite
     old = old_logprobs.detach().masked_fill(~keep, 0.0)  # [N, T]
@@ -185,7 +209,8 @@ def policy_loss(
     kl = None
     if ref_logprobs is not None:
         ref = ref_logprobs.detach().masked_fill(~keep, 0.0)  # [N, T]
-        kl = kl_k3(lp, ref) if kl_beta > 0 else kl_k3(lp.detach(), ref)  # [N, T]
+        kl_lp = lp if kl_logprobs is None else kl_logprobs.masked_fill(~keep, 0.0)  # [N, T]
+        kl = kl_k3(kl_lp, ref) if kl_beta > 0 else kl_k3(kl_lp.detach(), ref)  # [N, T]
     per_token = pg  # [N, T]
     if kl_beta > 0:
         per_token = pg + kl_beta * kl  # [N, T] KL in the loss, not the reward (point 3)
@@ -243,6 +268,7 @@ def _check_loss_args(
     aggregation: str,
     entropy: Tensor | None,
     is_weights: Tensor | None = None,
+    kl_logprobs: Tensor | None = None,
 ) -> None:
     """Fail loudly on inputs that would otherwise broadcast or clamp into a wrong loss."""
     if aggregation not in AGGREGATIONS:
@@ -257,7 +283,7 @@ def _check_loss_args(
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
     others = {"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs,
-              "entropy": entropy, "is_weights": is_weights}
+              "entropy": entropy, "is_weights": is_weights, "kl_logprobs": kl_logprobs}
     for name, t in others.items():
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape "

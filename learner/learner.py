@@ -2,31 +2,45 @@
 
 Each rank holds a DeepSpeed engine over the policy (ZeRO stage 1, 2 or 3; fp32 or bf16; the
 CPU accelerator with gloo on CPU machines) and, when the KL penalty is on, a frozen
-reference copy of the initial policy. The driver sends each rank its shard of the batch;
-gradients are averaged across ranks by DeepSpeed.
+reference model that the driver names (`load_reference`: the policy as RL starts, or a
+model folder). The driver sends each rank its shard of the batch; gradients are averaged
+across ranks by DeepSpeed.
 
 Loss normalisation across micro-batches and ranks: every micro-batch's loss is weighted by
 its share of the optimizer step's tokens (or sequences, for sequence aggregation), counted
 over all ranks, so the accumulated gradient equals that of the whole batch at once, however
 it is cut. DeepSpeed's managed accumulation and its 1/gas loss scaling are switched off for
-that reason: every backward() accumulates, and step() is the boundary.
+that reason: every backward() accumulates, and step() is the boundary. The logged losses are
+weighted the same way (summed over micro-batches and ranks, then divided by the counts).
+
+Every rank runs the same number of forward and backward passes, whatever its shard: ZeRO-3
+gathers parameters in collectives inside them, and a rank with fewer would leave the others
+waiting forever. Ranks agree on the largest micro-batch count and pad with empty micro-batches
+(one token pair, no loss) that weigh nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
+from actors.records import Sampling
 from cluster.config import AlgorithmConfig, LearnerConfig
 from learner.batch import TrainBatch
+
+RAW = Sampling(n=1, seed=0)
+"""Temperature 1, no truncation: the model's own distribution (SFT, the sync check)."""
 
 
 class Learner:
     """One data-parallel rank. Create `num_ranks` of these as Ray actors (see cluster/placement)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
-                 temperature: float, rank: int, master_addr: str, master_port: int):
+                 sampling: Sampling, rank: int, master_addr: str, master_port: int):
+        """`sampling`: how the engines sample (temperature, top-k, top-p); the learner's
+        log-probs are those of the same distribution."""
         gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU(s), as device 0
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu")
@@ -41,25 +55,40 @@ class Learner:
 
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(algo.seed)
-        self.cfg, self.algo, self.temperature, self.rank = cfg, algo, temperature, rank
+        self.cfg, self.algo, self.sampling, self.rank = cfg, algo, sampling, rank
+        self.kl_sampling = dataclasses.replace(sampling, top_k=0, top_p=1.0)  # the KL's: temperature only
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
         # Eager attention on CPU: SDPA's CPU kernels (the flash backward above all) took 1.5x
         # as long per SmolLM2 step on these short sequences (bench/RESULTS.md).
-        attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attention)
+        self.attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=self.attention)
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
-        self.reference = None
-        if algo.kl_beta > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=self.dtype, attn_implementation=attention).to(self.device).eval()
-            self.reference.requires_grad_(False)
+        self.reference = None  # the KL penalty's frozen model, once the driver names it
+        self.reference_path: str | None = None
         # torch's fused AdamW (CPU and CUDA): the per-tensor loop took 1.2 s of a 15 s SmolLM2
         # step. DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg))
+
+    def load_reference(self, model_dir: str) -> None:
+        """Freeze the model in `model_dir` as the KL penalty's reference (learner/grpo.py, 3).
+        It must have the policy's parameter names and shapes."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from learner.models import parameter_shapes
+
+        ours = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.engine.module.named_parameters()}
+        theirs = parameter_shapes(model_dir)
+        if any(theirs.get(name, shape) != shape for name, shape in ours.items()):
+            raise ValueError(f"algorithm.kl_reference: {model_dir} has other parameter shapes than the policy")
+        self.reference = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=self.dtype, attn_implementation=self.attention).to(self.device).eval()
+        self.reference.requires_grad_(False)
+        self.reference_path = model_dir
 
     # ---- one optimizer step -------------------------------------------------------------
 
@@ -71,19 +100,21 @@ class Learner:
         before the first update when `recompute_old_logprobs` is set (see learner/grpo.py, 5).
         With `max_staleness` > 0 the old policy is the learner's own (recomputed when needed)
         and tokens are weighted by truncated importance weights against the sampler (6).
+        Returns the whole step's metrics, the same on every rank: token-weighted means over
+        all ranks' tokens (pg_loss weighted like the loss: by tokens, or by sequences for
+        sequence aggregation), and grad_norm averaged over the updates.
         """
-        import torch
-
         from learner import grpo
 
         plan = self._plan(shard, num_updates)
         stale = self.algo.max_staleness > 0  # samples may come from the previous policy (grpo.py, 6)
         fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and (self.algo.recompute_old_logprobs or stale))
-        metrics: dict[str, list[float]] = {}
+        means, norms = _WeightedMeans(), []
         for index, (mini, mini_fixed) in enumerate(zip(plan, fixed)):
             total = self._global_count(mini)
             for micro, (old, ref) in zip(mini, mini_fixed):
-                logprobs, entropy = self._logprobs(micro, with_entropy=True)  # [n, L-1] each
+                logprobs, entropy, untruncated = self._logprobs(micro, with_entropy=True,
+                                                                untruncated=ref is not None)  # [n, L-1] each
                 sampled, mask = self._tensor(micro.sampling_logprobs), self._tensor(micro.loss_mask)
                 if old is None:
                     old = logprobs.detach() if num_updates == 1 else sampled
@@ -92,33 +123,32 @@ class Learner:
                     logprobs, old, self._tensor(micro.advantages), mask,
                     clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
                     kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy,
-                    is_weights=weights)
-                share = self._count(micro) / total * self.cfg.num_ranks
-                self.engine.backward(loss * share, scale_wrt_gas=False)
+                    is_weights=weights, kl_logprobs=untruncated)
+                self.engine.backward(loss * (self._count(micro) / total * self.cfg.num_ranks), scale_wrt_gas=False)
+                tokens = float(micro.loss_mask.sum())
                 if index == 0:  # before this step's first update: the engine's policy vs ours
                     stats["offpolicy_gap"] = _masked_abs_diff(logprobs, micro)
-                for k, v in stats.items():
-                    metrics.setdefault(k, []).append(v)
-            metrics.setdefault("grad_norm", []).append(self._optimizer_step(lr))
-        return {k: float(np.mean(v)) for k, v in metrics.items()}
+                means.add(stats, tokens, pg_loss=self._count(micro))
+            norms.append(self._optimizer_step(lr))
+        return {**means.global_means(self.device), "grad_norm": float(np.mean(norms))}
 
     def sft_step(self, shard: TrainBatch, lr: float) -> dict[str, float]:
-        """One cross-entropy optimizer step on reference traces (loss on masked tokens only)."""
-        import torch
-
+        """One cross-entropy optimizer step on reference traces (loss on masked tokens only),
+        on the model's own distribution (temperature 1, untruncated), whatever RL samples with.
+        `loss` is the mean over all ranks' target tokens."""
         from learner.grpo import masked_mean
 
         (micros,) = self._plan(shard, 1)
         total = self._global_count(micros, tokens=True)
-        losses = []
+        means = _WeightedMeans()
         for micro in micros:
-            logprobs, _ = self._logprobs(micro, with_entropy=False)  # [n, L-1]
+            logprobs, _, _ = self._logprobs(micro, with_entropy=False, sampling=RAW)  # [n, L-1]
             mask = self._tensor(micro.loss_mask)  # [n, L-1]
             loss = -masked_mean(logprobs, mask)
-            share = float(mask.sum()) / total * self.cfg.num_ranks
-            self.engine.backward(loss * share, scale_wrt_gas=False)
-            losses.append(loss.item())
-        return {"loss": float(np.mean(losses)), "grad_norm": self._optimizer_step(lr)}
+            tokens = float(micro.loss_mask.sum())
+            self.engine.backward(loss * (tokens / total * self.cfg.num_ranks), scale_wrt_gas=False)
+            means.add({"loss": loss.item()}, tokens)
+        return {**means.global_means(self.device), "grad_norm": self._optimizer_step(lr)}
 
     def num_params(self) -> int:
         """The policy's parameter count (ZeRO-3 partitions report their full size)."""
@@ -139,23 +169,28 @@ class Learner:
 
     # ---- log-probs ----------------------------------------------------------------------
 
-    def _logprobs(self, micro: TrainBatch, with_entropy: bool):
-        """Log-probs [n, L-1] of each next token under the policy, at the sampling temperature."""
+    def _logprobs(self, micro: TrainBatch, with_entropy: bool, untruncated: bool = False,
+                  sampling: Sampling | None = None):
+        """(log-probs [n, L-1] of each next token under the policy, in the distribution the
+        engines sample from; its entropy [n, L-1] or None; with `untruncated`, the log-probs
+        at the temperature without the top-k / top-p cut, for the KL term, else None)."""
         import torch
 
         from learner.grpo import entropy_of_logprobs
 
-        logprobs, every = _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask,
-                                               self.temperature, micro.loss_mask, self.cfg.zero_stage < 3,
-                                               micro.segment_ids)
+        logprobs, every, raw = _next_token_logprobs(
+            self.engine, micro.input_ids, micro.attention_mask, sampling or self.sampling, micro.loss_mask,
+            self.cfg.zero_stage < 3, micro.segment_ids, untruncated)
         entropy = None
         if with_entropy:
             with torch.no_grad():
                 entropy = _scatter(entropy_of_logprobs(every), micro.loss_mask)  # [n, L-1]
-        return logprobs, entropy
+        return logprobs, entropy, raw
 
     def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
-        """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed."""
+        """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed.
+        The reference's are untruncated (the KL compares models, not samplers: a token outside
+        the reference's top-p would otherwise cost an infinite penalty)."""
         import torch
 
         out = []
@@ -166,8 +201,8 @@ class Learner:
                     old = self._logprobs(micro, with_entropy=False)[0] if need_old else None
                     ref = None
                     if self.reference is not None:
-                        ref, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
-                                                      self.temperature, micro.loss_mask)
+                        ref, _, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
+                                                         self.kl_sampling, micro.loss_mask)
                     out[-1].append((old, ref))
         return out
 
@@ -177,8 +212,8 @@ class Learner:
 
         ids = np.asarray(token_ids, dtype=np.int64)[None]  # [1, T]
         with torch.no_grad():
-            logprobs, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), 1.0,
-                                               split_head=self.cfg.zero_stage < 3)  # [1, T-1]
+            logprobs, _, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), RAW,
+                                                  split_head=self.cfg.zero_stage < 3)  # [1, T-1]
         return logprobs[0].cpu().numpy()
 
     # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
@@ -251,14 +286,16 @@ class Learner:
     # ---- batching -----------------------------------------------------------------------
 
     def _plan(self, shard: TrainBatch, num_updates: int) -> list[list[TrainBatch]]:
-        """Mini-batches (one per optimizer step), each cut into micro-batches."""
+        """Mini-batches (one per optimizer step), each cut into micro-batches, the same number
+        on every rank (padded with empty ones): see the module docstring."""
         plan = []
         for mini in shard.split(num_updates):
             # Shortest first, so each micro-batch pads to lengths like its own: the step's
             # gradient is a sum over micro-batches and does not depend on their order.
             by_length = mini.select(np.argsort(mini.attention_mask.sum(axis=1), kind="stable"))
-            plan.append(by_length.split(-(-len(mini) // self.cfg.micro_batch_size)))
-        return plan
+            plan.append(by_length.split(-(-len(mini) // self.cfg.micro_batch_size)) if len(mini) else [])
+        counts = global_max([len(micros) for micros in plan], self.device)
+        return [micros + [TrainBatch.placeholder()] * (count - len(micros)) for micros, count in zip(plan, counts)]
 
     def _tensor(self, array: np.ndarray):
         """A batch array as a tensor on this rank's device."""
@@ -279,13 +316,44 @@ class Learner:
 
 def global_sum(value: float, device) -> float:
     """`value` summed over all ranks (one all-reduce; at least 1, as a loss weight's divisor)."""
+    return max(_all_reduce([float(value)], device, "sum")[0], 1.0)
+
+
+def global_max(values: list[int], device) -> list[int]:
+    """Each of `values`, the largest over all ranks (one all-reduce)."""
+    return [int(v) for v in _all_reduce([float(v) for v in values], device, "max")]
+
+
+def _all_reduce(values: list[float], device, op: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-    return max(float(total[0]), 1.0)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1 and len(values):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return total.tolist()
+
+
+class _WeightedMeans:
+    """Metrics of micro-batches, kept as weighted sums so the step reports the means the
+    optimizer step used: sum(value x weight) / sum(weight) over all micro-batches and ranks."""
+
+    def __init__(self):
+        self.sums: dict[str, list[float]] = {}  # name -> [sum of value x weight, sum of weight]
+
+    def add(self, stats: dict[str, float], weight: float, **weights: float) -> None:
+        """`stats` of one micro-batch, each weighted by `weight` unless `weights` names its own."""
+        for name, value in stats.items():
+            w = weights.get(name, weight)
+            acc = self.sums.setdefault(name, [0.0, 0.0])
+            acc[0] += value * w
+            acc[1] += w
+
+    def global_means(self, device) -> dict[str, float]:
+        """The means over every rank (one all-reduce; every rank has the same names)."""
+        names = sorted(self.sums)
+        flat = _all_reduce([x for name in names for x in self.sums[name]], device, "sum")
+        return {name: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, name in enumerate(names)}
 
 
 def ds_config(cfg: LearnerConfig) -> dict:
@@ -303,11 +371,13 @@ def ds_config(cfg: LearnerConfig) -> dict:
     }
 
 
-def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float,
+def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling,
                          targets: np.ndarray | None = None, split_head: bool = True,
-                         segment_ids: np.ndarray | None = None):
-    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix, 0 where `targets` [n, L-1] is
-    0; log-probs of the whole vocabulary [m, V] at the m target positions) at `temperature`.
+                         segment_ids: np.ndarray | None = None, untruncated: bool = False):
+    """(log-probs [n, L-1] of tokens 1..L-1 given their prefix in the distribution `sampling`
+    draws from (`Sampling.logprobs`: temperature, top-k, top-p), 0 where `targets` [n, L-1] is
+    0; that distribution over the whole vocabulary [m, V] at the m target positions; with
+    `untruncated`, the log-probs [n, L-1] at the temperature without the cuts, else None).
 
     Only the target positions go through the LM head: with a vocabulary of 49k, the head and
     the log-softmax over it cost as much as the rest of a 135M model, and prompt and padding
@@ -321,7 +391,8 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
 
     module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
     device = next(module.parameters()).device
-    ids, mask = torch.as_tensor(input_ids, device=device), torch.as_tensor(attention_mask, device=device)  # [n, L]
+    # Copied: arrays from Ray's object store are read-only, which torch warns about.
+    ids, mask = torch.tensor(input_ids, device=device), torch.tensor(attention_mask, device=device)  # [n, L]
     extra = {}
     if segment_ids is not None:
         mask, extra["position_ids"] = _packed_inputs(segment_ids, next(module.parameters()).dtype, device)
@@ -334,9 +405,13 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
         start = int(keep.any(dim=0).int().argmax()) if keep.any() else 0  # the first column with a target
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra,
                        logits_to_keep=ids.shape[1] - start).logits[:, :-1][keep[:, start:]]  # [m, V]
-    every = torch.log_softmax(logits.float() / temperature, dim=-1)  # [m, V]
-    picked = every.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1)  # [m]
-    return _scatter(picked, keep), every
+    every = sampling.logprobs(logits.float())  # [m, V]
+    picked = _scatter(every.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1), keep)  # [n, L-1]
+    raw = None
+    if untruncated:  # one more log-softmax only where the cuts make it differ
+        raw = (_scatter(sampling.logprobs(logits.float(), truncate=False).gather(-1, ids[:, 1:][keep][:, None])
+                        .squeeze(-1), keep) if sampling.truncates else picked)
+    return picked, every, raw
 
 
 def _packed_inputs(segment_ids: np.ndarray, dtype, device):

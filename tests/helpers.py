@@ -3,20 +3,22 @@
 import numpy as np
 import ray
 
+from actors.records import Sampling
 from cluster.config import AlgorithmConfig, LearnerConfig
 from cluster.placement import free_port
 from learner.batch import collate
 from learner.learner import Learner
 
 
-def make_learners(model_path, num_ranks, zero_stage, dtype="float32", kl_beta=0.0, micro_batch_size=4,
-                  recompute_old_logprobs=False, temperature=1.0):
+def make_learners(model_path, num_ranks, zero_stage, dtype="float32", micro_batch_size=4,
+                  sampling=Sampling(n=1, seed=0), **algorithm):
+    """`num_ranks` learner ranks as Ray actors; `algorithm` sets AlgorithmConfig fields."""
     cfg = LearnerConfig(num_ranks=num_ranks, zero_stage=zero_stage, dtype=dtype, threads=1,
                         num_cpus=0.5, micro_batch_size=micro_batch_size)
-    algo = AlgorithmConfig(kl_beta=kl_beta, recompute_old_logprobs=recompute_old_logprobs)
+    algo = AlgorithmConfig(**algorithm)
     port = free_port()
     actor = ray.remote(Learner).options(num_cpus=0.5)
-    return [actor.remote(model_path, cfg, algo, temperature, rank, "127.0.0.1", port) for rank in range(num_ranks)]
+    return [actor.remote(model_path, cfg, algo, sampling, rank, "127.0.0.1", port) for rank in range(num_ranks)]
 
 
 def fixed_batch(advantages=None):

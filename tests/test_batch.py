@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learner.batch import collate
+from learner.batch import TrainBatch, collate
 
 
 def test_collate_aligns_response_targets():
@@ -27,5 +27,14 @@ def test_split_keeps_rows_and_trims_padding():
     assert first.input_ids.shape == (2, 3)  # the long row is in the second half only
     assert second.input_ids.shape == (2, 5)
     assert first.loss_mask.shape == (2, 2)
-    with pytest.raises(ValueError, match="cannot split 4 sequences into 5 parts"):
-        batch.split(5)
+    # More parts than sequences: the last part is empty (a learner rank pads it).
+    assert [len(part) for part in batch.split(5)] == [1, 1, 0, 1, 1]
+    assert [len(part) for part in collate([np.array([1])], [np.array([2])], pad_id=0).split(3)] == [0, 1, 0]
+    with pytest.raises(ValueError, match="cannot split 4 sequences into 0 parts"):
+        batch.split(0)
+
+
+def test_a_placeholder_micro_batch_carries_nothing_to_learn():
+    empty = TrainBatch.placeholder()
+    assert empty.input_ids.shape == (1, 2) and empty.attention_mask.tolist() == [[1, 1]]
+    assert empty.loss_mask.sum() == 0 and empty.advantages.tolist() == [0.0]

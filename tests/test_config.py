@@ -64,6 +64,9 @@ def test_overrides_win_over_the_file(tmp_path):
     ("rollout.prompt_too_long=drop", "choose one of 'error', 'truncate_left', 'skip'"),
     ("sync.transport=nccl", "sync.transport='nccl' is not valid; choose one of 'object_store', 'broadcast'"),
     ("sync.bucket_mb=0", "sync.bucket_mb=0.0 is out of range; valid: (0.0, inf]"),
+    # A clip_low of 1 would let the ratio fall to 0: refused when the config loads, not at step 1.
+    ("algorithm.clip_low=1", "algorithm.clip_low=1.0 is out of range; valid: [0.0, 1.0)"),
+    ("algorithm.kl_reference=/no/such/model", "algorithm.kl_reference='/no/such/model' is neither rl_start nor"),
     ("rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size=2 needs rollout.num_gpus >= 2 per "
                                        "engine (got 0)"),
 ])
@@ -71,12 +74,6 @@ def test_bad_values_name_the_key_and_the_valid_range(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, override.split())
     assert message in str(err.value)
-
-
-def test_batch_must_divide_over_learner_ranks():
-    # 3 prompts x 3 answers = 9 sequences cannot be split evenly over 2 ranks.
-    with pytest.raises(ConfigError, match="samples per step .* = 9.* learner.num_ranks=2"):
-        load_config(None, ["algorithm.prompts_per_step=3", "algorithm.group_size=3", "learner.num_ranks=2"])
 
 
 def test_tensor_parallel_needs_the_vllm_engine():

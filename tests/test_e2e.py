@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["cold_start.steps=2", "algorithm.steps=2", "algorithm.prompts_per_step=4",
+SHORT = ["cold_start.steps=30", "algorithm.steps=2", "algorithm.prompts_per_step=4",
          "algorithm.group_size=4", "task.eval_prompts=8", "logging.progress=false",
          "rollout.max_new_tokens=16", "logging.wandb_mode=offline", "algorithm.kl_beta=0.001",
          "logging.samples_every=2"]
@@ -25,40 +25,88 @@ def run(args, tmp_path, timeout=600):
     return proc, time.monotonic() - start
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rollout", [
+RUNS = {
     # Two vLLM engines fed by the broadcast transport, checked after every sync.
     # Held-out evaluation with 2 samples per problem after step 2.
-    ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast", "sync.check=true",
-     "eval.every=2", "eval.k=2"],
+    "vllm-x2-broadcast": ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast",
+                          "sync.check=true", "eval.every=2", "eval.k=2"],
     # One transformers engine fed through the object store; truncated answers masked; a
-    # mixture of four tasks, one of them a dataset, scored by two checker processes.
-    ["rollout.engine=transformers", "algorithm.mask_truncated=true", "task.countdown.weight=1",
-     "task.countdown.num_numbers=3", "task.knights.weight=1",
-     "task.math.weight=1", "task.math.path={data}", "rewards.processes=2"],
-], ids=["vllm-x2-broadcast", "transformers-mixture"])
-def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollout):
-    data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) + "\n"
-                            for i in range(100)))
-    # The policy is given as a plain HF folder path, as a user's own model would be.
-    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, *[a.format(data=data) for a in rollout],
-                   "logging.run_name=e2e", f"model.path={tiny_model}"], tmp_path)
+    # mixture of four tasks, one of them a dataset, scored by two checker processes; DAPO's
+    # dynamic sampling refilling the batch with groups that have signal.
+    "transformers-mixture": ["rollout.engine=transformers", "algorithm.mask_truncated=true",
+                             "task.countdown.weight=1", "task.countdown.num_numbers=3", "task.knights.weight=1",
+                             "task.math.weight=1", "task.math.path={data}", "rewards.processes=2",
+                             "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_rounds=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model):
+    """finished(name) -> (process, run folder) of RUNS[name], run once per module: the same
+    run is checked by several tests."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            tmp = tmp_path_factory.mktemp(name)
+            data = tmp / "sums.jsonl"
+            data.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) + "\n"
+                                    for i in range(100)))
+            # The policy is given as a plain HF folder path, as a user's own model would be.
+            proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT,
+                           *[a.format(data=data) for a in RUNS[name]], "logging.run_name=e2e",
+                           f"model.path={tiny_model}"], tmp)
+            done[name] = proc, tmp / "runs" / "e2e"
+        return done[name]
+
+    return get
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNS)
+def test_two_grpo_steps_through_the_real_entry_point(finished, name):
+    proc, run_dir = finished(name)
+    rollout = RUNS[name]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "e2e"
     assert f"run folder {run_dir}" in proc.stdout
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for key in ["reward/mean", "reward/std", "reward/correct", "reward/format", "response_length/mean",
-                "response_length/max", "groups/all_equal_fraction", "learner/clip_fraction", "learner/kl",
-                "learner/entropy", "learner/lr", "timing/generate", "timing/reward", "timing/learn",
-                "timing/sync", "sync/bytes", "learner/offpolicy_gap", "rollout/skipped_prompts", "reward/length",
-                "reward/check_failed", "throughput/generate_tokens_per_s", "throughput/learn_tokens_per_s"]:
+                "response_length/max", "groups/all_equal_fraction", "groups/generated", "groups/trained",
+                "timing/generate", "timing/reward", "rollout/skipped_prompts", "reward/length",
+                "reward/check_failed"]:
         assert all(key in r for r in rows), key
-    assert [r["sync/version"] for r in rows] == [2, 3]  # cold start made version 1
-    assert all(r["learner/offpolicy_gap"] < 1e-3 for r in rows)  # fp32 engines, same temperature
+    for r in rows:  # a step with no group that has signal learns nothing and syncs nothing
+        learned = {"learner/clip_fraction", "learner/kl", "learner/entropy", "learner/lr", "timing/learn",
+                   "timing/sync", "sync/bytes", "learner/offpolicy_gap", "throughput/learn_tokens_per_s"}
+        assert learned <= set(r) if r["groups/trained"] else not learned & set(r), r
+    trained = [r for r in rows if r["groups/trained"]]
+    assert trained, "no step learned anything; the test says nothing about learning"
+    # Versions: cold start made 1, every step that learned made one more.
+    assert [r["sync/version"] for r in trained] == list(range(2, 2 + len(trained)))
+    assert all(r["learner/offpolicy_gap"] < 1e-3 for r in trained)  # fp32 engines, same temperature
+    # The KL reference is the policy RL starts from (after cold start), not the initial model
+    # (which was of order 1 away): no KL before the first update, a little after one step at
+    # the warm-up's lr (the second update's mini-batch).
+    assert trained[0]["learner/kl"] < 1e-3
+    prompts = read_rows(run_dir / "prompts.jsonl")
+    for r in rows:
+        rounds = sum(p["step"] == r["step"] for p in prompts)  # 1 + dynamic sampling's extra rounds
+        assert r["groups/generated"] == 4 * rounds
+        with_signal = round(r["groups/generated"] * (1 - r["groups/all_equal_fraction"]))
+        # Groups without signal never reach the learner; dynamic sampling samples more until
+        # 4 have signal (at most 2 more rounds), and keeps 4.
+        assert r["groups/trained"] == min(with_signal, 4)
+        if "algorithm.dynamic_sampling=true" in rollout:
+            assert rounds == 3 or with_signal >= 4
+        else:
+            assert rounds == 1
     if "sync.check=true" in rollout:
-        assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)
+        assert all(r["sync/max_logprob_diff"] < 1e-3 for r in trained)
     if "eval.every=2" in rollout:
         assert "eval/pass@2" not in rows[0] and {"eval/pass@1/greedy", "eval/pass@1", "eval/pass@2",
                                                  "eval/maj@2"} <= set(rows[1])
@@ -71,10 +119,35 @@ def test_two_grpo_steps_through_the_real_entry_point(tmp_path, tiny_model, rollo
     assert set(results) == {"accuracy/initial", "accuracy/before_rl", "accuracy/after_rl"} | (
         per_task if len(tasks) > 1 else set())
     assert (run_dir / "model" / "model.safetensors").exists()
+    assert (run_dir / "reference" / "model.safetensors").exists()  # kl_beta > 0 after a cold start
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "curves.png").exists() and "run summary" in proc.stdout
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = read_rows(run_dir / "samples.jsonl")
     assert {s["step"] for s in samples} == {2} and len(samples) == 4 and all(s["reason"] for s in samples)
+
+
+TIMED = ("time", "timing/", "throughput/", "sync/gb_per_s")
+"""Metrics that measure the clock, which differs between runs."""
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_bit_identical_metrics(finished, tmp_path, tiny_model):
+    # The invariant that guards every other number: vLLM engines (two of them), the learner and
+    # the rewards reproduce a run exactly, so a change that alters results shows up here.
+    first_proc, first = finished("vllm-x2-broadcast")
+    assert first_proc.returncode == 0, first_proc.stderr[-3000:]
+    proc, _ = run(["--config", str(REPO / "configs/default.yaml"), *SHORT, *RUNS["vllm-x2-broadcast"],
+                   "logging.run_name=again", f"model.path={tiny_model}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = tmp_path / "runs" / "again"
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(TIMED)} for r in rows]
+
+    assert untimed(read_rows(again / "metrics.jsonl")) == untimed(read_rows(first / "metrics.jsonl"))
+    assert read_rows(again / "prompts.jsonl") == read_rows(first / "prompts.jsonl")
+    assert (json.loads((again / "results.json").read_text())
+            == json.loads((first / "results.json").read_text()))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -144,7 +217,8 @@ def test_a_run_stopped_by_sigterm_resumes_as_if_never_stopped(tmp_path, tiny_mod
     a, b = rows(tmp_path / "runs" / "full", "metrics.jsonl"), rows(cut_dir, "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert any(r["learner/grad_norm"] > 0 for r in a)
-    for key in ["reward/mean", "learner/grad_norm", "learner/entropy", "response_length/mean"]:
+    # The KL reference too: the resumed run loads the one the first part saved (its RL start).
+    for key in ["reward/mean", "learner/grad_norm", "learner/entropy", "response_length/mean", "learner/kl"]:
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5), key
     # Only the newest checkpoint is kept; the final one is at the last step and loads as an HF folder.
     assert [p.name for p in (cut_dir / "checkpoints").iterdir()] == ["step-000004"]

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from learner.grpo import group_advantages, importance_weights, kl_k3, masked_mean, policy_loss, token_entropy
+from learner.grpo import (group_advantages, groups_with_signal, importance_weights, kl_k3, masked_mean, policy_loss,
+                          token_entropy)
 
 torch.set_num_threads(1)
 
@@ -295,6 +296,32 @@ def test_policy_loss_kl_term():
     close(loss, 0.0)
     close(m["kl"], 0.512567)
     assert "kl" not in policy_loss(lp, lp.detach(), t([0.0]), torch.ones(1, 2))[1]
+
+
+def test_policy_loss_kl_is_taken_on_the_kl_logprobs_when_given():
+    # The ratio uses the truncated (sampled) log-probs, the KL the untruncated ones.
+    # ratio: lp == old -> 1, A = 0 -> policy term 0 (its gradient flows to lp only through A = 0).
+    # KL on kl_lp = [0, -1] against ref [ln 2, 0]: the numbers of test_policy_loss_kl_term,
+    # d loss / d kl_lp = [-0.25, -0.429570]; lp gets none of it.
+    lp = t([[-0.2, -0.3]]).requires_grad_()
+    kl_lp = t([[0.0, -1.0]]).requires_grad_()
+    loss, m = policy_loss(lp, lp.detach(), t([0.0]), torch.ones(1, 2), ref_logprobs=t([[LN2, 0.0]]),
+                          kl_beta=0.5, kl_logprobs=kl_lp)
+    loss.backward()
+    close(loss, 0.256284)
+    close(m["kl"], 0.512567)
+    close(kl_lp.grad, [[-0.25, -0.429570]])
+    close(lp.grad, [[0.0, 0.0]])
+
+
+def test_groups_with_signal_are_those_whose_rewards_differ():
+    # groups of 3: [1, 0, 1] differ; [0.5, 0.5, 0.5] do not; [0, 0, 1e-9] differ (any difference)
+    got = groups_with_signal(t([1, 0, 1, 0.5, 0.5, 0.5, 0, 0, 1e-9]), 3)
+    assert got.tolist() == [True, False, True]
+    assert groups_with_signal(t([1.0, 2.0]), 1).tolist() == [False, False]  # one answer: no group
+    # The advantages agree: exactly 0 in the groups without signal, not elsewhere.
+    adv = group_advantages(t([1, 0, 1, 0.5, 0.5, 0.5, 0, 0, 1e-9]), 3).view(3, 3)
+    assert (adv != 0).any(dim=1).tolist() == [True, False, True]
 
 
 def test_policy_loss_metrics_are_floats_and_entropy_is_masked():

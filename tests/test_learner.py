@@ -1,6 +1,8 @@
-"""The DeepSpeed learner on real Ray actors: SFT loss falls, GRPO moves log-probs the right way.
+"""The DeepSpeed learner on real Ray actors: its loss, metrics and gradient against numbers
+computed by hand or by an independent recomputation, however the batch is cut.
 
-ZeRO-2 with one rank and ZeRO-3 with two ranks (gloo on the CPU accelerator).
+ZeRO-2 with one rank and ZeRO-3 with two ranks (gloo on the CPU accelerator). The batch is
+tests.helpers.fixed_batch: 8 answers of 3, 4, 5, 6, 3, 4, 5, 6 tokens to two prompts.
 """
 
 import numpy as np
@@ -11,80 +13,200 @@ from tests.helpers import fixed_batch, make_learners, run_on_ranks
 
 pytestmark = pytest.mark.slow
 
+LENGTHS = np.array([3, 4, 5, 6, 3, 4, 5, 6])  # answer tokens of fixed_batch's sequences
+
+
+def kill(learners):
+    for learner in learners:
+        ray.kill(learner)
+
+
+def token_logprobs(learners, batch, i):
+    """Sequence i's answer-token log-probs under the learner's current weights (temperature 1).
+    `learners`: one rank, or all of them (a ZeRO-3 forward is a collective)."""
+    ids = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
+    ranks = learners if isinstance(learners, list) else [learners]
+    scores = ray.get([l.score.remote(ids) for l in ranks], timeout=300)[0]
+    return scores[batch.loss_mask[i, : len(ids) - 1].astype(bool)]
+
 
 @pytest.mark.parametrize("num_ranks, zero_stage, dtype", [(1, 2, "float32"), (2, 3, "bfloat16")])
 def test_sft_loss_falls_on_a_fixed_batch(ray_cluster, tiny_model, num_ranks, zero_stage, dtype):
     learners = make_learners(tiny_model, num_ranks, zero_stage, dtype)
     batch = fixed_batch()
-    losses = [np.mean([m["loss"] for m in run_on_ranks(learners, "sft_step", batch, 3e-3)])
-              for _ in range(8)]
+    losses = [run_on_ranks(learners, "sft_step", batch, 3e-3)[0]["loss"] for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0], losses
-    for learner in learners:
-        ray.kill(learner)
+    kill(learners)
 
 
 def test_grpo_step_raises_good_answers_and_lowers_bad_ones(ray_cluster, tiny_model):
     learners = make_learners(tiny_model, 2, 3, kl_beta=0.01)
+    ray.get([l.load_reference.remote(tiny_model) for l in learners], timeout=300)
     # Answers 0-1 and 4-5 were good (advantage +1), the others bad (-1).
     advantages = np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float32)
     batch = fixed_batch(advantages)
 
-    def response_logprob(i):  # summed log-prob of answer i given its prompt
-        mask = batch.loss_mask[i].astype(bool)
-        ids = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
-        return ray.get([l.score.remote(ids) for l in learners])[0][mask[: len(ids) - 1]].sum()
-
-    def good_minus_bad():
-        lp = np.array([response_logprob(i) for i in range(8)])
+    def good_minus_bad():  # summed log-prob of the good answers minus the bad ones'
+        lp = np.array([token_logprobs(learners, batch, i).sum() for i in range(8)])
         return lp[advantages > 0].mean() - lp[advantages < 0].mean()
 
     before = good_minus_bad()
-    for _ in range(2):
-        metrics = run_on_ranks(learners, "train_step", batch, 1e-3, 1)
+    first = run_on_ranks(learners, "train_step", batch, 1e-3, 1)
+    second = run_on_ranks(learners, "train_step", batch, 1e-3, 1)
     assert good_minus_bad() > before + 0.5
-    m = metrics[0]
-    assert m["ratio_mean"] == pytest.approx(1.0) and m["clip_fraction"] == 0.0  # one update: on-policy
-    assert m["kl"] > 0.0 and m["entropy"] > 0.0 and m["grad_norm"] > 0.0
-    for learner in learners:
-        ray.kill(learner)
+    assert first[0] == first[1]  # every rank reports the whole batch's metrics
+    # One update: ratio 1, nothing clipped, and the loss is the token mean of -A:
+    # -(3 + 4 - 5 - 6 + 3 + 4 - 5 - 6) / 36 = 8 / 36.
+    m = first[0]
+    assert m["ratio_mean"] == 1.0 and m["clip_fraction"] == 0.0
+    assert m["pg_loss"] == pytest.approx(8 / 36, rel=1e-6)
+    # The reference is the starting policy: no KL at the first step, some after it moved.
+    assert m["kl"] < 1e-9 and second[0]["kl"] > 1e-4
+    kill(learners)
 
 
-def test_several_updates_per_step_clip(ray_cluster, tiny_model):
+def test_the_second_update_clips_as_a_recomputation_says(ray_cluster, tiny_model):
+    # Two updates per step: mini-batch 1 (answers 0-3) moves the policy, and mini-batch 2
+    # (answers 4-7) is then taken against the old policy, recomputed before the first update.
+    # A second learner replays update 1 alone; its log-probs give the ratios update 2 saw.
+    adv = np.array([2, 2, -2, -2, 2, 2, -2, -2], dtype=np.float32)
+    batch, lr = fixed_batch(adv), 5e-2
     (learner,) = make_learners(tiny_model, 1, 2, recompute_old_logprobs=True)
-    batch = fixed_batch(np.array([2, 2, -2, -2, 2, 2, -2, -2], dtype=np.float32))
-    # A large step on the first half moves the second half's ratios away from 1.
-    m = ray.get(learner.train_step.remote(batch, 5e-2, 2), timeout=300)
-    assert m["clip_fraction"] > 0.0 and m["ratio_mean"] != pytest.approx(1.0)
-    ray.kill(learner)
+    (replay,) = make_learners(tiny_model, 1, 2)
+    old = [token_logprobs(replay, batch, i) for i in range(4, 8)]
+    m = ray.get(learner.train_step.remote(batch, lr, 2), timeout=300)
+    ray.get(replay.train_step.remote(batch.select(slice(0, 4)), lr, 1), timeout=300)
+    ratios = [np.exp(token_logprobs(replay, batch, i) - lp) for i, lp in zip(range(4, 8), old)]
+    clipped = sum(int(((r > 1.2) if a > 0 else (r < 0.8)).sum()) for r, a in zip(ratios, adv[4:]))
+    total = LENGTHS.sum()  # tokens of both mini-batches: update 1's ratios are exactly 1
+    assert clipped > 0
+    assert m["clip_fraction"] == pytest.approx(clipped / total, rel=1e-6)  # float32 means
+    assert m["ratio_mean"] == pytest.approx((LENGTHS[:4].sum() + sum(r.sum() for r in ratios)) / total, rel=1e-5)
+    kill([learner, replay])
 
 
 def test_old_policy_is_the_engines_sampling_logprobs(ray_cluster, tiny_model):
     (learner,) = make_learners(tiny_model, 1, 2)
     batch = fixed_batch(np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float32))
-    # Engine log-probs of -3 per token are not what this policy gives those tokens: with two
-    # updates the ratio is taken against them, so it is far from 1 from the first update on.
-    m = ray.get(learner.train_step.remote(batch, 1e-6, 2), timeout=300)
-    assert abs(m["ratio_mean"] - 1.0) > 0.1
-    # With the learner's own log-probs in their place the ratio starts at 1.
+    # With two updates the ratio is taken against the engine's log-probs, -3 for every token
+    # here; lr 0 keeps the policy where it is, so every ratio is exp(lp + 3).
+    ratios = np.concatenate([np.exp(token_logprobs(learner, batch, i) + 3.0) for i in range(8)])
+    m = ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
+    assert m["ratio_mean"] == pytest.approx(ratios.mean(), rel=1e-5)
+    assert m["offpolicy_gap"] == pytest.approx(np.abs(np.log(ratios[:LENGTHS[:4].sum()])).mean(), rel=1e-5)
+    # With the learner's own log-probs in their place every ratio is 1.
     for i in range(len(batch)):
-        ids = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
-        lp = ray.get(learner.score.remote(ids))
-        batch.sampling_logprobs[i, : len(lp)] = lp * batch.loss_mask[i, : len(lp)]
-    m = ray.get(learner.train_step.remote(batch, 1e-6, 2), timeout=300)
-    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
-    ray.kill(learner)
+        lp = token_logprobs(learner, batch, i)
+        batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = lp
+    m = ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["offpolicy_gap"] < 1e-6
+    kill([learner])
 
 
-def test_gradient_is_the_same_however_the_batch_is_cut(ray_cluster, tiny_model):
-    # One batch, three cuts: one micro-batch; micro-batches of 3 (3+3+2, accumulated); two
-    # ZeRO-3 ranks with micro-batches of 2. The loss is weighted by each part's share of the
-    # batch's tokens, so the full gradient, and its norm, must not depend on the cut.
-    batch = fixed_batch(np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.5], dtype=np.float32))
-    norms = []
-    for num_ranks, zero_stage, micro in [(1, 2, 8), (1, 2, 3), (2, 3, 2)]:
-        learners = make_learners(tiny_model, num_ranks, zero_stage, micro_batch_size=micro)
-        norms.append(run_on_ranks(learners, "train_step", batch, 1e-3, 1)[0]["grad_norm"])
-        for learner in learners:
-            ray.kill(learner)
-    assert norms[0] > 0
-    np.testing.assert_allclose(norms[1:], [norms[0]] * 2, rtol=1e-4)
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ray_cluster, tiny_model, aggregation):
+    # One batch, four cuts: one micro-batch; micro-batches of 3 (3+3+2, accumulated); two
+    # ZeRO-3 ranks with micro-batches of 2; two ZeRO-3 ranks of which one gets nothing (it
+    # runs empty micro-batches so that the other's collectives are answered). Each part is
+    # weighted by its share of the batch's tokens (or sequences), so the gradient, and the
+    # logged loss, must not depend on the cut.
+    # Token mean of -A: -(4.5 + 2 - 5 - 6 + 3 + 0.8 - 3.5 - 1.8) / 36 = 6 / 36; sequence mean: -0.2 / 8.
+    adv = np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.3], dtype=np.float32)
+    batch = fixed_batch(adv)
+    expected = 6 / 36 if aggregation == "token" else -0.2 / 8
+    results = []
+    for num_ranks, zero_stage, micro, shards in [(1, 2, 8, None), (1, 2, 3, None), (2, 3, 2, None),
+                                                 (2, 3, 4, [batch, batch.select(slice(0, 0))])]:
+        learners = make_learners(tiny_model, num_ranks, zero_stage, micro_batch_size=micro, aggregation=aggregation)
+        shards = shards or batch.split(num_ranks)
+        results.append(ray.get([l.train_step.remote(s, 1e-3, 1) for l, s in zip(learners, shards)], timeout=300)[0])
+        kill(learners)
+    assert results[0]["pg_loss"] == pytest.approx(expected, rel=1e-6)
+    for key in ("grad_norm", "pg_loss", "entropy"):
+        np.testing.assert_allclose([r[key] for r in results[1:]], [results[0][key]] * 3, rtol=1e-4, err_msg=key)
+
+
+def test_importance_weights_against_a_known_behaviour_policy(ray_cluster, tiny_model):
+    # max_staleness 1: each token is weighted by min(pi / mu, is_cap). The behaviour policy mu
+    # is the learner's own policy with answers 0-3 made half as likely (w = 2, the cap) and
+    # answers 4-7 twice as likely (w = 0.5).
+    adv = np.array([1, -1, 1, -1, 1, -1, 1, -1], dtype=np.float32)
+    batch = fixed_batch(adv)
+    (learner,) = make_learners(tiny_model, 1, 2, max_staleness=1, is_cap=2.0)
+    for i in range(8):
+        shift = -np.log(2.0) if i < 4 else np.log(2.0)
+        batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = token_logprobs(learner, batch, i) + shift
+    w = np.where(np.arange(8) < 4, 2.0, 0.5)
+    m = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+    assert m["is_weight_mean"] == pytest.approx((w * LENGTHS).sum() / LENGTHS.sum(), rel=1e-5)
+    assert m["pg_loss"] == pytest.approx(-(w * adv * LENGTHS).sum() / LENGTHS.sum(), rel=1e-5)
+    # Weights of 1 (mu is the policy) and of 0.5 everywhere (mu twice as likely): the loss is
+    # linear in the weights, so the gradient halves.
+    norms = {}
+    for weight in (1.0, 0.5):
+        for i in range(8):
+            batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = (token_logprobs(learner, batch, i)
+                                                                          - np.log(weight))
+        got = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+        assert got["is_weight_mean"] == pytest.approx(weight, rel=1e-5)
+        norms[weight] = got["grad_norm"]
+    assert norms[0.5] == pytest.approx(norms[1.0] / 2, rel=1e-4)
+    kill([learner])
+
+
+def test_the_kl_reference_is_the_model_it_is_given(ray_cluster, tiny_model, tmp_path):
+    # After SFT moved the policy, the policy itself (saved, as the driver saves the RL start)
+    # is a reference with no KL; the initial model is not.
+    (learner,) = make_learners(tiny_model, 1, 2, kl_beta=0.04)
+    batch = fixed_batch(np.array([1, -1] * 4, dtype=np.float32))
+    for _ in range(5):
+        ray.get(learner.sft_step.remote(batch, 3e-3), timeout=300)
+    ray.get(learner.save.remote(str(tmp_path / "rl_start"), tiny_model), timeout=300)
+    kls = {}
+    for name, path in [("rl_start", str(tmp_path / "rl_start")), ("initial", tiny_model)]:
+        ray.get(learner.load_reference.remote(path), timeout=300)
+        kls[name] = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)["kl"]
+    assert kls["rl_start"] < 1e-9 and kls["initial"] > 1e-2, kls
+    kill([learner])
+
+
+def test_mask_truncated_removes_exactly_the_truncated_answers(ray_cluster, tiny_model):
+    # The driver zeroes the loss mask of answers cut by the token budget: the loss and the
+    # gradient must be those of the batch without them (they still shaped the advantages).
+    from actors.records import Sample
+    from cluster.config import load_config
+    from cluster.train import learn
+
+    adv = np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.5], dtype=np.float32)
+    batch, truncated = fixed_batch(adv), {1, 6}
+    samples = []
+    for i in range(8):
+        start = int(np.argmax(batch.loss_mask[i])) + 1
+        end = int(batch.attention_mask[i].sum())
+        samples.append(Sample(str(i // 4), batch.input_ids[i, :start], batch.input_ids[i, start:end],
+                              np.full(end - start, -3.0, dtype=np.float32), "", "length" if i in truncated else "stop", 0))
+    (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=3)
+    cfg = load_config(None, ["algorithm.mask_truncated=true", "algorithm.updates_per_step=1"])
+    masked = learn(cfg, [learner], samples, adv, 0.0)
+    keep = [i for i in range(8) if i not in truncated]
+    without = learn(cfg, [learner], [samples[i] for i in keep], adv[keep], 0.0)
+    assert masked["learner/pg_loss"] == pytest.approx(-(adv * LENGTHS)[keep].sum() / LENGTHS[keep].sum(), rel=1e-6)
+    assert masked["learner/grad_norm"] == pytest.approx(without["learner/grad_norm"], rel=1e-5)
+    assert masked["learner/entropy"] == pytest.approx(without["learner/entropy"], rel=1e-5)
+    kill([learner])
+
+
+def test_zero3_bf16_state_restores_exactly_on_two_ranks(ray_cluster, tiny_model, tmp_path):
+    # Weights, Adam's moments and the RNG: the step after a restore is the step after the save.
+    batch = fixed_batch(np.array([1, -1, 2, -2, 1, -1, 2, -2], dtype=np.float32))
+    learners = make_learners(tiny_model, 2, 3, "bfloat16")
+    run_on_ranks(learners, "train_step", batch, 1e-2, 1)
+    ray.get([l.save_state.remote(str(tmp_path)) for l in learners], timeout=300)
+    after = run_on_ranks(learners, "train_step", batch, 1e-2, 2)[0]
+    scores = token_logprobs(learners, batch, 3)
+    kill(learners)
+    fresh = make_learners(tiny_model, 2, 3, "bfloat16")
+    ray.get([l.load_state.remote(str(tmp_path)) for l in fresh], timeout=300)
+    assert run_on_ranks(fresh, "train_step", batch, 1e-2, 2)[0] == after
+    np.testing.assert_array_equal(token_logprobs(fresh, batch, 3), scores)
+    kill(fresh)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_e2e import SHORT, run
 
-ARGS = [*SHORT, "cold_start.steps=30", "algorithm.steps=3", "task.eval_prompts=4", "logging.wandb_mode=disabled"]
+ARGS = [*SHORT, "algorithm.steps=4", "task.eval_prompts=4", "logging.wandb_mode=disabled"]
 
 
 def rows(run_dir, name):
@@ -31,17 +31,25 @@ def test_streamed_and_overlapped_loops_against_the_synchronous_one(tmp_path, tin
 
     assert rows(streamed, "prompts.jsonl") == rows(sync, "prompts.jsonl")
     a, b = rows(sync, "metrics.jsonl"), rows(streamed, "metrics.jsonl")
-    assert any(r["learner/grad_norm"] > 0 for r in a)
-    for key in ["reward/mean", "response_length/mean", "learner/grad_norm", "learner/entropy", "learner/pg_loss"]:
-        assert [r[key] for r in b] == [r[key] for r in a], key
+    assert any(r.get("learner/grad_norm", 0) > 0 for r in a)
+    for key in ["reward/mean", "response_length/mean", "groups/trained", "learner/grad_norm", "learner/entropy",
+                "learner/pg_loss"]:
+        assert [r.get(key) for r in b] == [r.get(key) for r in a], key
     assert all(r["rollout/staleness_max"] == 0 and "learner/is_weight_mean" not in r for r in a + b)
 
     c = rows(stale, "metrics.jsonl")
     assert rows(stale, "prompts.jsonl") == rows(sync, "prompts.jsonl")
-    assert [r["rollout/staleness_max"] for r in c] == [0, 1, 1]
-    assert [r["rollout/staleness_mean"] for r in c] == [0, 1, 1]
-    assert all(r["learner/is_weight_mean"] == pytest.approx(1.0, abs=0.5) for r in c)
     assert c[0]["reward/mean"] == a[0]["reward/mean"]  # step 1 is sampled by the same weights
+    # A step's samples are one version behind exactly when the step before it learned (a step
+    # whose groups all lack signal takes no optimizer step, and the version stays).
+    lags = [0] + [1 if r["groups/trained"] else 0 for r in c[:-1]]
+    assert [r["rollout/staleness_max"] for r in c] == lags and [r["rollout/staleness_mean"] for r in c] == lags
+    # Samples of the learner's own version have weights 1 up to fp32 rounding; a version behind,
+    # the weights move off 1 (their values against a known behaviour policy: tests/test_learner.py).
+    learned = [(r, lag) for r, lag in zip(c, lags) if r["groups/trained"]]
+    assert {lag for _, lag in learned} == {0, 1}, "the run must learn from fresh and from stale samples"
+    for r, lag in learned:
+        assert (abs(r["learner/is_weight_mean"] - 1.0) > 1e-4) == bool(lag), (r["step"], lag)
     for r in a + c:  # the step-time breakdown is logged, and adds up
-        assert r["timing/step"] >= r["timing/learn"] + r["timing/sync"] - 1e-6
+        assert r["timing/step"] >= r.get("timing/learn", 0) + r.get("timing/sync", 0) - 1e-6
         assert 0 <= r["timing/idle/learner"] <= r["timing/step"] and 0 <= r["timing/idle/engines"] <= r["timing/step"]

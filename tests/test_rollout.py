@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import ray
 
-from actors.hf_engine import processed_logprobs
 from actors.pool import EngineDiedError, RolloutPool
 from actors.records import Sampling
 from actors.rollout import PromptTooLongError, fit_prompt
@@ -33,20 +32,43 @@ def test_prompt_policies():
         fit_prompt(ids, 4, "error", "q7")
 
 
-def test_processed_logprobs_apply_temperature_then_top_k_then_top_p():
+def test_sampling_logprobs_apply_temperature_then_top_k_then_top_p():
     import torch
 
+    def processed(logits, **kw):
+        return Sampling(n=1, seed=0, **kw).logprobs(logits)
+
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    t = processed_logprobs(logits, Sampling(n=1, seed=0, temperature=0.5))
+    t = processed(logits, temperature=0.5)
     assert torch.allclose(t, torch.log_softmax(logits / 0.5, -1))
-    k = processed_logprobs(logits, Sampling(n=1, seed=0, top_k=2)).exp()
+    k = processed(logits, top_k=2).exp()
     assert torch.allclose(k, torch.tensor([[np.e / (np.e + 1), 1 / (np.e + 1), 0, 0]]), atol=1e-6)
     # The likeliest token holds 64% of the mass: top_p 0.5 keeps it alone, 0.7 keeps two.
-    assert torch.allclose(processed_logprobs(logits, Sampling(n=1, seed=0, top_p=0.5)).exp(),
-                          torch.tensor([[1.0, 0, 0, 0]]))
-    assert (processed_logprobs(logits, Sampling(n=1, seed=0, top_p=0.7)).exp() > 0).sum() == 2
-    greedy = processed_logprobs(logits, Sampling(n=1, seed=0, temperature=0.0, top_k=1))
+    assert torch.allclose(processed(logits, top_p=0.5).exp(), torch.tensor([[1.0, 0, 0, 0]]))
+    assert (processed(logits, top_p=0.7).exp() > 0).sum() == 2
+    # Ties at the k-th value are all kept, as both engines keep them.
+    assert (processed(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), top_k=2).exp() > 0).sum() == 3
+    greedy = processed(logits, temperature=0.0, top_k=1)
     assert torch.allclose(greedy, torch.log_softmax(logits, -1))  # raw, as vLLM reports greedy
+    untruncated = Sampling(n=1, seed=0, temperature=0.5, top_k=1).logprobs(logits, truncate=False)
+    assert torch.equal(untruncated, t)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.5), (5, 0.5), (40, 0.9), (1, 0.3)])
+def test_sampling_logprobs_are_exactly_vllms_rule(top_k, top_p):
+    # vLLM's CPU sampler called on the same logits: the learner applies Sampling.logprobs to
+    # its own logits, so any difference would bias every ratio and importance weight. Rows of
+    # tied logits check that ties at the top-k and top-p boundaries are split as vLLM splits them.
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
+    logits = torch.randn(64, 320, generator=gen) * 3
+    logits[:8, :50] = logits[:8, :1]
+    sampling = Sampling(n=1, seed=0, temperature=0.7, top_k=top_k, top_p=top_p)
+    vllm = apply_top_k_top_p_pytorch(logits / 0.7, torch.full((64,), top_k) if top_k else None,
+                                     torch.full((64,), top_p) if top_p < 1 else None, allow_cpu_sync=True)
+    assert torch.equal(sampling.logprobs(logits), torch.log_softmax(vllm, -1))
 
 
 # ---- real engines --------------------------------------------------------------------------
@@ -102,22 +124,27 @@ def test_records_honour_the_sampling_options(vllm_actor, hf_actor, backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
-def test_learner_recomputes_the_engines_sampling_logprobs_at_their_temperature(
+def test_learner_recomputes_the_engines_sampling_logprobs_with_top_p_and_top_k(
         vllm_actor, hf_actor, tiny_model, backend):
-    # Engines report the log-probs of the distribution they sampled (temperature applied);
-    # the learner must divide by the same temperature to mean the same thing.
+    # Engines report the log-probs of the distribution they sampled (temperature, top-k 5,
+    # top-p 0.5); the learner must apply the same to mean the same thing. With two updates the
+    # ratio is taken against the engine's log-probs, and lr 0 keeps the policy where it is.
+    from dataclasses import replace
+
     actor = vllm_actor if backend == "vllm" else hf_actor
-    samples = ray.get(actor.generate.remote(IDS, PROMPTS, Sampling(n=4, seed=1, temperature=0.5,
-                                                                   max_new_tokens=8)), timeout=120)
-    batch = samples_to_batch(samples)
-    gaps = {}
-    for temperature in (0.5, 1.0):
-        (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=32, temperature=temperature)
-        # lr ~0: the step measures the gap before updating and changes nothing that matters.
-        gaps[temperature] = ray.get(learner.train_step.remote(batch, 1e-12, 1), timeout=300)["offpolicy_gap"]
+    sampling = Sampling(n=4, seed=1, temperature=0.7, top_p=0.5, top_k=5, max_new_tokens=8)
+    batch = samples_to_batch(ray.get(actor.generate.remote(IDS, PROMPTS, sampling), timeout=120))
+    got = {}
+    for name, learner_sampling in [("same", sampling), ("temperature only", replace(sampling, top_p=1.0, top_k=0))]:
+        (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=32, sampling=learner_sampling)
+        got[name] = ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
         ray.kill(learner)
-    assert gaps[0.5] < 1e-4, gaps
-    assert gaps[1.0] > 0.1, gaps  # a learner ignoring the temperature is far off
+    assert got["same"]["offpolicy_gap"] < 1e-5, got
+    assert got["same"]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and got["same"]["clip_fraction"] == 0.0
+    # A learner ignoring the cut gives every sampled token less mass than the engine did: every
+    # ratio is below 1 (the bias the cut would cause), by far more than float noise.
+    assert got["temperature only"]["offpolicy_gap"] > 0.05, got
+    assert got["temperature only"]["ratio_mean"] < 0.95, got
 
 
 @pytest.mark.slow

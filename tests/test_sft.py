@@ -43,7 +43,7 @@ def test_packed_log_probs_equal_unpacked_ones(tiny_model, attention):
     from transformers import AutoModelForCausalLM
 
     from learner.batch import collate
-    from learner.learner import _next_token_logprobs
+    from learner.learner import RAW, _next_token_logprobs
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
@@ -53,9 +53,9 @@ def test_packed_log_probs_equal_unpacked_ones(tiny_model, attention):
     assert len(packed) < len(examples)  # something was packed together
     alone = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id=0)
     with torch.no_grad():
-        got, _ = _next_token_logprobs(model, packed.input_ids, packed.attention_mask, 1.0, packed.loss_mask,
-                                      segment_ids=packed.segment_ids)
-        want, _ = _next_token_logprobs(model, alone.input_ids, alone.attention_mask, 1.0, alone.loss_mask)
+        got, _, _ = _next_token_logprobs(model, packed.input_ids, packed.attention_mask, RAW, packed.loss_mask,
+                                         segment_ids=packed.segment_ids)
+        want, _, _ = _next_token_logprobs(model, alone.input_ids, alone.attention_mask, RAW, alone.loss_mask)
     got_tokens = got[torch.as_tensor(packed.loss_mask).bool()]  # response targets, in packing order
     want_tokens = torch.cat([want[i][torch.as_tensor(alone.loss_mask[i]).bool()] for i in range(len(examples))])
     assert got_tokens.shape == want_tokens.shape
