@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from cluster.config import ConfigError, LoggingConfig
+from cluster.config import AlgorithmConfig, ConfigError, LoggingConfig
 from rewards.language import reasoning
 
 
@@ -143,15 +143,59 @@ def reflects(response: str) -> bool:
     return REFLECTIVE.search(reasoning(response)) is not None
 
 
-def throughput_metrics(samples: list, timings: dict[str, float], params: int) -> dict[str, float]:
+def throughput_metrics(samples: list, timings: dict[str, float], body_params: int, head_params: int = 0,
+                       forward_only: int = 0, mask_truncated: bool = False,
+                       generated: list | None = None) -> dict[str, float]:
     """Tokens per second: answers generated, and prompt + answer tokens learned from; the
-    learner's achieved FLOP/s by the usual 6 x parameters x tokens (forward and backward)."""
+    learner's achieved FLOP/s, `learn_flops` over the learn phase's wall time.
+
+    `samples`: the learner's batch (its prompt and answer tokens are `rollout/prompt_tokens`
+    and `rollout/response_tokens`); `generated`: every sample the step generated, when the
+    batch leaves some out (default: `samples`). `body_params`, `head_params`:
+    learner/models.py `flop_parameters` of the policy. `forward_only`:
+    `forward_only_passes(cfg.algorithm)`. With `mask_truncated`, truncated answers are left
+    out of the loss, so the head skips them (the body does not).
+    """
     answers = sum(len(s.response_ids) for s in samples)
     sequences = answers + sum(len(s.prompt_ids) for s in samples)
-    return {"throughput/generate_tokens_per_s": answers / max(timings["generate"], 1e-9),
+    trained = sum(len(s.response_ids) for s in samples if not (mask_truncated and s.truncated))
+    flops = learn_flops(sequences, trained, body_params, head_params, forward_only)
+    made = answers if generated is None else sum(len(s.response_ids) for s in generated)
+    return {"throughput/generate_tokens_per_s": made / max(timings["generate"], 1e-9),
             "throughput/learn_tokens_per_s": sequences / max(timings["learn"], 1e-9),
-            "throughput/learn_gflops": 6 * params * sequences / max(timings["learn"], 1e-9) / 1e9,
+            "throughput/learn_gflops": flops / max(timings["learn"], 1e-9) / 1e9,
             "rollout/response_tokens": float(answers), "rollout/prompt_tokens": float(sequences - answers)}
+
+
+def learn_flops(tokens: int, answer_tokens: int, body_params: int, head_params: int,
+                forward_only: int = 0) -> float:
+    """Matmul FLOPs the learner does on a batch of `tokens` real (unpadded) prompt + answer
+    tokens, `answer_tokens` of them learned from:
+
+        (6 + 2 x forward_only) x (body_params x tokens + head_params x answer_tokens)
+
+    A forward pass is 2 FLOPs (a multiply and an add) per parameter per token it runs on;
+    forward + backward is 3 forwards (the backward computes gradients of the activations and
+    of the weights), hence 6 for the trained pass and 2 for each forward-only one (the frozen
+    reference, the old-policy recompute). The body (every parameter but the input embedding,
+    a lookup) runs on every token; the LM head only on the positions that predict an answer
+    token (learner/learner.py, `_next_token_logprobs`), tied to the embedding or not.
+    Not counted: attention's score and value products (they grow with sequence length, not
+    parameters), the softmax and the optimizer. Nor is work on padding, or on the prompt
+    positions ZeRO-3 sends through the head (it runs the head from the first answer column
+    on): it is done but not useful, and counting it would flatter the figure.
+    """
+    forward = body_params * tokens + head_params * answer_tokens
+    return (6 + 2 * forward_only) * forward
+
+
+def forward_only_passes(algo: AlgorithmConfig) -> int:
+    """Forward-only passes the learner makes over each token of a step besides its trained
+    one (learner/learner.py, `Learner.train_step`): the frozen reference when the KL penalty
+    is on; the old policy's recompute when several updates share a batch and the old
+    log-probs come from the learner (`recompute_old_logprobs`, or any staleness)."""
+    old = algo.updates_per_step > 1 and (algo.recompute_old_logprobs or algo.max_staleness > 0)
+    return int(algo.kl_beta > 0) + int(old)
 
 
 def task_metrics(samples: list, problems: list, reasons: list[str]) -> dict[str, float]:

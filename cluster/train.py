@@ -35,10 +35,10 @@ from cluster import checkpoint, cli, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
 from cluster.pipeline import Produced, Rollout
-from cluster.metrics import MetricsLogger, rollout_metrics, task_metrics, throughput_metrics
+from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
-from learner.models import write_provenance
+from learner.models import flop_parameters, write_provenance
 from rewards.pool import RewardPool
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 
@@ -51,8 +51,9 @@ class Actors:
     sync: WeightSync
     prompts: PromptFormat
     """How questions are rendered for these engines and where answers stop."""
-    params: int
-    """The policy's parameter count (for the learner's FLOP/s)."""
+    params: tuple[int, int]
+    """The policy's (body, LM head) parameters, for the learner's FLOP/s (learner/models.py,
+    `flop_parameters`)."""
 
 
 def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
@@ -152,7 +153,8 @@ def grpo_step(cfg: Config, actors: Actors, produced: Produced, step: int, versio
         with _timed(timings, "sync"):
             synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
         version += 1
-        metrics |= synced | throughput_metrics(batch, timings, actors.params)
+        metrics |= synced | throughput_metrics(batch, timings, *actors.params, forward_only_passes(cfg.algorithm),
+                                               cfg.algorithm.mask_truncated, generated=samples)
     return metrics | {f"timing/{k}": v for k, v in timings.items()}, version, ahead
 
 
@@ -179,8 +181,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     ray.get(ready, timeout=cfg.cluster.timeout_s)
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
-    params = ray.get(learners[0].num_params.remote(), timeout=cfg.cluster.timeout_s)
-    return Actors(learners, rollouts, rewarders, sync, fmt, params)
+    return Actors(learners, rollouts, rewarders, sync, fmt, flop_parameters(model_path))
 
 
 def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:

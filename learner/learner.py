@@ -150,10 +150,6 @@ class Learner:
             means.add({"loss": loss.item()}, tokens)
         return {**means.global_means(self.device), "grad_norm": self._optimizer_step(lr)}
 
-    def num_params(self) -> int:
-        """The policy's parameter count (ZeRO-3 partitions report their full size)."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
-
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moments, e.g. between SFT and RL (their gradients differ ~10x
         in scale, and Adam's second moment would shrink RL's first hundreds of steps)."""

@@ -186,6 +186,31 @@ def count_parameters(model_dir: str | Path) -> int:
     return sum(math.prod(shape) for shape in parameter_shapes(model_dir).values())
 
 
+def flop_parameters(model_dir: str | Path) -> tuple[int, int]:
+    """(body, head) parameters of a saved causal LM, as the learner's FLOP count needs them
+    (cluster/metrics.py, `learn_flops`): the body is every parameter but the input
+    embedding (a lookup, no multiply-adds) and the LM head; the head is the output
+    projection, [vocab, hidden] (+ bias), which runs on fewer positions than the body.
+
+    A tied head (config.json `tie_word_embeddings`, as SmolLM2's) shares the embedding's
+    weights but still does its matmul: it counts vocab x hidden whether or not the file
+    stores a copy of it. Names follow HF causal LMs: the embedding is the module whose
+    weight is `*embed_tokens.weight` or `*wte.weight`, the head `lm_head.*`.
+    """
+    shapes = parameter_shapes(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    embedding = [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight"))]
+    head = [n for n in shapes if n.split(".")[0] == "lm_head"]
+    if len(embedding) != 1:
+        raise ValueError(f"{model_dir}: expected one input embedding, found {embedding or 'none'}")
+    tied = config.get("tie_word_embeddings", not head)
+    if not head and not tied:
+        raise ValueError(f"{model_dir}: no lm_head weights, and config.json says the head is not tied")
+    body = sum(math.prod(shape) for n, shape in shapes.items() if n not in embedding and n not in head)
+    stored = sum(math.prod(shapes[n]) for n in head if not (tied and n.endswith(".weight")))  # a tied copy: 0
+    return body, (math.prod(shapes[embedding[0]]) if tied else 0) + stored
+
+
 PROVENANCE = "r1ray_model.json"
 """What made a model folder: the stage kind, its step count, the model it started from."""
 

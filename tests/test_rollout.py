@@ -231,7 +231,7 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     learners = make_learners(tiny_model, 1, 2)
     pool, tasks = RolloutPool(cfg, tiny_model), build_mixture(cfg.task)
     actors = train.Actors(learners, pool, RewardPool(cfg, tasks.tasks),
-                          WeightSync(learners, pool.actors, cfg.sync, "float32"), prompt_format(cfg, tiny_model), 0)
+                          WeightSync(learners, pool.actors, cfg.sync, "float32"), prompt_format(cfg, tiny_model), (0, 0))
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     actors.sync.push(1)
     problems = tasks.sample(random.Random(0), 16)
