@@ -19,9 +19,12 @@ class ClusterError(RuntimeError):
 
 
 def connect(cfg: Config) -> None:
-    """Start a private local cluster ("local"), or join one ("auto", "host:port", a Ray job)."""
+    """Start a private local cluster ("local"), or join one ("auto", "host:port", a Ray job);
+    nothing when this process is connected already (a pipeline's stages share one session)."""
     import ray
 
+    if ray.is_initialized():
+        return
     address = cfg.cluster.address
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster rather than start another.
     if address == "local" and os.environ.get("RAY_ADDRESS"):

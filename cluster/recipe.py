@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from cluster import cli
+from cluster import cli, placement
 from cluster.config import Config, ConfigError, config_from_tree
 from rewards.tasks import HeldOut
 
@@ -148,6 +148,9 @@ def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
     recipe.folder.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
     records = []
+    # One Ray session for every stage and evaluation (each releases its actors when done):
+    # starting a local cluster costs ~8 s, a dozen times in a recipe.
+    placement.connect(config_from_tree(recipe.config))
     for i, stage in enumerate(recipe.stages):
         folder = recipe.folder / stage.name
         done = folder / "done.json"
@@ -169,10 +172,6 @@ def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
 
 
 def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, str]) -> dict:
-    import ray
-
-    from cluster import placement
-
     started = time.time()
     cfg = _stage_config(recipe, stage, outputs)
     model = _input(stage, stage.model, outputs) if stage.model else _model_path(cfg)
@@ -185,14 +184,7 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
         if folder.exists():  # a stage that did not finish: start it again
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        if stage.kind in DATA_STAGES:  # no actors
-            metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
-        else:
-            placement.connect(cfg)
-            try:
-                metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
-            finally:
-                ray.shutdown()
+        metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
     record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
     if stage.kind in MODEL_STAGES:
         record["eval"] = evaluate_policy(recipe, str(output), outputs)
@@ -243,8 +235,6 @@ def _rl(cfg: Config, stage: Stage, folder: Path, model: str, held_out: HeldOut) 
     never on a `held_out` prompt."""
     import dataclasses
 
-    import ray
-
     from cluster import checkpoint
     from cluster.train import train
 
@@ -259,18 +249,12 @@ def _rl(cfg: Config, stage: Stage, folder: Path, model: str, held_out: HeldOut) 
             print(f"r1ray: stage {stage.name}: resuming from {folder}", flush=True)
         except checkpoint.CheckpointError:
             shutil.rmtree(folder)  # stopped before its first checkpoint
-    try:
-        results = train(cfg, resume, held_out)
-    finally:
-        ray.shutdown()
-    return results
+    return train(cfg, resume, held_out)
 
 
 def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict[str, float]:
-    """Greedy held-out accuracy of `model` on the recipe's evaluation mixture."""
-    import ray
-
-    from cluster import placement
+    """Greedy held-out accuracy of `model` on the recipe's evaluation mixture (in the
+    pipeline's Ray session)."""
     from cluster.evaluate import evaluate_model
     from rewards.tasks import build_mixture
 
@@ -278,11 +262,7 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     cfg = config_from_tree(tree)
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
-    placement.connect(cfg)
-    try:
-        got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
-    finally:
-        ray.shutdown()
+    got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
     if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
         (task,) = tasks.tasks
         got[f"pass@1/greedy/{task}"] = got["pass@1/greedy"]

@@ -46,6 +46,8 @@ from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 @dataclass
 class Actors:
     learners: list
+    learner_group: object
+    """The learner ranks' placement group."""
     rollouts: RolloutPool
     rewarders: RewardPool
     sync: WeightSync
@@ -54,6 +56,12 @@ class Actors:
     params: tuple[int, int]
     """The policy's (body, LM head) parameters, for the learner's FLOP/s (learner/models.py,
     `flop_parameters`)."""
+
+    def release(self) -> None:
+        """Stop every actor and free its reservation (the Ray session may go on: a pipeline's)."""
+        placement.release(self.learners, self.learner_group)
+        self.rollouts.shutdown()
+        self.rewarders.shutdown()
 
 
 def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
@@ -112,6 +120,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=cfg.cluster.timeout_s)
     write_provenance(run_dir / "model", kind="rl", step=cfg.algorithm.steps, base=model_path, run=str(run_dir))
+    actors.release()  # in a pipeline the next stage's actors need the CPUs (an error ends the session)
     _finish(run_dir, logger, results, started)
     return results
 
@@ -181,7 +190,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     ray.get(ready, timeout=cfg.cluster.timeout_s)
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
     sync.connect()
-    return Actors(learners, rollouts, rewarders, sync, fmt, flop_parameters(model_path))
+    return Actors(learners, learner_pg, rollouts, rewarders, sync, fmt, flop_parameters(model_path))
 
 
 def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:

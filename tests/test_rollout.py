@@ -230,7 +230,7 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1, max_new_tokens=100)  # seconds of work
     learners = make_learners(tiny_model, 1, 2)
     pool, tasks = RolloutPool(cfg, tiny_model), build_mixture(cfg.task)
-    actors = train.Actors(learners, pool, RewardPool(cfg, tasks.tasks),
+    actors = train.Actors(learners, None, pool, RewardPool(cfg, tasks.tasks),
                           WeightSync(learners, pool.actors, cfg.sync, "float32"), prompt_format(cfg, tiny_model), (0, 0))
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     actors.sync.push(1)
