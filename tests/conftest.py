@@ -42,3 +42,21 @@ def ray_cluster(tmp_path_factory):
                                        "OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, tiny_model):
+    """finished(name) -> (process, run folder) of tests/test_e2e.py's RUNS[name], run once per
+    session through the real entry point: the same run is checked by several tests."""
+    from tests.test_e2e import run, run_args
+
+    done = {}
+
+    def get(name):
+        if name not in done:
+            tmp = tmp_path_factory.mktemp(name)
+            proc, _ = run([*run_args(name, tmp, tiny_model), "logging.run_name=e2e"], tmp)
+            done[name] = proc, tmp / "runs" / "e2e"
+        return done[name]
+
+    return get

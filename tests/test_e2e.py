@@ -41,22 +41,6 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model):
-    """finished(name) -> (process, run folder) of RUNS[name], run once per module: the same
-    run is checked by several tests."""
-    done = {}
-
-    def get(name):
-        if name not in done:
-            tmp = tmp_path_factory.mktemp(name)
-            proc, _ = run([*run_args(name, tmp, tiny_model), "logging.run_name=e2e"], tmp)
-            done[name] = proc, tmp / "runs" / "e2e"
-        return done[name]
-
-    return get
-
-
 def run_args(name, tmp, model):
     """RUNS[name]'s command line (its dataset written to `tmp`). The policy is given as a
     plain HF folder path, as a user's own model would be."""
@@ -178,7 +162,7 @@ def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
 def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, tiny_model):
     # ~15-token prompts cannot fit in 20 - 16 tokens: with "skip" every step samples nothing,
     # says so in its metrics, and the run still ends normally.
-    proc, _ = run([*SHORT, "rollout.engine=transformers", "rollout.max_model_len=20",
+    proc, _ = run([*SHORT, "cold_start.steps=0", "rollout.engine=transformers", "rollout.max_model_len=20",
                    "rollout.prompt_too_long=skip", "logging.run_name=skip", f"model.path={tiny_model}"],
                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

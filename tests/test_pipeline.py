@@ -12,9 +12,7 @@ import json
 
 import pytest
 
-from tests.test_e2e import SHORT, run
-
-ARGS = [*SHORT, "algorithm.steps=4", "task.eval_prompts=4", "logging.wandb_mode=disabled"]
+from tests.test_e2e import run, run_args
 
 
 def rows(run_dir, name):
@@ -22,12 +20,16 @@ def rows(run_dir, name):
 
 
 @pytest.mark.slow
-def test_streamed_and_overlapped_loops_against_the_synchronous_one(tmp_path, tiny_model):
-    runs = {"sync": ["rewards.stream=false"], "streamed": [], "stale1": ["algorithm.max_staleness=1"]}
+def test_streamed_and_overlapped_loops_against_the_synchronous_one(finished, tmp_path, tiny_model):
+    # The streamed run is tests/test_e2e.py's 4-step run with two vLLM engines (shared).
+    streamed_proc, streamed = finished("vllm-x2-broadcast")
+    assert streamed_proc.returncode == 0, streamed_proc.stderr[-3000:]
+    runs = {"sync": ["rewards.stream=false"], "stale1": ["algorithm.max_staleness=1"]}
     for name, extra in runs.items():
-        proc, _ = run([*ARGS, *extra, f"model.path={tiny_model}", f"logging.run_name={name}"], tmp_path)
+        proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), *extra, f"logging.run_name={name}"],
+                      tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    sync, streamed, stale = (tmp_path / "runs" / name for name in runs)
+    sync, stale = (tmp_path / "runs" / name for name in runs)
 
     assert rows(streamed, "prompts.jsonl") == rows(sync, "prompts.jsonl")
     a, b = rows(sync, "metrics.jsonl"), rows(streamed, "metrics.jsonl")

@@ -209,7 +209,7 @@ def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, tiny_mode
     before = _scores(engines)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     # Engine 0 is busy with a long generate, so the sync cannot get through in 1 s.
-    busy = engines[0].generate.remote([f"p{i}" for i in range(32)], [PROMPT] * 32,
+    busy = engines[0].generate.remote([f"p{i}" for i in range(12)], [PROMPT] * 12,
                                       Sampling(n=8, seed=0, max_new_tokens=200))
     quick = WeightSync(learners, engines, SyncConfig(transport=transport, timeout_s=1.0), "float32")
     with pytest.raises(WeightSyncError, match="took longer than 1s"):
