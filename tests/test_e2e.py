@@ -124,10 +124,14 @@ TIMED = ("time", "timing/", "throughput/", "sync/gb_per_s")
 @pytest.mark.slow
 def test_the_same_seed_gives_bit_identical_metrics(finished, tmp_path, tiny_model):
     # The invariant that guards every other number: vLLM engines (two of them), the learner and
-    # the rewards reproduce a run exactly, so a change that alters results shows up here.
+    # the rewards reproduce a run exactly, so a change that alters results shows up here. The
+    # second run scores each step's answers after generation instead of each group as it
+    # finishes (`rewards.stream=false`), which changes when rewards are computed and nothing
+    # else: the same prompts, samples and learning.
     first_proc, first = finished("vllm-x2-broadcast")
     assert first_proc.returncode == 0, first_proc.stderr[-3000:]
-    proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "logging.run_name=again"], tmp_path)
+    proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "rewards.stream=false",
+                   "logging.run_name=again"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = tmp_path / "runs" / "again"
 
