@@ -1,7 +1,7 @@
 """r1ray against Hugging Face TRL's GRPOTrainer on the same work, one after the other.
 
     .venv/bin/pip install --no-deps trl==1.16.0   # bench-only (pyproject extra "bench")
-    .venv/bin/python bench/vs_trl.py              # both settings in fp32, about 25 minutes on 2 cores
+    .venv/bin/python bench/vs_trl.py              # both settings in fp32, 25-40 minutes on 2 cores
     .venv/bin/python bench/vs_trl.py --dtype float32,bfloat16   # each setting in both precisions
     .venv/bin/python bench/vs_trl.py --settings tiny --steps 10
 
