@@ -144,15 +144,20 @@ def test_the_same_seed_gives_bit_identical_metrics(finished, tmp_path, tiny_mode
             == json.loads((first / "results.json").read_text()))
 
 
+STARTS_RAY = pytest.mark.slow  # these start or reach for a Ray cluster: 12-40 s each
+
+
 @pytest.mark.parametrize("args, message", [
     (["learner.lrr=1"], "unknown config key learner.lrr"),
     (["model.path=/does/not/exist"], "model.path='/does/not/exist' is not a Hugging Face model folder"),
-    (["learner.num_cpus=8"], "asks for 9 CPUs"),
-    (["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'"),
-    (["rollout.num_engines=3"], "asks for 3.8 CPUs (1 learner rank(s) x 1 CPUs, 3 rollout actor(s) x 0.9 CPUs"),
+    pytest.param(["learner.num_cpus=8"], "asks for 9 CPUs", marks=STARTS_RAY),
+    pytest.param(["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'",
+                 marks=STARTS_RAY),
+    pytest.param(["rollout.num_engines=3"],
+                 "asks for 3.8 CPUs (1 learner rank(s) x 1 CPUs, 3 rollout actor(s) x 0.9 CPUs", marks=STARTS_RAY),
     # Prompts of ~15 tokens cannot fit in 20 - 16: the first one is named.
-    (["rollout.engine=transformers", "rollout.max_model_len=20", "rollout.max_new_tokens=16"],
-     "tokens; rollout.max_model_len - rollout.max_new_tokens leaves 4 for a prompt"),
+    pytest.param(["rollout.engine=transformers", "rollout.max_model_len=20", "rollout.max_new_tokens=16"],
+                 "tokens; rollout.max_model_len - rollout.max_new_tokens leaves 4 for a prompt", marks=STARTS_RAY),
 ])
 def test_bad_input_stops_quickly_with_one_message(tmp_path, args, message):
     proc, seconds = run(args, tmp_path, timeout=120)
