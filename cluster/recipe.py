@@ -148,9 +148,6 @@ def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
     recipe.folder.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
     records = []
-    # One Ray session for every stage and evaluation (each releases its actors when done):
-    # starting a local cluster costs ~8 s, a dozen times in a recipe.
-    placement.connect(config_from_tree(recipe.config))
     for i, stage in enumerate(recipe.stages):
         folder = recipe.folder / stage.name
         done = folder / "done.json"
@@ -184,6 +181,10 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
         if folder.exists():  # a stage that did not finish: start it again
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
+        if stage.kind not in DATA_STAGES:
+            # The pipeline's one Ray session, started by the first stage that needs actors and
+            # kept (each stage releases its own actors): a local cluster costs ~8 s to start.
+            placement.connect(cfg)
         metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
     record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
     if stage.kind in MODEL_STAGES:
@@ -262,6 +263,7 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     cfg = config_from_tree(tree)
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
+    placement.connect(cfg)
     got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
     if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
         (task,) = tasks.tasks
