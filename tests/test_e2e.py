@@ -55,6 +55,16 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def against_shared(finished, name, tmp_path, model, run_name, *overrides):
+    """(shared run folder, folder of the same run with `overrides`): RUNS[name] is run once per
+    session (tests/conftest.py) and compared with a variant of it run here."""
+    shared_proc, shared = finished(name)
+    assert shared_proc.returncode == 0, shared_proc.stderr[-3000:]
+    proc, _ = run([*run_args(name, tmp_path, model), *overrides, f"logging.run_name={run_name}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return shared, tmp_path / "runs" / run_name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_two_grpo_steps_through_the_real_entry_point(finished, name):
@@ -128,12 +138,8 @@ def test_the_same_seed_gives_bit_identical_metrics(finished, tmp_path, tiny_mode
     # second run scores each step's answers after generation instead of each group as it
     # finishes (`rewards.stream=false`), which changes when rewards are computed and nothing
     # else: the same prompts, samples and learning.
-    first_proc, first = finished("vllm-x2-broadcast")
-    assert first_proc.returncode == 0, first_proc.stderr[-3000:]
-    proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "rewards.stream=false",
-                   "logging.run_name=again"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = tmp_path / "runs" / "again"
+    first, again = against_shared(finished, "vllm-x2-broadcast", tmp_path, tiny_model, "again",
+                                  "rewards.stream=false")
 
     def untimed(rows):
         return [{k: v for k, v in r.items() if not k.startswith(TIMED)} for r in rows]
@@ -175,7 +181,7 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, tiny
                    "rollout.prompt_too_long=skip", "logging.run_name=skip", f"model.path={tiny_model}"],
                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "skip" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / "runs" / "skip" / "metrics.jsonl")
     assert [(r["step"], r["rollout/skipped_prompts"]) for r in rows] == [(1, 4.0), (2, 4.0)]
     assert json.loads((tmp_path / "runs" / "skip" / "results.json").read_text())["accuracy/after_rl"] == 0.0
 
@@ -208,12 +214,9 @@ def test_a_run_stopped_by_sigterm_resumes_as_if_never_stopped(finished, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step-{stopped_at:06d}" in resumed.stdout
 
-    def rows(run_dir, name):
-        return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
-
     # Same prompts in the same order, every step once, and the same learning.
-    assert rows(cut_dir, "prompts.jsonl") == rows(full_dir, "prompts.jsonl")
-    a, b = rows(full_dir, "metrics.jsonl"), rows(cut_dir, "metrics.jsonl")
+    assert read_rows(cut_dir / "prompts.jsonl") == read_rows(full_dir / "prompts.jsonl")
+    a, b = read_rows(full_dir / "metrics.jsonl"), read_rows(cut_dir / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert any(r.get("learner/grad_norm", 0) > 0 for r in a)
     # The KL reference too: the resumed run loads the one the first part saved (its RL start).

@@ -6,30 +6,20 @@ that learned), and the learner applies the importance-sampling correction. (Scor
 as they finish against scoring the step afterwards: tests/test_e2e.py, the same-seed test.)
 """
 
-import json
-
 import pytest
 
-from tests.test_e2e import run, run_args
-
-
-def rows(run_dir, name):
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+from tests.test_e2e import against_shared, read_rows
 
 
 @pytest.mark.slow
 def test_the_overlapped_loop_against_the_synchronous_one(finished, tmp_path, tiny_model):
     # The streamed run is tests/test_e2e.py's 4-step run with two vLLM engines (shared).
-    streamed_proc, streamed = finished("vllm-x2-broadcast")
-    assert streamed_proc.returncode == 0, streamed_proc.stderr[-3000:]
-    proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "algorithm.max_staleness=1",
-                   "logging.run_name=stale1"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stale = tmp_path / "runs" / "stale1"
+    streamed, stale = against_shared(finished, "vllm-x2-broadcast", tmp_path, tiny_model, "stale1",
+                                     "algorithm.max_staleness=1")
 
-    a, c = rows(streamed, "metrics.jsonl"), rows(stale, "metrics.jsonl")
+    a, c = read_rows(streamed / "metrics.jsonl"), read_rows(stale / "metrics.jsonl")
     assert all(r["rollout/staleness_max"] == 0 and "learner/is_weight_mean" not in r for r in a)
-    assert rows(stale, "prompts.jsonl") == rows(streamed, "prompts.jsonl")
+    assert read_rows(stale / "prompts.jsonl") == read_rows(streamed / "prompts.jsonl")
     assert c[0]["reward/mean"] == a[0]["reward/mean"]  # step 1 is sampled by the same weights
     # A step's samples are one version behind exactly when the step before it learned (a step
     # whose groups all lack signal takes no optimizer step, and the version stays).
