@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +36,20 @@ RAW = Sampling(n=1, seed=0)
 """Temperature 1, no truncation: the model's own distribution (SFT, the sync check)."""
 
 
+def set_rank_env(cfg: LearnerConfig, rank: int, master_addr: str, master_port: int) -> None:
+    """The environment DeepSpeed reads in a learner rank's process (before it is imported).
+
+    DeepSpeed compiles its CPU communication op with the `ninja` first on PATH, into a cache
+    shared by every run. It is this environment's pinned ninja, whatever PATH started the
+    process: ninja 1.11 (a system package) and 1.12+ record commands with different hashes,
+    so processes that found different ninjas rebuilt the op (a minute) each time they took turns.
+    """
+    gpu = cfg.num_gpus > 0
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu",
+                      PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 class Learner:
     """One data-parallel rank. Create `num_ranks` of these as Ray actors (see cluster/placement)."""
 
@@ -42,8 +58,7 @@ class Learner:
         """`sampling`: how the engines sample (temperature, top-k, top-p); the learner's
         log-probs are those of the same distribution."""
         gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU(s), as device 0
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu")
+        set_rank_env(cfg, rank, master_addr, master_port)
         import warnings
 
         import deepspeed

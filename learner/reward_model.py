@@ -22,7 +22,6 @@ that ends with the pad token is read one token early. `set_pad_token` makes sure
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import LearnerConfig
-from learner.learner import global_sum
+from learner.learner import ds_config, global_sum, set_rank_env
 from rewards.data import DatasetError, read_jsonl
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -160,15 +159,12 @@ class RewardTrainer:
     def __init__(self, model_path: str, cfg: LearnerConfig, seed: int, rank: int, master_addr: str,
                  master_port: int):
         gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU, as device 0
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu")
+        set_rank_env(cfg, rank, master_addr, master_port)
         import warnings
 
         import deepspeed
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from learner.learner import ds_config
 
         # DeepSpeed calls torch.distributed functions that torch has deprecated; not ours to fix.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

@@ -5,6 +5,12 @@ ZeRO-2 with one rank and ZeRO-3 with two ranks (gloo on the CPU accelerator). Th
 tests.helpers.fixed_batch: 8 answers of 3, 4, 5, 6, 3, 4, 5, 6 tokens to two prompts.
 """
 
+import os
+import shutil
+import sys
+from pathlib import Path
+from unittest import mock
+
 import numpy as np
 import pytest
 import ray
@@ -14,6 +20,20 @@ from tests.helpers import fixed_batch, make_learners, run_on_ranks
 pytestmark = pytest.mark.slow
 
 LENGTHS = np.array([3, 4, 5, 6, 3, 4, 5, 6])  # answer tokens of fixed_batch's sequences
+
+
+def test_a_rank_compiles_deepspeed_ops_with_the_environments_ninja():
+    # Whatever PATH started the process (here one where a system ninja comes first): processes
+    # that found different ninjas rebuilt DeepSpeed's cached CPU op each time they took turns.
+    from cluster.config import LearnerConfig
+    from learner.learner import set_rank_env
+
+    with mock.patch.dict(os.environ, {"PATH": "/usr/local/bin:/usr/bin:/bin"}):
+        set_rank_env(LearnerConfig(num_ranks=2), 1, "10.0.0.7", 29500)
+        assert shutil.which("ninja") == str(Path(sys.executable).parent / "ninja")
+        assert os.environ["PATH"].endswith(":/usr/local/bin:/usr/bin:/bin")
+        assert [os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                        "DS_ACCELERATOR")] == ["10.0.0.7", "29500", "1", "0", "2", "cpu"]
 
 
 def kill(learners):
