@@ -1,5 +1,11 @@
 """`r1ray pipeline`: a tiny R1 recipe with every stage kind, end to end on real Ray, DeepSpeed and
-vLLM; a rerun skips what is done; bad input stops with the stage and the path."""
+engines; a rerun skips what is done; bad input stops with the stage and the path.
+
+The stages' engines are the transformers one except the distillation's, which is vLLM: a stage
+starts engines of its own for each evaluation and each sampling (thirteen here), and a vLLM
+engine takes twice as long to start (~25 s against ~11 s on these machines). Both engines
+sit behind the same rollout pool, so a stage's code is the same with either (vLLM in the
+loop: tests/test_e2e.py)."""
 
 import json
 import subprocess
@@ -22,7 +28,7 @@ CONFIG = {
     "task": {"arithmetic": {"weight": 1.0, "max_digits": 1}, "eval_prompts": 0},
     "cold_start": {"steps": 0},
     "algorithm": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "updates_per_step": 1},
-    "rollout": {"max_new_tokens": 16, "max_model_len": 64, "num_cpus": 0.5},
+    "rollout": {"engine": "transformers", "max_new_tokens": 16, "max_model_len": 64, "num_cpus": 0.5},
     "learner": {"num_cpus": 0.5, "threads": 1},
     "sft": {"lr": 3.0e-3, "tokens_per_step": 512, "epochs": 6},
     "checkpoint": {"every": 0},
@@ -59,7 +65,7 @@ STAGES = [
              "rewards": {"preference_model": "@reward_model"}}},
     {"name": "distill", "kind": "distill", "model": "@cold_start",
      "student": {"path": "tiny", "hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128},
-     "set": {"task": {"eval_prompts": 8}, "rejection": {"prompts": 256, "k": 4}}},
+     "set": {"task": {"eval_prompts": 8}, "rejection": {"prompts": 256, "k": 4}, "rollout": {"engine": "vllm"}}},
 ]
 
 
