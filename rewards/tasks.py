@@ -360,7 +360,14 @@ class Mixture:
         total = sum(self.weights.values())
         names = list(self.tasks)
         counts = Counter({t: max(1, round(n * self.weights[t] / total)) for t in names}) if n else Counter()
-        return [p for t in names for p in self.tasks[t].problems(seed, counts[t])]
+        problems = []
+        for t in names:
+            try:
+                problems += self.tasks[t].problems(seed, counts[t])
+            except ValueError as err:  # a small task has fewer distinct held-out problems
+                raise ConfigError(f"task.eval_prompts={n} asks for {counts[t]} held-out {t} problems: {err}; "
+                                  "or lower task.eval_prompts") from err
+        return problems
 
     def with_traces(self) -> list[str]:
         """The tasks that can write reference traces for cold-start SFT."""

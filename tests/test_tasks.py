@@ -52,6 +52,15 @@ def test_eval_set_is_shared_out_by_weight_distinct_and_repeatable():
                if p.task == "countdown")
 
 
+def test_more_eval_prompts_than_a_small_task_holds_is_a_config_error():
+    # 1-digit additions hold out 8 distinct problems: 32 cannot be drawn without repeats.
+    tasks = build_mixture(load_config(None, ["task.arithmetic.max_digits=1"]).task)
+    assert len(tasks.eval_problems(0, 8)) == 8
+    with pytest.raises(ConfigError, match=r"task.eval_prompts=32 asks for 32 held-out arithmetic problems: found "
+                                          r"only 8 distinct eval problems.*; or lower task.eval_prompts$"):
+        tasks.eval_problems(0, 32)
+
+
 def test_each_checker_reads_its_problem_reference():
     tasks = mixture("task.countdown.weight=1", "task.knights.weight=1")
     rng = random.Random(5)
