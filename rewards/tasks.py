@@ -118,7 +118,11 @@ class Arithmetic:
         return self._wrap(p)
 
     def problems(self, seed: int, n: int) -> list[Problem]:
-        return [self._wrap(p) for p in self.generator.problems(seed, n, "eval")]
+        try:
+            drawn = self.generator.problems(seed, n, "eval")
+        except ValueError as err:  # fewer distinct held-out problems than asked (as `_distinct` says)
+            raise ConfigError(f"task {self.name}: {err}; lower task.eval_prompts or the task's weight") from None
+        return [self._wrap(p) for p in drawn]
 
     def _wrap(self, p: arithmetic.Problem) -> Problem:
         question = f"What is {p.prompt.removesuffix('=?')}?" if self.spelled_out else p.prompt
@@ -360,14 +364,7 @@ class Mixture:
         total = sum(self.weights.values())
         names = list(self.tasks)
         counts = Counter({t: max(1, round(n * self.weights[t] / total)) for t in names}) if n else Counter()
-        problems = []
-        for t in names:
-            try:
-                problems += self.tasks[t].problems(seed, counts[t])
-            except ValueError as err:  # a small task has fewer distinct held-out problems
-                raise ConfigError(f"task.eval_prompts={n} asks for {counts[t]} held-out {t} problems: {err}; "
-                                  "or lower task.eval_prompts") from err
-        return problems
+        return [p for t in names for p in self.tasks[t].problems(seed, counts[t])]
 
     def with_traces(self) -> list[str]:
         """The tasks that can write reference traces for cold-start SFT."""

@@ -56,8 +56,8 @@ def test_more_eval_prompts_than_a_small_task_holds_is_a_config_error():
     # 1-digit additions hold out 8 distinct problems: 32 cannot be drawn without repeats.
     tasks = build_mixture(load_config(None, ["task.arithmetic.max_digits=1"]).task)
     assert len(tasks.eval_problems(0, 8)) == 8
-    with pytest.raises(ConfigError, match=r"task.eval_prompts=32 asks for 32 held-out arithmetic problems: found "
-                                          r"only 8 distinct eval problems.*; or lower task.eval_prompts$"):
+    with pytest.raises(ConfigError, match=r"task arithmetic: found only 8 distinct eval problems for .*, asked for "
+                                          r"n=32; .*; lower task.eval_prompts or the task's weight$"):
         tasks.eval_problems(0, 32)
 
 
