@@ -47,6 +47,19 @@ def fit_prompt(ids: list[int], budget: int, policy: str, prompt_id: str) -> list
         "rollout.prompt_too_long=truncate_left or skip")
 
 
+def check_fit(model_path: str, prompts: dict[str, str], cfg: RolloutConfig) -> None:
+    """Raise `PromptTooLongError` for the first of `prompts` (id -> rendered text) that the
+    engines would refuse, tokenized as they will tokenize it: a driver checks the prompts it
+    knows before it starts an engine (the engines check every prompt they are given)."""
+    if cfg.prompt_too_long != "error":
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    for prompt_id, text in prompts.items():
+        fit_prompt(tokenizer.encode(text), cfg.max_model_len - cfg.max_new_tokens, "error", prompt_id)
+
+
 class RolloutActor:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
                  index: int = 0):

@@ -25,10 +25,7 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.cluster.address
-    # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster rather than start another.
-    if address == "local" and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
+    address = _address(cfg)
     if address not in ("local", "auto") and not address.startswith("ray://"):
         _check_reachable(address)
     kwargs = dict(log_to_driver=True, logging_level="WARNING", configure_logging=True)
@@ -40,6 +37,14 @@ def connect(cfg: Config) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"cannot reach a Ray cluster at cluster.address={address!r}: {first}") from None
+
+
+def _address(cfg: Config) -> str:
+    """Where `connect` goes: cluster.address, except that inside `ray job submit` (which sets
+    RAY_ADDRESS) "local" joins that cluster rather than start another."""
+    if cfg.cluster.address == "local" and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return cfg.cluster.address
 
 
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -93,7 +98,8 @@ def requests(cfg: Config) -> dict[str, Request]:
     }
 
 
-def misfit(reqs: list[Request], nodes: list[dict[str, float]]) -> str | None:
+def misfit(reqs: list[Request], nodes: list[dict[str, float]],
+           resources: tuple[str, ...] = ("CPU", "GPU", "memory")) -> str | None:
     """Why the actors cannot all be placed on nodes with these resources, or None.
 
     Two checks, both exact for what Ray will do: the totals of each resource, and each
@@ -102,7 +108,7 @@ def misfit(reqs: list[Request], nodes: list[dict[str, float]]) -> str | None:
     def show(resource: str, value: float) -> str:
         return f"{value / GIB:g} GiB memory" if resource == "memory" else f"{value:g} {resource}s"
 
-    for resource in ("CPU", "GPU", "memory"):
+    for resource in resources:
         needed = sum(q.count * q.bundle.get(resource, 0.0) for q in reqs)
         have = sum(n.get(resource, 0.0) for n in nodes)
         if needed > have + 1e-9:
@@ -120,11 +126,18 @@ def misfit(reqs: list[Request], nodes: list[dict[str, float]]) -> str | None:
 
 
 def check_fits(cfg: Config) -> None:
-    """Raise `ClusterError` at once if the cluster cannot hold the actors the config asks for."""
+    """Raise `ClusterError` at once if the cluster cannot hold the actors the config asks for.
+    Before `connect`, only what is known of a local cluster before it starts (~8 s): its
+    `cluster.num_cpus` CPUs."""
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    why = misfit(list(requests(cfg).values()), nodes)
+    reqs = list(requests(cfg).values())
+    if ray.is_initialized():
+        why = misfit(reqs, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    elif _address(cfg) == "local":
+        why = misfit(reqs, [{"CPU": float(cfg.cluster.num_cpus)}], resources=("CPU",))
+    else:
+        why = None
     if why:
         raise ClusterError(why)
 

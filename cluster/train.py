@@ -31,6 +31,7 @@ import numpy as np
 
 from actors.pool import EngineDiedError, RolloutPool
 from actors.records import Sample, Sampling, check_groups
+from actors.rollout import check_fit
 from cluster import checkpoint, cli, placement
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.evaluate import evaluate
@@ -77,6 +78,9 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}
     if ckpt:
         checkpoint.check_compatible(ckpt, cfg)
+    fmt = prompt_format(cfg, model_path)  # what can be checked before a cluster starts:
+    check_fit(model_path, {p.id: fmt.render(p.prompt) for p in eval_set}, cfg.rollout)
+    placement.check_fits(cfg)  # a local cluster's CPUs
     placement.connect(cfg)
     placement.check_fits(cfg)
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit

@@ -48,6 +48,25 @@ def test_what_cannot_be_placed_is_named(overrides, message):
     assert fits([], [node, node]) is None
 
 
+def test_a_local_cluster_short_of_cpus_is_refused_before_it_starts(monkeypatch):
+    import ray
+
+    from cluster.placement import ClusterError, check_fits
+
+    def no_cluster_yet():
+        raise AssertionError("check_fits asked a cluster that does not exist yet")
+
+    # A driver before `connect` (this test process may hold the suite's cluster).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "nodes", no_cluster_yet)
+    with pytest.raises(ClusterError, match=r"asks for 2.1 CPUs \(1 learner rank\(s\) x 1 CPUs, 1 rollout "
+                       r"actor\(s\) x 1 CPUs, 1 reward worker\(s\) x 0.1 CPUs\) but the Ray cluster has 2 CPUs"):
+        check_fits(load_config(None, ["rollout.num_cpus=1"]))
+    check_fits(load_config(None, ["rollout.num_cpus=0.9"]))  # 2.0 fits
+    check_fits(load_config(None, ["rollout.num_cpus=1", "cluster.address=auto"]))  # known once joined
+
+
 CLUSTER = """
 import sys, time
 from ray.cluster_utils import Cluster
