@@ -34,7 +34,8 @@ def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = 
     """Steps 1-3 above, with `cfg`'s task mixture, never training on a `held_out` question;
     writes OUT/traces.jsonl, OUT/student and OUT/results.json and returns the results. Ray
     must be connected."""
-    from cluster.evaluate import evaluate_model
+    from cluster.evaluate import evaluate, evaluate_model, serving
+    from cluster.prompts import prompt_format
     from cluster.rejection import rejection_sample
     from cluster.sft import sft
     from rewards.tasks import build_mixture
@@ -43,9 +44,11 @@ def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = 
     problems = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
     traces, model = out_dir / "traces.jsonl", out_dir / "student"
-    results = {f"teacher/{k}": v for k, v in evaluate_model(cfg, teacher, tasks.tasks, problems).items()}
+    with serving(cfg, teacher, tasks.tasks) as served:  # one set of engines: the teacher's score and traces
+        results = evaluate(cfg, *served, prompt_format(cfg, teacher), problems, 1, prefix="teacher/")
+        results |= rejection_sample(cfg, teacher, traces, f"{what}: teacher traces", held_out=held_out,
+                                    served=served)
     results |= {f"student_before/{k}": v for k, v in evaluate_model(cfg, student, tasks.tasks, problems).items()}
-    results |= rejection_sample(cfg, teacher, traces, f"{what}: teacher traces", held_out=held_out)
     results |= sft(cfg, student, traces, model, f"{what}: student SFT", held_out=held_out)
     results |= {f"student/{k}": v for k, v in evaluate_model(cfg, str(model), tasks.tasks, problems).items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

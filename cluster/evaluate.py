@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from math import comb
 
 import numpy as np
@@ -157,6 +158,15 @@ def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Pro
                    progress: bool = False) -> dict[str, float]:
     """`evaluate` with engines and reward workers of its own, stopped afterwards (keys without
     the eval/ prefix, e.g. pass@1/greedy). Ray must be connected."""
+    with serving(cfg, model_path, tasks) as (rollouts, rewarders):
+        return evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, k,
+                        progress=progress, prefix="")
+
+
+@contextmanager
+def serving(cfg: Config, model_path: str, tasks: dict):
+    """Rollout engines serving `model_path` and reward workers for `tasks`, ready, as
+    (RolloutPool, RewardPool); both are stopped on exit. Ray must be connected."""
     import ray
 
     from actors.pool import RolloutPool
@@ -165,11 +175,11 @@ def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Pro
     rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)
     try:
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
-        return evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, k,
-                        progress=progress, prefix="")
+        yield rollouts, rewarders
     finally:
         rollouts.shutdown()
         rewarders.shutdown()
+
 
 if __name__ == "__main__":
     sys.exit(main())

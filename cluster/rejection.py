@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 from cluster.config import Config, RejectionConfig
@@ -103,26 +104,19 @@ def train_prompts(cfg: Config, tasks: Mixture, what: str) -> list[Problem]:
 
 
 def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str, *,
-                     held_out: HeldOut) -> dict[str, float]:
+                     held_out: HeldOut, served: tuple | None = None) -> dict[str, float]:
     """Sample `rejection.k` answers to `rejection.prompts` train prompts of the task mixture
     (none of them `held_out`) with `model_path`, keep those that pass (see the module
     docstring), write them to `out` (atomically); returns acceptance metrics. Ray must be
-    connected."""
-    import ray
-
-    from actors.pool import RolloutPool
-    from rewards.pool import RewardPool
+    connected. `served`: engines already serving `model_path` and reward workers for the
+    mixture's tasks (cluster.evaluate.serving), else the stage starts and stops its own."""
+    from cluster.evaluate import serving
     from rewards.tasks import build_mixture
 
     tasks = build_mixture(cfg.task, held_out, what)
     problems = train_prompts(cfg, tasks, what)
-    rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks.tasks)
-    try:
-        ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
+    with (nullcontext(served) if served else serving(cfg, model_path, tasks.tasks)) as (rollouts, rewarders):
         groups = _sample(cfg, model_path, rollouts, rewarders, problems, what)
-    finally:
-        rollouts.shutdown()
-        rewarders.shutdown()
     kept, stats = select(groups, cfg.rejection, cfg.rollout.max_new_tokens)
     print(f"r1ray: {what}: acceptance\n{stats_table(stats)}", flush=True)
     if not kept:
