@@ -111,6 +111,15 @@ def engines(ray_cluster, tiny_model):
         ray.kill(a)
 
 
+@pytest.fixture(scope="module")
+def learners(ray_cluster, tiny_model):
+    """One ZeRO-2 rank, shared (~8 s to start): each test trains it a step away from whatever
+    the engines serve, and checks the engines against it."""
+    (rank,) = make_learners(tiny_model, 1, 2)
+    yield [rank]
+    ray.kill(rank)
+
+
 def _scores(actors):
     return ray.get([a.score.remote(SEQ) for a in actors], timeout=120)
 
@@ -163,8 +172,7 @@ def failing_engine(ray_cluster, tiny_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_engines_match_the_learner_after_a_sync(engines, tiny_model, transport):
-    learners = make_learners(tiny_model, 1, 2)
+def test_engines_match_the_learner_after_a_sync(engines, learners, tiny_model, transport):
     sync = WeightSync(learners, engines, SyncConfig(transport=transport, bucket_mb=1.0, timeout_s=120),
                       "float32")
     sync.connect()
@@ -182,7 +190,6 @@ def test_engines_match_the_learner_after_a_sync(engines, tiny_model, transport):
         metrics["sync/bytes"] * len(engines) / metrics["timing/sync"] / 1e9, rel=1e-9)
     samples = ray.get(engines[1].generate.remote(["p"], [PROMPT], Sampling(n=3, seed=0, max_new_tokens=4)))
     assert [s.weight_version for s in samples] == [2, 2, 2]
-    ray.kill(learners[0])
 
 
 @pytest.mark.slow
@@ -202,8 +209,7 @@ def test_zero3_weights_are_gathered_from_both_ranks(engines, tiny_model, transpo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, tiny_model, transport):
-    learners = make_learners(tiny_model, 1, 2)
+def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, learners, transport):
     sync = WeightSync(learners, engines, SyncConfig(transport=transport, timeout_s=120), "float32")
     sync.push(1)
     before = _scores(engines)
@@ -225,15 +231,12 @@ def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, tiny_mode
     sync.replace(engines)
     sync.push(3)
     assert sync.check(SEQ) < 1e-4
-    ray.kill(learners[0])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, failing_engine, tiny_model,
-                                                                     transport):
+def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, failing_engine, learners, transport):
     pair = [engines[0], failing_engine]
-    learners = make_learners(tiny_model, 1, 2)
     sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
     sync.push(1)
     before = _scores(pair)
@@ -250,4 +253,3 @@ def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, fa
     sync.push(3)
     assert sync.check(SEQ) < 1e-4
     assert _versions(pair) == [3, 3]
-    ray.kill(learners[0])
