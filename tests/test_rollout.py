@@ -122,23 +122,34 @@ def test_records_honour_the_sampling_options(vllm_actor, hf_actor, backend):
     assert [list(s.response_ids) for s in samples] != [list(s.response_ids) for s in other]
 
 
+TRUNCATED = Sampling(n=4, seed=1, temperature=0.7, top_p=0.5, top_k=5, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def recomputing_learners(ray_cluster, tiny_model):
+    """Learner ranks on the engines' weights (tests keep them there: lr 0), computing log-probs
+    with TRUNCATED's cut, or with its temperature alone."""
+    from dataclasses import replace
+
+    kinds = {"same": TRUNCATED, "temperature only": replace(TRUNCATED, top_p=1.0, top_k=0)}
+    learners = {name: make_learners(tiny_model, 1, 2, micro_batch_size=32, sampling=sampling)[0]
+                for name, sampling in kinds.items()}
+    yield learners
+    for learner in learners.values():
+        ray.kill(learner)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_learner_recomputes_the_engines_sampling_logprobs_with_top_p_and_top_k(
-        vllm_actor, hf_actor, tiny_model, backend):
+        vllm_actor, hf_actor, recomputing_learners, backend):
     # Engines report the log-probs of the distribution they sampled (temperature, top-k 5,
     # top-p 0.5); the learner must apply the same to mean the same thing. With two updates the
     # ratio is taken against the engine's log-probs, and lr 0 keeps the policy where it is.
-    from dataclasses import replace
-
     actor = vllm_actor if backend == "vllm" else hf_actor
-    sampling = Sampling(n=4, seed=1, temperature=0.7, top_p=0.5, top_k=5, max_new_tokens=8)
-    batch = samples_to_batch(ray.get(actor.generate.remote(IDS, PROMPTS, sampling), timeout=120))
-    got = {}
-    for name, learner_sampling in [("same", sampling), ("temperature only", replace(sampling, top_p=1.0, top_k=0))]:
-        (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=32, sampling=learner_sampling)
-        got[name] = ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
-        ray.kill(learner)
+    batch = samples_to_batch(ray.get(actor.generate.remote(IDS, PROMPTS, TRUNCATED), timeout=120))
+    got = {name: ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
+           for name, learner in recomputing_learners.items()}
     assert got["same"]["offpolicy_gap"] < 1e-5, got
     assert got["same"]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and got["same"]["clip_fraction"] == 0.0
     # A learner ignoring the cut gives every sampled token less mass than the engine did: every
