@@ -43,10 +43,15 @@ def set_rank_env(cfg: LearnerConfig, rank: int, master_addr: str, master_port: i
     shared by every run. It is this environment's pinned ninja, whatever PATH started the
     process: ninja 1.11 (a system package) and 1.12+ record commands with different hashes,
     so processes that found different ninjas rebuilt the op (a minute) each time they took turns.
+
+    torch.compile is off (TORCHDYNAMO_DISABLE): a rank runs eager, and DeepSpeed's ZeRO
+    imports its Muon optimizer, whose kernels are torch.compile'd at import, which pulled in
+    inductor: 3 s of a rank's 12 s start on CPU.
     """
     gpu = cfg.num_gpus > 0
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu",
+                      TORCHDYNAMO_DISABLE="1",
                       PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
