@@ -32,8 +32,7 @@ from rewards.tasks import HeldOut
 def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = "distill", *,
             held_out: HeldOut) -> dict[str, float]:
     """Steps 1-3 above, with `cfg`'s task mixture, never training on a `held_out` question;
-    writes OUT/traces.jsonl, OUT/student and OUT/results.json and returns the results. Ray
-    must be connected."""
+    writes OUT/traces.jsonl, OUT/student and OUT/results.json and returns the results."""
     from cluster.evaluate import evaluate, evaluate_model, serving
     from cluster.prompts import prompt_format
     from cluster.rejection import rejection_sample
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from cluster import placement
         from cluster.evaluate import print_table
         from cluster.train import resolve_model
         from rewards.tasks import build_mixture
@@ -93,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         teacher = resolve_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.teacher)))
         student = student_model(args.student, cfg)
         out = args.out or Path(cfg.cluster.runs_dir) / time.strftime("distill-%Y%m%d-%H%M%S")
-        placement.connect(cfg)
         results = distill(cfg, teacher, student, out, held_out=build_mixture(cfg.task).held_out)
         print_table(results, f"r1ray distill: {args.task}, teacher {teacher} -> student {out / 'student'}")
 

@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_model(args: argparse.Namespace) -> None:
     """`r1ray eval`: start engines and reward workers for one task and print its table."""
-    from cluster import placement
     from cluster.config import TASKS
     from cluster.train import resolve_model
     from rewards.tasks import build_mixture
@@ -149,7 +148,6 @@ def _evaluate_model(args: argparse.Namespace) -> None:
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
-    placement.connect(cfg)
     results = evaluate_model(cfg, model_path, tasks.tasks, problems, args.k, progress=True)
     print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
 
@@ -157,7 +155,7 @@ def _evaluate_model(args: argparse.Namespace) -> None:
 def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Problem], k: int = 1,
                    progress: bool = False) -> dict[str, float]:
     """`evaluate` with engines and reward workers of its own, stopped afterwards (keys without
-    the eval/ prefix, e.g. pass@1/greedy). Ray must be connected."""
+    the eval/ prefix, e.g. pass@1/greedy)."""
     with serving(cfg, model_path, tasks) as (rollouts, rewarders):
         return evaluate(cfg, rollouts, rewarders, prompt_format(cfg, model_path), problems, k,
                         progress=progress, prefix="")
@@ -166,12 +164,15 @@ def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Pro
 @contextmanager
 def serving(cfg: Config, model_path: str, tasks: dict):
     """Rollout engines serving `model_path` and reward workers for `tasks`, ready, as
-    (RolloutPool, RewardPool); both are stopped on exit. Ray must be connected."""
+    (RolloutPool, RewardPool); both are stopped on exit. Starts (or joins) the Ray cluster
+    if this process has none yet."""
     import ray
 
     from actors.pool import RolloutPool
+    from cluster import placement
     from rewards.pool import RewardPool
 
+    placement.connect(cfg)
     rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)
     try:
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)

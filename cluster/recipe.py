@@ -24,6 +24,8 @@ Stage kinds and what each writes in its folder:
     distill       student/      `model`'s verified traces learned by `student`       cluster/distill.py
 A stage is done when its folder has done.json (written last): done stages are skipped. An
 unfinished rl stage resumes from its newest checkpoint; other stages start again (minutes).
+The stages share one Ray session, started by the first one that starts actors (a local
+cluster costs ~8 s); each stage releases its own actors.
 
 No stage trains on a question the pipeline evaluates on: each stage that reads training data
 (all but traces, general and pairs) gets the run's held-out split, the eval splits of the
@@ -46,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from cluster import cli, placement
+from cluster import cli
 from cluster.config import Config, ConfigError, config_from_tree
 from rewards.tasks import HeldOut
 
@@ -181,10 +183,6 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
         if folder.exists():  # a stage that did not finish: start it again
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        if stage.kind not in DATA_STAGES:
-            # The pipeline's one Ray session, started by the first stage that needs actors and
-            # kept (each stage releases its own actors): a local cluster costs ~8 s to start.
-            placement.connect(cfg)
         metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
     record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
     if stage.kind in MODEL_STAGES:
@@ -263,7 +261,6 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     cfg = config_from_tree(tree)
     tasks = build_mixture(cfg.task)
     problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
-    placement.connect(cfg)
     got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
     if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
         (task,) = tasks.tasks

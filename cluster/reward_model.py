@@ -49,8 +49,7 @@ def read_pairs(data: str | Path, what: str, held_out: HeldOut, eval_fraction: fl
 def train_reward_model(cfg: Config, data: str, out_dir: str | Path, model_path: str,
                        what: str = "train-rm", *, held_out: HeldOut) -> dict[str, float]:
     """Train a Bradley-Terry reward model on the pairs of `data` whose prompt is not `held_out`,
-    from the causal LM `model_path`, write it to `out_dir` and return its metrics. Ray must be
-    initialised (`placement.connect`)."""
+    from the causal LM `model_path`, write it to `out_dir` and return its metrics."""
     import ray
     from transformers import AutoTokenizer
 
@@ -188,6 +187,5 @@ def _train_rm(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     model_path = resolve_model(cfg)
     held_out = build_mixture(cfg.task).held_out
-    placement.connect(cfg)
     results = train_reward_model(cfg, args.data, args.out, model_path, held_out=held_out)
     print_table(results, f"reward model {args.out} (from {model_path}, pairs {args.data})")

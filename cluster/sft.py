@@ -63,7 +63,7 @@ def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, wha
         held_out: HeldOut) -> dict[str, float]:
     """Fine-tune `model_path` on `data` (plus `sft.mix_path` at `sft.mix_ratio`), without the
     rows whose question is `held_out`, and write the result to `out_dir` as an HF folder
-    (atomically); returns the run's metrics. Ray must be connected (cluster.placement.connect)."""
+    (atomically); returns the run's metrics. Bad data stops it before any actor starts."""
     import ray
     from tqdm import tqdm
     from transformers import AutoTokenizer

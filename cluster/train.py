@@ -205,6 +205,7 @@ def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    placement.connect(cfg)  # a process's first actors start (or join) its cluster
     group = placement.learner_group(cfg)
     nodes = placement.nodes_of(group)
     master, port = placement.node_address(nodes[0]), placement.free_port_on(nodes[0])  # rank 0's rendezvous

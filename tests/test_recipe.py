@@ -8,6 +8,7 @@ sit behind the same rollout pool, so a stage's code is the same with either (vLL
 loop: tests/test_e2e.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,9 @@ def _recipe(tmp_path, stages, evaluate=None, name="tiny-r1"):
     return path
 
 
-def _pipeline(path, *args, timeout=1200):
+def _pipeline(path, *args, timeout=1200, env=None):
     return subprocess.run([sys.executable, "-m", "cluster.cli", "pipeline", str(path), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 STAGES = [
@@ -148,9 +149,11 @@ def test_a_missing_input_stops_with_the_stage_and_the_path(tmp_path):
 def test_an_sft_row_without_a_field_names_file_line_and_field(tmp_path):
     data = tmp_path / "traces.jsonl"
     data.write_text('{"prompt": "1+2=?", "response": "3</think><answer>3</answer>"}\n{"prompt": "2+2=?"}\n')
-    run = _pipeline(_recipe(tmp_path, [{"name": "cold_start", "kind": "sft", "data": str(data)}]), timeout=300)
+    run = _pipeline(_recipe(tmp_path, [{"name": "cold_start", "kind": "sft", "data": str(data)}]), timeout=300,
+                    env={"RAY_TMPDIR": str(tmp_path / "ray")})
     assert run.returncode == 2
     assert f"stage cold_start: {data}:2: field 'response' is missing" in run.stderr
+    assert not (tmp_path / "ray").exists()  # found before a Ray session was started
 
 
 def test_rejection_sampling_that_keeps_nothing_says_so_with_the_statistics(tmp_path):
