@@ -71,6 +71,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     import ray
 
     started = time.time()
+    placement.check_fits(cfg)  # a local cluster's CPUs, before anything is built
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task, held_out, cfg.logging.run_name or "train")  # a bad dataset stops the run here
     eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
@@ -78,9 +79,8 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}
     if ckpt:
         checkpoint.check_compatible(ckpt, cfg)
-    fmt = prompt_format(cfg, model_path)  # what can be checked before a cluster starts:
+    fmt = prompt_format(cfg, model_path)  # held-out prompts the engines could not take
     check_fit(model_path, {p.id: fmt.render(p.prompt) for p in eval_set}, cfg.rollout)
-    placement.check_fits(cfg)  # a local cluster's CPUs
     placement.connect(cfg)
     placement.check_fits(cfg)
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit

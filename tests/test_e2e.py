@@ -137,19 +137,18 @@ def untimed(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMED)} for r in rows]
 
 
-BUILDS_MODEL = pytest.mark.slow  # these build the default model and tokenize its prompts first: ~8 s each
+BUILDS_MODEL = pytest.mark.slow  # these build the default model (and tokenize its prompts) first: ~10 s each
 
 
 @pytest.mark.parametrize("args, message", [
     (["learner.lrr=1"], "unknown config key learner.lrr"),
     (["model.path=/does/not/exist"], "model.path='/does/not/exist' is not a Hugging Face model folder"),
+    # What a local cluster would lack is known before anything is built: its CPUs (cluster.num_cpus=2)...
+    (["learner.num_cpus=8"], "asks for 9 CPUs"),
+    (["rollout.num_engines=3"], "asks for 3.8 CPUs (1 learner rank(s) x 1 CPUs, 3 rollout actor(s) x 0.9 CPUs"),
     pytest.param(["cluster.address=127.0.0.1:1"], "cannot reach a Ray cluster at cluster.address='127.0.0.1:1'",
                  marks=BUILDS_MODEL),
-    # What a local cluster would lack is known before it starts: its CPUs (cluster.num_cpus=2)...
-    pytest.param(["learner.num_cpus=8"], "asks for 9 CPUs", marks=BUILDS_MODEL),
-    pytest.param(["rollout.num_engines=3"],
-                 "asks for 3.8 CPUs (1 learner rank(s) x 1 CPUs, 3 rollout actor(s) x 0.9 CPUs", marks=BUILDS_MODEL),
-    # ...and whether the held-out prompts (~15 tokens) fit in 20 - 16: the first one is named.
+    # ...and, once the model is there, whether the held-out prompts (~15 tokens) fit in 20 - 16.
     pytest.param(["rollout.engine=transformers", "rollout.max_model_len=20", "rollout.max_new_tokens=16"],
                  "tokens; rollout.max_model_len - rollout.max_new_tokens leaves 4 for a prompt", marks=BUILDS_MODEL),
 ])
