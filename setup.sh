@@ -41,6 +41,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # DeepSpeed compiles its shared-memory CPU communication op on first use (about a minute):
 # build it now, into the cache the jobs use, so the first training run does not pay for it;
 # with the environment's own ninja, as the learners do (learner.learner.set_rank_env).
-PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1ray/torch_extensions} DS_ACCELERATOR=cpu \
+extensions=$(.venv/bin/python -c "from learner.learner import extensions_dir; print(extensions_dir('~/.cache/r1ray'))")
+PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$extensions} DS_ACCELERATOR=cpu \
     .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 echo "setup.sh: ready. Run the default job with: .venv/bin/r1ray train"

@@ -39,6 +39,7 @@ from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
+from learner.learner import extensions_dir
 from learner.models import flop_parameters, write_provenance
 from rewards.pool import RewardPool
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
@@ -210,8 +211,7 @@ def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
     nodes = placement.nodes_of(group)
     master, port = placement.node_address(nodes[0]), placement.free_port_on(nodes[0])  # rank 0's rendezvous
     # DeepSpeed's compiled CPU op is cached (setup.sh builds it there) unless the caller chose a place.
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR",
-                                str(Path(cfg.cluster.cache_dir).expanduser() / "torch_extensions"))
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(extensions_dir(cfg.cluster.cache_dir)))
     env = {"OMP_NUM_THREADS": str(cfg.learner.threads), "TORCH_EXTENSIONS_DIR": extensions,
            "DS_ACCELERATOR": "cuda" if cfg.learner.num_gpus else "cpu"}
     ranks = [

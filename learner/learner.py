@@ -22,6 +22,7 @@ waiting forever. Ranks agree on the largest micro-batch count and pad with empty
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ from learner.batch import TrainBatch
 
 RAW = Sampling(n=1, seed=0)
 """Temperature 1, no truncation: the model's own distribution (SFT, the sync check)."""
+
+
+def extensions_dir(cache_dir: str | Path) -> Path:
+    """Where DeepSpeed keeps its compiled ops for this Python environment: a folder of its own
+    under `cache_dir`/torch_extensions. The build command holds the environment's paths, so
+    two environments (two checkouts' .venv) sharing one folder rebuilt the op (a minute) each
+    time they took turns."""
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return Path(cache_dir).expanduser() / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
 
 
 def set_rank_env(cfg: LearnerConfig, rank: int, master_addr: str, master_port: int) -> None:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from learner.learner import extensions_dir
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# DeepSpeed's compiled CPU op is reused across test runs (building it takes about a minute).
-EXTENSIONS_DIR = Path(os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1ray/torch_extensions").expanduser())))
+# DeepSpeed's compiled CPU op is reused across test runs (building it takes about a minute):
+# the folder setup.sh built it in.
+EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir("~/.cache/r1ray"))))
 
 
 @pytest.fixture(scope="session")

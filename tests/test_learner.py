@@ -38,6 +38,19 @@ def test_a_rank_compiles_deepspeed_ops_with_the_environments_ninja():
                                                                                      "2", "cpu", "1"]
 
 
+def test_each_python_environment_has_its_own_deepspeed_op_cache(monkeypatch):
+    # The op's build command holds the environment's paths: two checkouts' environments
+    # sharing one folder rebuilt it (a minute) each time they took turns.
+    from learner.learner import extensions_dir
+
+    here = extensions_dir("~/.cache/r1ray")
+    assert extensions_dir("~/.cache/r1ray") == here  # one folder per environment, found again
+    monkeypatch.setattr(sys, "prefix", "/work/other-checkout/.venv")
+    there = extensions_dir("~/.cache/r1ray")
+    assert here.parent == there.parent == Path("~/.cache/r1ray/torch_extensions").expanduser()
+    assert here != there and there.name.startswith(".venv-")
+
+
 def kill(learners):
     for learner in learners:
         ray.kill(learner)
