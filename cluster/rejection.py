@@ -107,8 +107,9 @@ def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str, *
                      held_out: HeldOut, served: tuple | None = None) -> dict[str, float]:
     """Sample `rejection.k` answers to `rejection.prompts` train prompts of the task mixture
     (none of them `held_out`) with `model_path`, keep those that pass (see the module
-    docstring), write them to `out` (atomically); returns acceptance metrics. `served`: engines already serving `model_path` and reward workers for the
-    mixture's tasks (cluster.evaluate.serving), else the stage starts and stops its own."""
+    docstring), write them to `out` (atomically); returns acceptance metrics. `served`:
+    engines already serving `model_path` and reward workers for the mixture's tasks
+    (cluster.evaluate.serving), else the stage starts and stops its own."""
     from cluster.evaluate import serving
     from rewards.tasks import build_mixture
 
