@@ -8,19 +8,13 @@ import platform
 import time
 from pathlib import Path
 
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-"""/proc/cpuinfo flags of x86 CPUs with bf16 matmul instructions. Without them torch emulates
-bf16 matmuls: 0.9 GFLOP/s against fp32's 112 on 2 cores of an AVX2-only AMD EPYC (2026-12-01),
-so a bf16 timing there measures the emulation, not the code around it."""
-
-
-def cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+from cluster.precision import BF16_FLAGS, cpu_flags
 
 
 def bf16_native() -> tuple[bool, str]:
-    """(whether this CPU has bf16 matmul instructions, which ones or what it lacks)."""
+    """(whether this CPU has bf16 matmul instructions, which ones or what it lacks). Without
+    them torch emulates bf16 matmuls (cluster/precision.py), so a bf16 timing there measures
+    the emulation, not the code around it."""
     found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
     if found:
         return True, "bf16 native (" + ", ".join(found) + ")"

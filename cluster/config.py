@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from cluster.precision import resolve_dtype
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
@@ -266,8 +268,10 @@ class LearnerConfig:
     """Torch compute threads per rank."""
     zero_stage: int = _f(2, choices=(1, 2, 3))
     """DeepSpeed ZeRO stage."""
-    dtype: str = _f("float32", choices=("float32", "bfloat16"))
-    """Training precision (fp16 is not supported on CPU)."""
+    dtype: str = _f("auto", choices=("auto", "float32", "bfloat16"))
+    """Training precision, also the engines' (fp16 is not supported on CPU). auto is bf16 where
+    it is fast (GPUs from Ampere on, CPUs with AMX or AVX512-BF16), else fp32; it is resolved
+    when the config loads (cluster/precision.py), so the run's config.yaml records the choice."""
     lr: float = _f(5e-5, lo=0.0, lo_open=True)
     """Peak learning rate of the RL stage."""
     warmup_steps: int = _f(10, lo=0)
@@ -281,6 +285,12 @@ class LearnerConfig:
     attention: str = _f("auto", choices=("auto", "eager", "sdpa"))
     """The learner's attention kernels: auto is eager on CPU (faster than SDPA's CPU kernels
     on short sequences) and sdpa on GPU."""
+    gradient_checkpointing: bool = _f(False)
+    """Recompute each transformer layer's activations in backward instead of keeping them (one
+    more forward of the layers; bench/RESULTS.md, learner memory). Also the reward model's."""
+    logprob_chunk: int = _f(1024, lo=0)
+    """Answer tokens per chunk of the LM head and log-softmax: each chunk's [chunk, vocab]
+    logits are recomputed in backward instead of kept (0: all tokens at once, kept)."""
 
 
 @dataclass(frozen=True)
@@ -452,7 +462,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # The default job pins fp32 (configs/default.yaml says why); a config tree that leaves
+    # learner.dtype out gets LearnerConfig's auto.
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(dtype="float32"))
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -570,6 +582,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(key, value, typ)
             _check_range(key, kwargs[name], fields[name].metadata)
+    for name in fields.keys() - kwargs.keys():  # a group left out has its own defaults, not the default job's
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = hints[name]()
     return cls(**kwargs)
 
 
@@ -584,8 +599,9 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load `path` (YAML; None for the built-in defaults), apply `key=value` overrides, validate."""
-    tree: dict = {}
+    """Load `path` (YAML; None for the built-in defaults, the default job), apply `key=value`
+    overrides, validate."""
+    tree: dict = to_dict(Config())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -600,13 +616,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def config_from_tree(tree: dict) -> Config:
-    """A validated Config from a nested dict (a parsed YAML file)."""
+    """A validated Config from a nested dict (a parsed YAML file), with learner.dtype auto
+    resolved for this machine: nothing downstream ever sees auto."""
     try:
-        return _build(Config, tree, "")
+        cfg = _build(Config, tree, "")
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    dtype = resolve_dtype(cfg.learner.dtype, cfg.learner.num_gpus)
+    if dtype != cfg.learner.dtype:
+        cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, dtype=dtype))
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

@@ -33,6 +33,7 @@ def test_every_example_config_loads(path):
     import yaml
 
     from cluster.config import to_dict
+    from cluster.precision import resolve_dtype
 
     def leaves(tree, prefix=""):
         for key, value in tree.items():
@@ -40,6 +41,8 @@ def test_every_example_config_loads(path):
 
     loaded = dict(leaves(to_dict(load_config(path))))
     for key, value in leaves(yaml.safe_load(path.read_text()) or {}):
+        if (key, value) == ("learner.dtype", "auto"):  # the run sees this machine's choice
+            value = resolve_dtype("auto", loaded["learner.num_gpus"])
         assert loaded[key] == value, key  # every value the file sets, as the run will see it
 
 
@@ -55,7 +58,7 @@ def test_overrides_win_over_the_file(tmp_path):
     ("lerner.lr=1", "unknown config key lerner"),
     ("learner.lr=-1", "learner.lr=-1.0 is out of range; valid: (0.0, inf]"),
     ("learner.zero_stage=4", "learner.zero_stage=4 is not valid; choose one of 1, 2, 3"),
-    ("learner.dtype=float16", "learner.dtype='float16' is not valid; choose one of 'float32', 'bfloat16'"),
+    ("learner.dtype=float16", "learner.dtype='float16' is not valid; choose one of 'auto', 'float32', 'bfloat16'"),
     ("algorithm.steps=1.5", "algorithm.steps=1.5: expected an integer"),
     ("algorithm.steps=many", "algorithm.steps='many': expected a number"),
     ("algorithm.normalize_std=maybe", "algorithm.normalize_std='maybe': expected true or false"),

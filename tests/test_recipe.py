@@ -30,7 +30,7 @@ CONFIG = {
     "cold_start": {"steps": 0},
     "algorithm": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "updates_per_step": 1},
     "rollout": {"engine": "transformers", "max_new_tokens": 16, "max_model_len": 64, "num_cpus": 0.5},
-    "learner": {"num_cpus": 0.5, "threads": 1},
+    "learner": {"num_cpus": 0.5, "threads": 1, "dtype": "float32"},  # the same numbers on every CPU
     "sft": {"lr": 3.0e-3, "tokens_per_step": 512, "epochs": 6},
     "checkpoint": {"every": 0},
     "logging": {"wandb_mode": "disabled", "progress": False},
