@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.records import Sampling
+from cluster.weight_sync import WeightReceiver, call_receiver
 
 
 class TransformersEngine:
@@ -33,6 +34,8 @@ class TransformersEngine:
         self.model.to(device).eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
+        self.receiver = WeightReceiver(model_path, self.load_weights)
+        self.shares_memory = True  # the weights live in the rollout actor's own process
 
     def generate_stream(self, prompts: list[list[int]], sampling: Sampling):
         """`generate`'s answers as (prompt index, answers) pairs, all at once at the end: this
@@ -107,6 +110,11 @@ class TransformersEngine:
         with torch.no_grad():
             logits = self.model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().numpy()
+
+    def weights(self, method: str, *args) -> list:
+        """The answer (`cluster.weight_sync.call_receiver`) of this engine's one weight
+        receiver to `method`, as the one worker of an engine."""
+        return [call_receiver(self.receiver, method, args)]
 
     def load_weights(self, named: list) -> None:
         """Copy a whole model's HF-named tensors into the parameters in place."""

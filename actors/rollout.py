@@ -18,6 +18,7 @@ import numpy as np
 from actors.records import Sample, Sampling
 from actors.vllm_engine import vllm_env
 from cluster.config import RolloutConfig
+from cluster.weight_sync import agreed, shared_file
 
 
 def actor_env(cfg: RolloutConfig) -> dict[str, str]:
@@ -65,8 +66,6 @@ class RolloutActor:
                  index: int = 0):
         import torch
 
-        from cluster.weight_sync import WeightReceiver
-
         torch.set_num_threads(cfg.threads)
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         if cfg.engine == "vllm":
@@ -79,7 +78,6 @@ class RolloutActor:
             self.engine = TransformersEngine(model_path, dtype, device)  # seeded per call
         self.cfg = cfg
         self.weight_version = 0
-        self.receiver = WeightReceiver(model_path, self.engine.load_weights)
 
     def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling) -> list[Sample]:
         """`sampling.n` samples per prompt, grouped contiguously in prompt order.
@@ -118,34 +116,45 @@ class RolloutActor:
         return [np.asarray(tok.encode(t, add_special_tokens=False), dtype=np.int32) for t in texts]
 
     # ---- weight sync (the engine half; see cluster/weight_sync.py) -----------------------------
+    # Each call runs on every worker of the engine (`engine.weights`); they must all agree.
+
+    def weight_workers(self) -> int:
+        """Processes that hold the engine's weights, each a member of the sync group."""
+        return len(self.engine.weights("worker_rank"))
 
     def stage_weights(self, weights: dict[str, np.ndarray], version: int) -> tuple[int, int]:
         """Object-store transport: hold a whole new version beside the served one; returns
         (bytes held, the version served meanwhile)."""
-        return self.receiver.stage_arrays(version, weights), self.weight_version
+        if self.engine.shares_memory:
+            held = self.engine.weights("stage_arrays", version, weights)
+        else:
+            with shared_file(weights) as path:
+                held = self.engine.weights("stage_file", version, path)
+        return agreed(held), self.weight_version
 
-    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+    def join_sync_group(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float,
                         device: str) -> None:
-        self.receiver.join(host, port, rank, world_size, timeout_s, device)
+        """Broadcast transport: every worker joins the group (ranks from `first_rank` on)."""
+        agreed(self.engine.weights("join", host, port, first_rank, world_size, timeout_s, device))
 
     def receive_weights(self, version: int, manifest: list, bucket_bytes: int,
                         timeout_s: float) -> tuple[int, int]:
         """Broadcast transport: receive a whole new version from learner rank 0 and hold it;
         returns (bytes held, the version served meanwhile)."""
-        return self.receiver.receive(version, manifest, bucket_bytes, timeout_s), self.weight_version
+        return agreed(self.engine.weights("receive", version, manifest, bucket_bytes, timeout_s)), self.weight_version
 
     def commit_weights(self, version: int) -> int:
         """Load the held version in place, then serve it; returns the version now served."""
-        self.receiver.commit(version)
+        agreed(self.engine.weights("commit", version))
         self.weight_version = version
         return self.weight_version
 
     def rollback_weights(self) -> int:
         """Another engine did not load this sync's version (or this one did not): load the
         version served before it whole and serve it again; returns the version now served."""
-        self.weight_version = self.receiver.rollback()
+        self.weight_version = agreed(self.engine.weights("rollback"))
         return self.weight_version
 
     def release_weights(self) -> None:
         """Every engine loaded this sync's version: drop the copy kept for a rollback."""
-        self.receiver.release()
+        agreed(self.engine.weights("release"))

@@ -1,15 +1,24 @@
 """The vLLM rollout engine: G samples per prompt with per-token sampling log-probs.
 
-On CPU machines vLLM runs in-process (no engine-core subprocess, "uni" executor, eager
-mode): it starts in seconds instead of a minute and weights can be handed to the model
-runner directly. The environment that mode needs is set by `vllm_env()`, which the driver
-passes (via `actors.rollout.actor_env`) to the rollout actor's runtime environment before
-vLLM is imported. On GPU machines (`rollout.num_gpus > 0`) the regular vLLM build runs with
-CUDA graphs, and with `rollout.tensor_parallel_size` > 1 shards the model over that many GPUs.
+Where the engine runs (`rollout.engine_core`):
+- in the rollout actor's process ("in_process", the default on CPU): no engine-core
+  subprocess and, with one worker, vLLM's "uni" executor in the same process. It starts in
+  seconds instead of a minute, and the weight sync hands tensors to the worker directly.
+- in a subprocess of its own ("subprocess", the default on GPU, as vLLM runs by default):
+  the engine core and, with `rollout.tensor_parallel_size` > 1, one worker process per
+  shard. The same topology runs on CPU (the tests run it), with each worker's threads
+  pinned to cores of their own.
+The environment that choice needs is set by `vllm_env()`, which the driver passes (via
+`actors.rollout.actor_env`) to the rollout actor's runtime environment before vLLM is
+imported. On GPU machines (`rollout.num_gpus > 0`) the regular vLLM build runs with CUDA
+graphs.
 
 Log-probs are reported "processed", i.e. after temperature scaling (and the top-k / top-p
 cut, when set), so they are the log-probs of the distribution that was actually sampled;
 the learner divides its logits by the same temperature when it recomputes them.
+
+New weights reach the engine's workers, whichever process they are in, through
+`cluster.weight_sync.EngineWeightReceiver` (a vLLM worker extension): `weights` calls it.
 """
 
 from __future__ import annotations
@@ -18,45 +27,49 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from actors.reaper import reap_when_gone
 from actors.records import Sampling
 from cluster.config import RolloutConfig
 
 
+def in_process(cfg: RolloutConfig) -> bool:
+    """Whether the engine core runs in the rollout actor's process (`rollout.engine_core`)."""
+    return cfg.engine_core == "in_process" or (cfg.engine_core == "auto" and cfg.num_gpus == 0)
+
+
 def vllm_env(cfg: RolloutConfig) -> dict[str, str]:
     """Environment of a process hosting a vLLM engine (set before `import vllm`)."""
-    env = {"VLLM_LOGGING_LEVEL": "ERROR", "OMP_NUM_THREADS": str(cfg.threads)}
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", "OMP_NUM_THREADS": str(cfg.threads),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process(cfg) else "1"}
     if cfg.num_gpus == 0:
-        env.update({
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
-            "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-        })
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     return env
 
 
-def cpu_binding(index: int, threads: int) -> str:
-    """Cores for engine `index`'s threads: its own `threads` of this node's cores, in turn.
-
-    vLLM pins its threads to the cores it is given; engines on one node must not all get
-    the first ones (two 1-thread engines on core 0 share it). Pinned is ~7% faster than
-    letting the OS place them (75M model, 2 threads).
-    """
+def cpu_binding(index: int, threads: int, workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for engine `index`: per worker ("|"-separated), `threads`
+    cores of this node's own, in turn, so that engines and shards do not all pile onto the
+    first cores. Read only where vLLM starts worker processes; in-process, "uni" engines
+    use OMP_NUM_THREADS threads wherever the OS puts them."""
     import os
 
     cores = sorted(os.sched_getaffinity(0))
-    start = index * threads
-    return ",".join(str(cores[(start + k) % len(cores)]) for k in range(min(threads, len(cores))))
+    first = index * workers * threads
+    return "|".join(",".join(str(cores[(first + w * threads + k) % len(cores)]) for k in range(threads))
+                    for w in range(workers))
 
 
 class VLLMEngine:
-    """A vLLM `LLM` behind the rollout-engine interface: generate, load_weights, score."""
+    """A vLLM `LLM` behind the rollout-engine interface: generate, score, weights."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
                  index: int = 0):
         import os
 
         on_cpu = cfg.num_gpus == 0
-        if on_cpu:  # read when the engine starts, so it can be set here, per engine
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(index, cfg.threads))
+        if on_cpu:  # read when the engine starts its workers, so it can be set here, per engine
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  cpu_binding(index, cfg.threads, cfg.tensor_parallel_size))
         from vllm import LLM
 
         self.llm = LLM(
@@ -74,6 +87,10 @@ class VLLMEngine:
             worker_extension_cls="cluster.weight_sync.EngineWeightReceiver",
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # RPC arguments reach the one worker as they are (no copy, tensors too) only when it
+        # runs in this process; otherwise they must be plain data.
+        self.shares_memory = in_process(cfg) and cfg.tensor_parallel_size == 1
+        self.reaper = None if self.shares_memory else reap_when_gone(os.getpid())  # its own processes
         self.streams = 0  # generate_stream calls so far: part of their request ids
         # The first batch pays one-off kernel set-up (seconds); pay it here, not in step 1.
         self.generate([self.tokenizer.encode("warm up")], Sampling(n=2, seed=seed, max_new_tokens=4))
@@ -146,13 +163,15 @@ class VLLMEngine:
         return np.asarray([lp[int(t)].logprob for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])],
                           dtype=np.float32)
 
-    def load_weights(self, named: list) -> None:
-        """Replace a whole model's weights in place and drop prefixes cached with the old ones
-        (also when the load fails: it may have changed some weights already)."""
+    def weights(self, method: str, *args) -> list:
+        """Every worker's answer (`cluster.weight_sync.call_receiver`) to `method` of its
+        weight receiver. A load (commit, rollback) drops the prefixes cached with the old
+        weights, also when it fails: it may have changed some weights already."""
         try:
-            self.llm.collective_rpc("load_policy_weights", args=(named,))
+            return self.llm.collective_rpc("r1ray_weights", args=(method, *args))
         finally:
-            self.llm.reset_prefix_cache()
+            if method in ("commit", "rollback"):
+                self.llm.reset_prefix_cache()
 
 
 def _answers(out) -> list[dict]:
@@ -166,3 +185,4 @@ def _answers(out) -> list[dict]:
         )
         for c in out.outputs
     ]
+

@@ -173,7 +173,12 @@ class RolloutConfig:
     placement: str = _f("pack", choices=("pack", "spread"))
     """Put the rollout actors on as few nodes as possible, or one per node where possible."""
     tensor_parallel_size: int = _f(1, lo=1)
-    """GPU engines only: GPUs one vLLM engine shards the model over."""
+    """Workers one vLLM engine shards the model over: as many GPUs per engine on GPUs; on
+    CPUs, as many processes of `threads` threads each."""
+    engine_core: str = _f("auto", choices=("auto", "in_process", "subprocess"))
+    """Where a vLLM engine runs: in the rollout actor's process, or in processes of its own
+    (an engine-core process, and one worker process per shard with tensor parallelism; how
+    vLLM runs on GPUs). auto: in-process on CPU (starts in seconds), subprocess on GPU."""
     threads: int = _f(2, lo=1)
     """Compute threads per CPU engine; they run while the learner idles."""
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
@@ -510,7 +515,7 @@ class Config:
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
                               f"rollout.max_model_len={self.rollout.max_model_len}")
-        if self.rollout.tensor_parallel_size > 1 and self.rollout.num_gpus < self.rollout.tensor_parallel_size:
+        if 0 < self.rollout.num_gpus < self.rollout.tensor_parallel_size:
             raise ConfigError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs "
                               f"rollout.num_gpus >= {self.rollout.tensor_parallel_size} per engine "
                               f"(got {self.rollout.num_gpus:g})")

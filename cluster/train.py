@@ -193,7 +193,8 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
     ready = [a.__ray_ready__.remote() for a in learners] + rollouts.ready_refs() + rewarders.ready_refs()
     ray.get(ready, timeout=cfg.cluster.timeout_s)
-    sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype)
+    on_gpus = cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0  # an NCCL group needs GPUs at both ends
+    sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype, "cuda" if on_gpus else "cpu")
     sync.connect()
     return Actors(learners, learner_pg, rollouts, rewarders, sync, fmt, flop_parameters(model_path))
 

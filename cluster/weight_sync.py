@@ -101,16 +101,34 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 
 def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, device: str):
-    """This process's handle on the sync group: rank 0 (learner) hosts the store at host:port."""
+    """This process's handle on the sync group: rank 0 (learner) hosts the store at host:port.
+
+    NCCL on GPUs, gloo otherwise; either way every collective is bounded by `timeout_s`. An
+    NCCL group's watchdog by default kills the process when a collective times out; here it
+    only aborts the group (TORCH_NCCL_ASYNC_ERROR_HANDLING=2, read when the group is made), so
+    a hung sync raises `WeightSyncError` in the driver and the run can go on or stop cleanly.
+    """
+    import os
+
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
                           wait_for_workers=False)
     store = dist.PrefixStore("r1ray-weight-sync", store)
-    if device == "cuda":
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if device != "cuda":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"  # abort the group, not the process
+    try:
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+        else:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = before
 
 
 def _broadcast(group, buffer, timeout_s: float) -> None:
@@ -135,6 +153,15 @@ class BroadcastEnd:
         self.key: tuple | None = None
         # Each set: per bucket (parameter indices, their byte sizes, one buffer).
         self.sets: list[list[tuple[list[int], list[int], Any]]] = []
+
+    def close(self) -> None:
+        """Leave the group for good (its members are being replaced): an NCCL group's
+        communicators are aborted now rather than whenever the object is collected."""
+        abort = getattr(self.group, "abort", None)
+        if abort is not None:
+            with contextlib.suppress(Exception):  # a group broken by a failed sync may refuse
+                abort()
+        self.group = None
 
     def plan(self, manifest: Manifest, bucket_bytes: int, busy: list | None = None
              ) -> list[tuple[list[int], list[int], Any]]:
@@ -163,33 +190,37 @@ def learner_manifest(engine: Any) -> Manifest:
             for name, p in engine.module.named_parameters()]
 
 
-@contextlib.contextmanager
-def _full_parameters(engine: Any, zero_stage: int):
-    """The module's parameters, whole on every rank for the duration (a collective under ZeRO-3)."""
+def _parameter_buckets(engine: Any, zero_stage: int, bucket_bytes: int):
+    """The module's parameters bucket by bucket (`plan_buckets` of the manifest), each bucket
+    whole on every rank while it is yielded: under ZeRO-3 one gather (a collective) per
+    bucket, so a sync never holds more than one bucket of gathered weights at once."""
     import deepspeed
     import torch
 
     params = list(engine.module.named_parameters())
-    gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
-              if zero_stage == 3 else contextlib.nullcontext())
-    with gather, torch.no_grad():
-        yield params
+    for bucket in plan_buckets(learner_manifest(engine), bucket_bytes):
+        chosen = [params[i] for i in bucket]
+        gather = (deepspeed.zero.GatheredParameters([p for _, p in chosen], modifier_rank=None)
+                  if zero_stage == 3 else contextlib.nullcontext())
+        with gather, torch.no_grad():
+            yield chosen
 
 
-def gather_weights(engine: Any, zero_stage: int, rank: int) -> dict[str, np.ndarray] | None:
+def gather_weights(engine: Any, zero_stage: int, rank: int, bucket_bytes: int = 64 * 2**20
+                   ) -> dict[str, np.ndarray] | None:
     """Object-store transport: full float32 weights by HF name on rank 0, None elsewhere.
 
     All ranks must call this together under ZeRO-3.
     """
     import torch
 
-    with _full_parameters(engine, zero_stage) as params:
-        if rank != 0:
-            return None
-        # ZeRO-3 frees the gathered copies when the context exits: copy them out first.
-        # Otherwise the arrays are views that Ray copies into its store when this returns.
-        own = zero_stage == 3
-        return {name: _as_numpy(p.detach().to(torch.float32), own) for name, p in params}
+    weights = {}
+    for chosen in _parameter_buckets(engine, zero_stage, bucket_bytes):
+        if rank == 0:
+            # ZeRO-3 frees the gathered copies when the bucket ends: copy them out first.
+            # Otherwise the arrays are views that Ray copies into its store when this returns.
+            weights.update((name, _as_numpy(p.detach().to(torch.float32), zero_stage == 3)) for name, p in chosen)
+    return weights if rank == 0 else None
 
 
 def _as_numpy(t, copy: bool) -> np.ndarray:
@@ -201,20 +232,21 @@ def send_weights(engine: Any, zero_stage: int, rank: int, end: BroadcastEnd | No
                  timeout_s: float) -> int:
     """Broadcast transport, sending half: rank 0 broadcasts bucket by bucket; returns bytes sent.
 
-    Every learner rank calls this (the ZeRO-3 gather is collective); only rank 0 has an `end`.
+    Every learner rank calls this (the ZeRO-3 gathers are collective); only rank 0 has an `end`.
     """
     import torch
 
-    with _full_parameters(engine, zero_stage) as params:
+    buckets = end.plan(learner_manifest(engine), bucket_bytes) if rank == 0 else None
+    sent = 0
+    for k, chosen in enumerate(_parameter_buckets(engine, zero_stage, bucket_bytes)):
         if rank != 0:
-            return 0
-        sent = 0
-        for bucket, sizes, flat in end.plan(learner_manifest(engine), bucket_bytes):
-            for i, part in zip(bucket, torch.split(flat, sizes)):
-                part.copy_(params[i][1].detach().contiguous().view(-1).view(torch.uint8))
-            _broadcast(end.group, flat, timeout_s)
-            sent += flat.numel()
-        return sent
+            continue
+        _, sizes, flat = buckets[k]
+        for (_, p), part in zip(chosen, torch.split(flat, sizes)):
+            part.copy_(p.detach().contiguous().view(-1).view(torch.uint8))
+        _broadcast(end.group, flat, timeout_s)
+        sent += flat.numel()
+    return sent
 
 
 # ---- engine half (runs inside each rollout actor) --------------------------------------------
@@ -238,16 +270,24 @@ class WeightReceiver:
     has loaded it, kept when the load fails; `previous`, after a commit, the version served
     before it, until `release` (every engine committed) or `rollback` (one did not).
     `load` is the engine's in-place loader: it takes (name, tensor) pairs of a whole model.
+
+    An engine has one receiver per process that holds its weights: a vLLM engine one in each
+    of its workers (a worker per tensor-parallel rank, `rank`), each sent the whole model and
+    loading its own shard of it; the transformers engine one, in the rollout actor.
     """
 
-    def __init__(self, model_dir: str, load):
+    def __init__(self, model_dir: str, load, rank: int = 0):
         self.model_dir = model_dir
         self.expected = parameter_shapes(model_dir)  # the engine's own model, from its files
-        self.load = load
+        self.load, self.rank = load, rank
         self.served = Held(0, None)
         self.staged: Held | None = None
         self.previous: Held | None = None
         self.end: BroadcastEnd | None = None
+
+    def worker_rank(self) -> int:
+        """This receiver's worker's rank in its engine (every worker answers: that counts them)."""
+        return self.rank
 
     def stage(self, version: int, named: list[tuple[str, Any]], buffers: list | None = None) -> int:
         """Check a whole new version against the model's names and shapes and hold it."""
@@ -276,9 +316,22 @@ class WeightReceiver:
             named = [(name, torch.from_numpy(arr)) for name, arr in weights.items()]
         return self.stage(version, named)
 
-    def join(self, host: str, port: int, rank: int, world_size: int, timeout_s: float, device: str) -> None:
-        """Join the broadcast group; buffers live on `device` ("cuda" makes it an NCCL group)."""
-        self.end = BroadcastEnd(join_group(host, port, rank, world_size, timeout_s, device), device)
+    def stage_file(self, version: int, path: str) -> int:
+        """Object-store transport into another process: stage the tensors of a safetensors
+        file the rollout actor wrote from the store's arrays (`shared_file`)."""
+        from safetensors.torch import load_file
+
+        return self.stage(version, list(load_file(path).items()))
+
+    def join(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float,
+             device: str) -> None:
+        """Join the broadcast group as rank `first_rank` + this receiver's rank in its engine,
+        leaving the group it was in; buffers live on `device` ("cuda": an NCCL group)."""
+        if self.end is not None:
+            self.end.close()
+            self.end = None
+        self.end = BroadcastEnd(join_group(host, port, first_rank + self.rank, world_size, timeout_s, device),
+                                device)
 
     def receive(self, version: int, manifest: Manifest, bucket_bytes: int, timeout_s: float) -> int:
         """Broadcast transport, receiving half: every bucket into the buffers that the served
@@ -287,6 +340,7 @@ class WeightReceiver:
 
         if self.end is None:
             raise WeightSyncError("this engine has not joined the sync group")
+        manifest = [(name, tuple(shape), dtype) for name, shape, dtype in manifest]  # lists after an RPC
         self.staged = self.previous = None  # their buffers may be about to be overwritten
         buckets = self.end.plan(manifest, bucket_bytes, busy=self.served.buffers)
         named = []
@@ -329,14 +383,72 @@ def model_weights(model_dir: str) -> list[tuple[str, Any]]:
     return [item for f in sorted(Path(model_dir).glob("*.safetensors")) for item in load_file(str(f)).items()]
 
 
-class EngineWeightReceiver:
-    """vLLM worker extension: load HF-named weights into the running model in place.
+def call_receiver(receiver: WeightReceiver, method: str, args: tuple) -> tuple[Any, str | None]:
+    """(what `receiver.method(*args)` returned, None) or (None, why it failed). A failure is an
+    answer, not an exception: vLLM's multi-process RPC stops reading its workers' answers at
+    the first failure, and the unread ones would be taken for the answers to the next call."""
+    try:
+        return getattr(receiver, method)(*args), None
+    except Exception as err:  # noqa: BLE001 - reported to the caller, who raises it
+        return None, f"{type(err).__name__}: {err}"
 
-    `model_runner.reload_weights` is used rather than `model.load_weights`: on CPU the
+
+def agreed(answers: list[tuple[Any, str | None]]) -> Any:
+    """The one value every worker of an engine answered (`call_receiver`), or
+    `WeightSyncError` naming the first worker that failed, or saying they disagree."""
+    for rank, (value, why) in enumerate(answers):
+        if why is not None:
+            raise WeightSyncError(f"worker {rank}: {why}")
+    values = [value for value, _ in answers]
+    if any(v != values[0] for v in values):
+        raise WeightSyncError(f"the engine's workers disagree: {values}")
+    return values[0]
+
+
+@contextlib.contextmanager
+def shared_file(weights: dict[str, np.ndarray]):
+    """The object store's arrays as a safetensors file in shared memory (/dev/shm where there
+    is one) for the duration: how they reach engine workers in other processes, whose RPC
+    arguments must be plain data (vLLM's msgpack drops tensors' bytes)."""
+    import os
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, path = tempfile.mkstemp(prefix="r1ray-weights-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(weights, path)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+class EngineWeightReceiver:
+    """vLLM worker extension: this worker's `WeightReceiver`, behind one RPC method.
+
+    The rollout actor calls `llm.collective_rpc("r1ray_weights", args=(method, *args))`, which
+    runs `method` on the receiver of every worker of the engine: in the actor's process (CPU,
+    one worker) or in vLLM's worker processes (GPU; tensor parallelism; the engine core out
+    of process), each of which joins the broadcast group itself. Arguments and answers are
+    plain data (names, shapes, dtype names, numbers, a file path) so that they survive any
+    of vLLM's RPC paths; the weights' bytes travel by the collective or a shared file.
+
+    Loading uses `model_runner.reload_weights` rather than `model.load_weights`: on CPU the
     engine repacks weights after the first load and a second plain load fails.
     """
 
-    def load_policy_weights(self, named: list) -> None:
+    def r1ray_weights(self, method: str, *args) -> tuple[Any, str | None]:
+        receiver = getattr(self, "r1ray_receiver", None)
+        if receiver is None:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            receiver = self.r1ray_receiver = WeightReceiver(
+                self.model_runner.model_config.model, self.r1ray_load, get_tensor_model_parallel_rank())
+        return call_receiver(receiver, method, args)
+
+    def r1ray_load(self, named) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         try:
@@ -354,23 +466,26 @@ class EngineWeightReceiver:
 class WeightSync:
     """The driver's handle on the protocol between the learner ranks and the rollout actors."""
 
-    def __init__(self, learners: list, rollouts: list, cfg: SyncConfig, dtype: str):
-        self.learners, self.rollouts, self.cfg, self.dtype = learners, rollouts, cfg, dtype
+    def __init__(self, learners: list, rollouts: list, cfg: SyncConfig, dtype: str, device: str = "cpu"):
+        """`device`: where the broadcast group's buffers live, "cuda" (an NCCL group) only when
+        the learner and the engines are all on GPUs."""
+        self.learners, self.rollouts, self.cfg, self.dtype, self.device = learners, rollouts, cfg, dtype, device
         self.manifest: Manifest | None = None
         self.connected = False
-        # The group's device is the learner's: NCCL needs both ends on GPUs, and the learner
-        # runs on the CPU in this release, so engines on GPUs receive into host memory.
-        self.device = "cpu"
 
     def connect(self) -> None:
-        """Broadcast transport: form the sync group (learner rank 0 + every engine)."""
+        """Broadcast transport: form the sync group. Learner rank 0 is its rank 0, then come the
+        engines' workers (the processes that hold an engine's weights: one per tensor-parallel
+        shard), engine by engine. Members of a group formed before (engines that survived a
+        replacement, the learner) leave it first."""
         if self.cfg.transport != "broadcast":
             return
         self.manifest = self._get(self.learners[0].weight_manifest.remote(), "reading the manifest")
         host, port = self._get(self.learners[0].sync_address.remote(), "choosing an address")
-        world = 1 + len(self.rollouts)
-        refs = [self.learners[0].join_sync_group.remote(host, port, 0, world, self.cfg.timeout_s)]
-        refs += [r.join_sync_group.remote(host, port, 1 + i, world, self.cfg.timeout_s, self.device)
+        workers = self._get([r.weight_workers.remote() for r in self.rollouts], "counting the engines' workers")
+        world = 1 + sum(workers)
+        refs = [self.learners[0].join_sync_group.remote(host, port, 0, world, self.cfg.timeout_s, self.device)]
+        refs += [r.join_sync_group.remote(host, port, 1 + sum(workers[:i]), world, self.cfg.timeout_s, self.device)
                  for i, r in enumerate(self.rollouts)]
         self._get(refs, f"forming the sync group of {world} processes at {host}:{port}")
         self.connected = True
@@ -405,7 +520,7 @@ class WeightSync:
             except WeightSyncError:
                 self.connected = False  # a broken collective leaves the group unusable
                 raise
-        refs = [l.gather_weights.remote() for l in self.learners]
+        refs = [l.gather_weights.remote(int(self.cfg.bucket_mb * 2**20)) for l in self.learners]
         self._get(refs, "gathering weights from the learner", fetch=False)
         self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors
         return self._get([r.stage_weights.remote(refs[0], version) for r in self.rollouts],

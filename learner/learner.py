@@ -244,11 +244,12 @@ class Learner:
 
     # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
 
-    def gather_weights(self) -> dict[str, np.ndarray] | None:
-        """Full float32 weights for the object-store transport (rank 0; the others only join)."""
+    def gather_weights(self, bucket_bytes: int = 64 * 2**20) -> dict[str, np.ndarray] | None:
+        """Full float32 weights for the object-store transport (rank 0; the others only join),
+        gathered `bucket_bytes` at a time under ZeRO-3."""
         from cluster import weight_sync
 
-        return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank)
+        return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank, bucket_bytes)
 
     def weight_manifest(self) -> list:
         from cluster import weight_sync
@@ -263,11 +264,16 @@ class Learner:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+                        device: str) -> None:
+        """Join a new sync group (leaving the one formed before, if any); its buffers live on
+        `device`: this rank's GPU when it is an NCCL group."""
         from cluster import weight_sync
 
-        group = weight_sync.join_group(host, port, rank, world_size, timeout_s, "cpu")
-        self.sync_end = weight_sync.BroadcastEnd(group, "cpu")
+        if self.sync_end is not None:
+            self.sync_end.close()
+        group = weight_sync.join_group(host, port, rank, world_size, timeout_s, device)
+        self.sync_end = weight_sync.BroadcastEnd(group, device)
 
     def send_weights(self, bucket_bytes: int, timeout_s: float) -> int:
         """Broadcast transport: rank 0 sends to the sync group; every rank joins a ZeRO-3 gather."""

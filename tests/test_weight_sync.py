@@ -131,31 +131,39 @@ def _versions(actors):
             for s in ray.get(a.generate.remote(["p"], [PROMPT], sampling), timeout=120)]
 
 
-class CommitFailingRollout(RolloutActor):
-    """Fault-injecting stand-in for a rollout actor: its commit of `fail_version` feeds part
-    of the staged weights to its real engine's loader, then fails. Layers 0-1 load whole,
-    layer 2 gets q and k but not v (vLLM fuses them into one tensor), layer 3 nothing."""
+def break_next_load(worker, rank: int) -> None:
+    """Runs in every worker of a vLLM engine (`collective_rpc`): in the one of tensor-parallel
+    rank `rank`, the next load feeds part of the weights to the real loader, then fails.
+    Layers 0-1 load whole, layer 2 gets q and k but not v (vLLM fuses them into one tensor),
+    layer 3 nothing."""
+    receiver = worker.r1ray_receiver
+    if receiver.rank != rank:
+        return
+    engine_load = receiver.load
 
-    def __init__(self, model_path, cfg, seed, fail_version):
+    def load_part_then_fail(named):
+        receiver.load = engine_load  # once
+
+        def weights():
+            yield from named[:[n for n, _ in named].index("model.layers.2.self_attn.v_proj.weight")]
+            raise RuntimeError("injected fault: the load stopped part-way")
+        engine_load(weights())
+
+    receiver.load = load_part_then_fail
+
+
+class CommitFailingRollout(RolloutActor):
+    """Fault-injecting stand-in for a rollout actor: its engine's worker `fail_rank` loads
+    part of weights version `fail_version`, then fails (`break_next_load`)."""
+
+    def __init__(self, model_path, cfg, seed, fail_version, fail_rank=0):
         super().__init__(model_path, cfg, seed)
-        self.fail_version = fail_version
+        self.fail_version, self.fail_rank = fail_version, fail_rank
 
     def commit_weights(self, version):
-        if version != self.fail_version:
-            return super().commit_weights(version)
-        engine_load = self.receiver.load
-
-        def load_part_then_fail(named):
-            def weights():
-                yield from named[:[n for n, _ in named].index("model.layers.2.self_attn.v_proj.weight")]
-                raise RuntimeError("injected fault: the load stopped part-way")
-            engine_load(weights())
-
-        self.receiver.load = load_part_then_fail
-        try:
-            return super().commit_weights(version)
-        finally:
-            self.receiver.load = engine_load
+        if version == self.fail_version:
+            self.engine.llm.collective_rpc(break_next_load, args=(self.fail_rank,))
+        return super().commit_weights(version)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +250,7 @@ def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, fa
     before = _scores(pair)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     # Engine 0 loads version 2; engine 1 loads part of it and fails.
-    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: injected fault"
+    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 0: RuntimeError: injected fault"
                                               r".*engines \[0, 1\] serve versions \[1, 1\] again"):
         sync.push(2)
     # Both went back to version 1, whole: they score exactly as they did after its push.
@@ -253,3 +261,118 @@ def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, fa
     sync.push(3)
     assert sync.check(SEQ) < 1e-4
     assert _versions(pair) == [3, 3]
+
+
+# ---- the GPU topology on CPU: the engine core out of process, two tensor-parallel workers ------
+
+def served_state(worker) -> tuple:
+    """Runs in every worker of a vLLM engine: (its tensor-parallel rank, sha256 of the bytes
+    of each tensor it serves by HF name, the bytes of its plain parameters by vLLM name).
+    Linear layers' weights are repacked by vLLM's CPU kernels (their parameters are empty);
+    the embedding and head shards and the norms stay plain tensors."""
+    import hashlib
+
+    import torch
+
+    receiver = worker.r1ray_receiver
+    served = {name: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+              for name, t in receiver.served.named}
+    plain = {name: p.detach().contiguous().numpy().tobytes()
+             for name, p in worker.model_runner.model.named_parameters() if p.numel()}
+    return receiver.rank, served, plain
+
+
+class ShardedRollout(CommitFailingRollout):
+    """The fault-injecting stand-in, plus a look into its engine's worker processes."""
+
+    def on_workers(self, fn):
+        return self.engine.llm.collective_rpc(fn)
+
+    def engine_pids(self) -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+@pytest.fixture(scope="module")
+def sharded(ray_cluster, tiny_model):
+    """A vLLM engine laid out as on GPUs: its engine core in a process of its own and the
+    model sharded over two worker processes (tensor parallelism 2, one thread each). Worker
+    1's load of weights version 2 fails part-way."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8, engine_core="subprocess",
+                        tensor_parallel_size=2)
+    env = {**actor_env(cfg), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the test's functions go to the workers
+    actor = ray.remote(ShardedRollout).options(num_cpus=0.5, runtime_env={"env_vars": env}).remote(
+        tiny_model, cfg, 3, fail_version=2, fail_rank=1)
+    ray.get(actor.__ray_ready__.remote(), timeout=600)
+    yield actor
+    ray.kill(actor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(sharded, learners, tiny_model,
+                                                                               transport):
+    import hashlib
+
+    sync = WeightSync(learners, [sharded], SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120),
+                      "float32")
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    sync.push(3)
+    weights = ray.get(learners[0].gather_weights.remote())
+    sent = {name: hashlib.sha256(arr.tobytes()).hexdigest() for name, arr in weights.items()}
+    states = ray.get(sharded.on_workers.remote(served_state))
+    assert [rank for rank, _, _ in states] == [0, 1]
+    for rank, served, plain in states:
+        assert served == sent  # every byte of every tensor reached both workers
+        # The shards vLLM keeps as plain tensors hold the learner's values, bit for bit: rows
+        # [160 r, 160 (r + 1)) of the 320-token vocabulary, and the norms whole.
+        rows = slice(160 * rank, 160 * (rank + 1))
+        assert plain["model.embed_tokens.weight"] == weights["model.embed_tokens.weight"][rows].tobytes()
+        assert plain["lm_head.weight"] == weights["lm_head.weight"][rows].tobytes()
+        norms = [n for n in plain if n.endswith("norm.weight")]
+        assert len(norms) == 9 and all(plain[n] == weights[n].tobytes() for n in norms)
+    # And the sharded engine scores like the learner (its all-reduce adds in another order).
+    assert sync.check(SEQ) < 1e-4
+    assert _versions([sharded]) == [3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_a_load_failing_in_one_tensor_parallel_worker_leaves_every_engine_on_one_version(
+        engines, sharded, learners, transport):
+    pair = [engines[0], sharded]
+    sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
+    sync.push(1)
+    before = _scores(pair)
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    # Engine 0 loads version 2; engine 1's worker 0 loads it, its worker 1 loads part and fails.
+    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 1: "
+                                              r"RuntimeError: injected fault.*engines \[0, 1\] serve versions"
+                                              r" \[1, 1\] again"):
+        sync.push(2)
+    assert _versions(pair) == [1, 1]
+    for b, a in zip(before, _scores(pair)):
+        np.testing.assert_array_equal(a, b)  # both workers of engine 1 back on version 1, whole
+    sync.push(3)
+    assert sync.check(SEQ) < 1e-4
+    assert _versions(pair) == [3, 3]
+
+
+@pytest.mark.slow
+def test_a_killed_rollout_actor_takes_its_engine_processes_with_it(sharded):
+    """Last in the module: it kills the sharded engine's actor as the OOM killer would."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    pids = ray.get(sharded.engine_pids.remote())
+    assert len(pids) >= 3  # the engine core and its two workers, at least
+    os.kill(ray.get(sharded.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.5)
+    assert [p for p in pids if psutil.pid_exists(p)] == []
