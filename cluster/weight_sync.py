@@ -193,10 +193,12 @@ def learner_manifest(engine: Any) -> Manifest:
 def _parameter_buckets(engine: Any, zero_stage: int, bucket_bytes: int):
     """The module's parameters bucket by bucket (`plan_buckets` of the manifest), each bucket
     whole on every rank while it is yielded: under ZeRO-3 one gather (a collective) per
-    bucket, so a sync never holds more than one bucket of gathered weights at once."""
-    import deepspeed
+    bucket, so a sync never holds more than one bucket of gathered weights at once. DeepSpeed
+    is imported only for ZeRO-3: a plain model's weights go without it (bench/gpu_check.py)."""
     import torch
 
+    if zero_stage == 3:
+        import deepspeed
     params = list(engine.module.named_parameters())
     for bucket in plan_buckets(learner_manifest(engine), bucket_bytes):
         chosen = [params[i] for i in bucket]
