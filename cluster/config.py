@@ -214,8 +214,9 @@ class SyncConfig:
     """Longest a sync (or one of its collectives) may take before the run stops; engines
     then keep serving their previous weights."""
     check: bool = _f(False)
-    """After every sync, score a fixed sequence on the learner and every engine and stop if
-    their log-probs differ beyond the dtype's tolerance (always done after cold start)."""
+    """After every sync, score a fixed sequence on the learner and every engine: stop if their
+    log-probs differ on average beyond what kernel noise does in the dtype, warn if only the
+    tail does (always done after cold start and on resume; cluster/weight_sync.py CHECK)."""
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,7 @@ def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
             replace_engine(cfg, actors, died)  # the push below brings it up to date
     synced = actors.sync.push(version)
     if cfg.sync.check:
-        synced["sync/max_logprob_diff"] = actors.sync.check(probe)
+        synced.update(actors.sync.check(probe))
     if died:
         ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
     return synced, ahead

