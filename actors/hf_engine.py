@@ -111,6 +111,17 @@ class TransformersEngine:
             logits = self.model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().numpy()
 
+    def sleep(self) -> None:
+        """Free the device memory: the model moves to host memory until `wake` (on CPU: no-op)."""
+        import torch
+
+        if self.device != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        self.model.to(self.device)
+
     def weights(self, method: str, *args) -> list:
         """The answer (`cluster.weight_sync.call_receiver`) of this engine's one weight
         receiver to `method`, as the one worker of an engine."""

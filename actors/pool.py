@@ -13,6 +13,7 @@ sync then brings to the current version) and try the step again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -51,7 +52,8 @@ class RolloutPool:
             self.pg, placement_group_bundle_index=index)
         return ray.remote(RolloutActor).options(
             **requests(self.cfg)["rollout"].options(), runtime_env={"env_vars": actor_env(r)}, scheduling_strategy=strategy,
-        ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index)
+        ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index,
+                 self.cfg.cluster.colocate)
 
     def ready_refs(self) -> list:
         return [a.__ray_ready__.remote() for a in self.actors]
@@ -93,11 +95,27 @@ class RolloutPool:
                 raise EngineDiedError(index, _cause(err)) from None
             yield [(offset + i, samples) for i, samples in done]
 
+    @contextlib.contextmanager
+    def asleep(self):
+        """Colocated (`cluster.colocate`): every engine sleeps for the duration, its device
+        memory free for the learner beside it, and wakes at the end. Otherwise nothing."""
+        import ray
+
+        if not self.cfg.cluster.colocate:
+            yield
+            return
+        ray.get([a.sleep.remote() for a in self.actors], timeout=self.cfg.cluster.timeout_s)
+        try:
+            yield
+        finally:
+            ray.get([a.wake.remote() for a in self.actors], timeout=self.cfg.cluster.timeout_s)
+
     def shutdown(self) -> None:
-        """Stop every rollout actor (their CPUs go back to the cluster)."""
+        """Stop every rollout actor (their CPUs go back to the cluster); colocated, the
+        placement group is the learner's, which frees it."""
         from cluster.placement import release
 
-        release(self.actors, self.pg)
+        release(self.actors, None if self.cfg.cluster.colocate else self.pg)
 
     def restart(self, index: int) -> None:
         """Replace actor `index` with a fresh one (initial weights, version 0)."""

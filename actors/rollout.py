@@ -63,7 +63,9 @@ def check_fit(model_path: str, prompts: dict[str, str], cfg: RolloutConfig) -> N
 
 class RolloutActor:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
-                 index: int = 0):
+                 index: int = 0, colocated: bool = False):
+        """`colocated`: the engine shares its device with a learner rank and sleeps while it
+        trains (`sleep`, `wake`)."""
         import torch
 
         torch.set_num_threads(cfg.threads)
@@ -71,19 +73,36 @@ class RolloutActor:
         if cfg.engine == "vllm":
             from actors.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(model_path, cfg, seed, dtype, index)
+            self.engine = VLLMEngine(model_path, cfg, seed, dtype, index, sleep_mode=colocated)
         else:
             from actors.hf_engine import TransformersEngine
 
             self.engine = TransformersEngine(model_path, dtype, device)  # seeded per call
         self.cfg = cfg
         self.weight_version = 0
+        self.sleeping = False
+
+    def sleep(self) -> None:
+        """Free the engine's device memory for the learner beside it until `wake`; the engine
+        refuses all work meanwhile. On CPU nothing is freed (vLLM has no sleep mode there)."""
+        self.engine.sleep()
+        self.sleeping = True
+
+    def wake(self) -> None:
+        """Take the device memory back: the engine serves the weights it served before `sleep`."""
+        self.engine.wake()
+        self.sleeping = False
+
+    def _awake(self) -> None:
+        if self.sleeping:
+            raise RuntimeError("the rollout engine is asleep (its device is the learner's): wake it first")
 
     def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling) -> list[Sample]:
         """`sampling.n` samples per prompt, grouped contiguously in prompt order.
 
         Prompts left out by `rollout.prompt_too_long=skip` have no samples.
         """
+        self._awake()
         kept, tokens = self._fit(prompt_ids, prompts, sampling)
         groups = self.engine.generate([tokens[i] for i in kept], sampling)
         return [s for i, group in zip(kept, groups) for s in self._samples(prompt_ids[i], tokens[i], group)]
@@ -91,6 +110,7 @@ class RolloutActor:
     def generate_stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling):
         """`generate`'s groups as they finish: yields lists of (prompt index, its n samples).
         A Ray streaming generator: call with `.options(num_returns="streaming")`."""
+        self._awake()
         kept, tokens = self._fit(prompt_ids, prompts, sampling)
         for done in self.engine.generate_stream([tokens[i] for i in kept], sampling):
             yield [(kept[k], self._samples(prompt_ids[kept[k]], tokens[kept[k]], group)) for k, group in done]
@@ -108,6 +128,7 @@ class RolloutActor:
 
     def score(self, token_ids: np.ndarray) -> np.ndarray:
         """Raw log-probs of a fixed sequence (the weight-sync check)."""
+        self._awake()
         return self.engine.score(token_ids)
 
     def tokenize(self, texts: list[str]) -> list[np.ndarray]:
@@ -145,6 +166,7 @@ class RolloutActor:
 
     def commit_weights(self, version: int) -> int:
         """Load the held version in place, then serve it; returns the version now served."""
+        self._awake()
         agreed(self.engine.weights("commit", version))
         self.weight_version = version
         return self.weight_version
@@ -152,6 +174,7 @@ class RolloutActor:
     def rollback_weights(self) -> int:
         """Another engine did not load this sync's version (or this one did not): load the
         version served before it whole and serve it again; returns the version now served."""
+        self._awake()
         self.weight_version = agreed(self.engine.weights("rollback"))
         return self.weight_version
 

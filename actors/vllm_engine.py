@@ -63,7 +63,9 @@ class VLLMEngine:
     """A vLLM `LLM` behind the rollout-engine interface: generate, score, weights."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, dtype: str = "float32",
-                 index: int = 0):
+                 index: int = 0, sleep_mode: bool = False):
+        """`sleep_mode`: the engine can free its device memory between generations (`sleep`):
+        on GPUs, vLLM's sleep mode; on CPU vLLM has none, and `sleep` keeps everything."""
         import os
 
         on_cpu = cfg.num_gpus == 0
@@ -85,7 +87,10 @@ class VLLMEngine:
             # CPU generator cannot do ("CPU Generator does not use offset"): whole prefills only.
             enable_chunked_prefill=not on_cpu,
             worker_extension_cls="cluster.weight_sync.EngineWeightReceiver",
+            enable_sleep_mode=sleep_mode and not on_cpu,
+            **({} if on_cpu else {"gpu_memory_utilization": cfg.gpu_memory_utilization}),
         )
+        self.sleep_mode = sleep_mode and not on_cpu
         self.tokenizer = self.llm.get_tokenizer()
         # RPC arguments reach the one worker as they are (no copy, tensors too) only when it
         # runs in this process; otherwise they must be plain data.
@@ -162,6 +167,15 @@ class VLLMEngine:
                                    params, use_tqdm=False)
         return np.asarray([lp[int(t)].logprob for t, lp in zip(token_ids[1:], out.prompt_logprobs[1:])],
                           dtype=np.float32)
+
+    def sleep(self) -> None:
+        """Free the device memory (level 1: weights to host memory, the KV cache dropped)."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def weights(self, method: str, *args) -> list:
         """Every worker's answer (`cluster.weight_sync.call_receiver`) to `method` of its

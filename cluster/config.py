@@ -201,6 +201,9 @@ class RolloutConfig:
     makes an engine failure stop the run with the actor's error."""
     kv_cache_gib: int = _f(1, lo=1)
     """KV-cache memory of a CPU vLLM engine."""
+    gpu_memory_utilization: float = _f(0.9, lo=0.0, hi=1.0, lo_open=True)
+    """Share of its GPU's memory a GPU vLLM engine may take (weights, activations, KV cache);
+    colocated with a learner rank (cluster.colocate), leave the learner its share."""
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,11 @@ class ClusterConfig:
     """Each run writes a folder here (metrics.jsonl, config, final model)."""
     timeout_s: float = _f(600.0, lo=0.0, lo_open=True)
     """Longest wait for any remote call before the run fails with a clear error."""
+    colocate: bool = _f(False)
+    """Learner rank i and rollout engine i share one device (a GPU, or a node's CPUs), in one
+    placement bundle, taking turns: the engine sleeps while the learner trains (vLLM's sleep
+    mode on a GPU frees its weights and KV cache; on CPU vLLM has none and its memory stays).
+    Needs as many engines as ranks, tensor parallelism 1, no overlap (max_staleness 0)."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +489,21 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def _check_colocated(self) -> None:
+        l, r = self.learner, self.rollout
+        why = []
+        if r.num_engines != l.num_ranks:
+            why.append(f"rollout.num_engines={r.num_engines} equal to learner.num_ranks={l.num_ranks} "
+                       "(one engine beside each rank)")
+        if r.tensor_parallel_size != 1:
+            why.append(f"rollout.tensor_parallel_size=1 (got {r.tensor_parallel_size})")
+        if self.algorithm.max_staleness:
+            why.append("algorithm.max_staleness=0 (an engine cannot generate while its device trains)")
+        if l.num_gpus != r.num_gpus:
+            why.append(f"learner.num_gpus={l.num_gpus:g} equal to rollout.num_gpus={r.num_gpus:g} (one device)")
+        if why:
+            raise ConfigError("cluster.colocate=true needs " + "; ".join(why))
+
     def __post_init__(self) -> None:
         t = self.task
         if t.arithmetic.min_digits > t.arithmetic.max_digits:
@@ -520,6 +543,8 @@ class Config:
             raise ConfigError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs "
                               f"rollout.num_gpus >= {self.rollout.tensor_parallel_size} per engine "
                               f"(got {self.rollout.num_gpus:g})")
+        if self.cluster.colocate:
+            self._check_colocated()
         if self.rollout.engine == "transformers" and self.rollout.tensor_parallel_size > 1:
             raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
         a = self.algorithm

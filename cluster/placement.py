@@ -89,11 +89,13 @@ _KNOBS = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}
 
 
 def requests(cfg: Config) -> dict[str, Request]:
-    """What each role asks for: "learner" ranks, "rollout" actors, "reward" workers."""
+    """What each role asks for: "learner" ranks, "rollout" actors, "reward" workers.
+    Colocated (`cluster.colocate`), a rank and its engine share one GPU: half each."""
     l, r, w = cfg.learner, cfg.rollout, cfg.rewards
+    share = 0.5 if cfg.cluster.colocate else 1.0
     return {
-        "learner": Request("learner rank", l.num_ranks, l.num_cpus, l.num_gpus, l.memory_gb),
-        "rollout": Request("rollout actor", r.num_engines, r.num_cpus, r.num_gpus, r.memory_gb),
+        "learner": Request("learner rank", l.num_ranks, l.num_cpus, l.num_gpus * share, l.memory_gb),
+        "rollout": Request("rollout actor", r.num_engines, r.num_cpus, r.num_gpus * share, r.memory_gb),
         "reward": Request("reward worker", w.num_workers, w.num_cpus, 0.0, w.memory_gb),
     }
 
@@ -144,8 +146,14 @@ def check_fits(cfg: Config) -> None:
 
 def learner_group(cfg: Config, timeout_s: float = 30.0):
     """The learner ranks' bundles, packed onto as few nodes as possible (their collectives
-    are the most frequent traffic)."""
-    return _group(requests(cfg)["learner"], "PACK", timeout_s)
+    are the most frequent traffic). Colocated, bundle i also holds rollout actor i (what
+    both ask for, on one device)."""
+    learner = requests(cfg)["learner"]
+    if cfg.cluster.colocate:
+        rollout = requests(cfg)["rollout"]
+        learner = Request("learner rank + rollout actor", learner.count, learner.num_cpus + rollout.num_cpus,
+                          learner.num_gpus + rollout.num_gpus, learner.memory_gb + rollout.memory_gb)
+    return _group(learner, "PACK", timeout_s)
 
 
 def rollout_group(cfg: Config, timeout_s: float = 30.0):

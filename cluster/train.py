@@ -162,7 +162,7 @@ def grpo_step(cfg: Config, actors: Actors, produced: Produced, step: int, versio
     if batch:
         advantages = group_advantages(rewards[rows], G, cfg.algorithm.normalize_std)  # [b*G]
         lr = lr_at(cfg, step)
-        with _timed(timings, "learn"):
+        with _timed(timings, "learn"), actors.rollouts.asleep():  # colocated: the device is the learner's
             metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
         with _timed(timings, "sync"):
             synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
@@ -183,13 +183,17 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     learners, learner_pg = start_learners(cfg, Learner, model_path, cfg.learner, cfg.algorithm,
                                           Sampling.from_config(cfg.rollout, n=1, seed=cfg.algorithm.seed))
     nodes = placement.nodes_of(learner_pg)
-    rollout_pg = placement.rollout_group(cfg)
+    rollout_pg = learner_pg if cfg.cluster.colocate else placement.rollout_group(cfg)  # engine i beside rank i
     rollouts = RolloutPool(cfg, model_path, rollout_pg)  # engines in the learner's precision
     fmt = prompt_format(cfg, model_path)
     rewarders = RewardPool(cfg, tasks.tasks, fmt.render)
-    print(f"r1ray: placement: {len(nodes)} learner rank(s) on node(s) {_short(nodes)}, "
-          f"{cfg.rollout.num_engines} rollout actor(s) on node(s) {_short(placement.nodes_of(rollout_pg))}",
-          flush=True)
+    if cfg.cluster.colocate:
+        print(f"r1ray: placement: {len(nodes)} learner rank(s), each with its rollout actor (colocated), "
+              f"on node(s) {_short(nodes)}", flush=True)
+    else:
+        print(f"r1ray: placement: {len(nodes)} learner rank(s) on node(s) {_short(nodes)}, "
+              f"{cfg.rollout.num_engines} rollout actor(s) on node(s) {_short(placement.nodes_of(rollout_pg))}",
+              flush=True)
     # Constructors run remotely: wait for them here so a failure surfaces at start-up.
     ready = [a.__ray_ready__.remote() for a in learners] + rollouts.ready_refs() + rewarders.ready_refs()
     ray.get(ready, timeout=cfg.cluster.timeout_s)
@@ -353,15 +357,16 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     bar = tqdm(range(cfg.cold_start.steps), desc="cold-start SFT", unit="step", dynamic_ncols=True,
                disable=not cfg.logging.progress)
-    for _ in bar:
-        problems = tasks.sample(rng, cfg.cold_start.batch_size, names=tasks.with_traces())
-        prompts = [np.asarray(tokenizer(actors.prompts.render(p.prompt))["input_ids"]) for p in problems]
-        traces = [np.asarray(tokenizer(tasks.tasks[p.task].reference_trace(p), add_special_tokens=False)["input_ids"])
-                  for p in problems]
-        shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
-        (first, *_) = ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
-                              timeout=cfg.cluster.timeout_s)
-        bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
+    with actors.rollouts.asleep():  # colocated: the device is the learner's meanwhile
+        for _ in bar:
+            problems = tasks.sample(rng, cfg.cold_start.batch_size, names=tasks.with_traces())
+            prompts = [np.asarray(tokenizer(actors.prompts.render(p.prompt))["input_ids"]) for p in problems]
+            traces = [np.asarray(tokenizer(tasks.tasks[p.task].reference_trace(p),
+                                           add_special_tokens=False)["input_ids"]) for p in problems]
+            shards = collate(prompts, traces, pad_id=0).split(len(actors.learners))
+            (first, *_) = ray.get([l.sft_step.remote(s, cfg.cold_start.lr) for l, s in zip(actors.learners, shards)],
+                                  timeout=cfg.cluster.timeout_s)
+            bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
     ray.get([l.reset_optimizer.remote() for l in actors.learners], timeout=cfg.cluster.timeout_s)
     actors.sync.push(1)
     actors.sync.check(probe)  # the engines must now score a trace exactly as the learner does

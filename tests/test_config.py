@@ -80,6 +80,9 @@ def test_overrides_win_over_the_file(tmp_path):
     # A clip_low of 1 would let the ratio fall to 0: refused when the config loads, not at step 1.
     ("algorithm.clip_low=1", "algorithm.clip_low=1.0 is out of range; valid: [0.0, 1.0)"),
     ("algorithm.kl_reference=/no/such/model", "algorithm.kl_reference='/no/such/model' is neither rl_start nor"),
+    ("cluster.colocate=true rollout.num_engines=2 algorithm.max_staleness=1",
+     "cluster.colocate=true needs rollout.num_engines=2 equal to learner.num_ranks=1 (one engine beside each "
+     "rank); algorithm.max_staleness=0 (an engine cannot generate while its device trains)"),
     # On CPU an engine's shards are processes (tests/test_weight_sync.py); on GPUs, one GPU each.
     ("rollout.tensor_parallel_size=2 rollout.num_gpus=1", "rollout.tensor_parallel_size=2 needs "
                                                           "rollout.num_gpus >= 2 per engine (got 1)"),

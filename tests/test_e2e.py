@@ -33,10 +33,11 @@ RUNS = {
     # Four steps: the resume test stops a copy of this run after its first step.
     "vllm-x2-broadcast": ["rollout.num_engines=2", "rollout.num_cpus=0.4", "sync.transport=broadcast",
                           "sync.check=true", "eval.every=2", "eval.k=2", "algorithm.steps=4"],
-    # One transformers engine fed through the object store; truncated answers masked; a
-    # mixture of four tasks, one of them a dataset, scored by two checker processes; DAPO's
-    # dynamic sampling refilling the batch with groups that have signal.
-    "transformers-mixture": ["rollout.engine=transformers", "algorithm.mask_truncated=true",
+    # One transformers engine fed through the object store, colocated with the learner rank
+    # (it sleeps while the rank trains, and refuses work while asleep); truncated answers
+    # masked; a mixture of four tasks, one of them a dataset, scored by two checker
+    # processes; DAPO's dynamic sampling refilling the batch with groups that have signal.
+    "transformers-mixture": ["rollout.engine=transformers", "cluster.colocate=true", "algorithm.mask_truncated=true",
                              "task.countdown.weight=1", "task.countdown.num_numbers=3", "task.knights.weight=1",
                              "task.math.weight=1", "task.math.path={data}", "rewards.processes=2",
                              "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_rounds=2"],
@@ -74,6 +75,8 @@ def test_two_grpo_steps_through_the_real_entry_point(finished, name):
     rollout = RUNS[name]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"run folder {run_dir}" in proc.stdout
+    if "cluster.colocate=true" in rollout:  # one bundle holds the rank and its engine
+        assert "placement: 1 learner rank(s), each with its rollout actor (colocated), on node(s)" in proc.stdout
     rows = read_rows(run_dir / "metrics.jsonl")
     steps = 4 if "algorithm.steps=4" in rollout else 2
     assert [r["step"] for r in rows] == list(range(1, steps + 1))

@@ -29,6 +29,18 @@ def test_bundles_carry_each_roles_resources():
     assert reqs["reward"].options() == {"num_cpus": 0.1, "num_gpus": 0.0, "memory": 0.5 * GIB}
 
 
+def test_colocated_a_rank_and_its_engine_share_one_gpu_in_one_bundle():
+    cfg = load_config(None, ["cluster.colocate=true", "learner.num_ranks=2", "rollout.num_engines=2",
+                             "learner.num_gpus=1", "rollout.num_gpus=1", "cluster.num_cpus=4"])
+    reqs = requests(cfg)
+    assert reqs["learner"].options()["num_gpus"] == reqs["rollout"].options()["num_gpus"] == 0.5
+    # Two GPUs hold both pairs; one does not (each pair needs a whole GPU).
+    assert fits(["cluster.colocate=true", "learner.num_ranks=2", "rollout.num_engines=2", "learner.num_gpus=1",
+                 "rollout.num_gpus=1"], [{"CPU": 8.0, "GPU": 2.0}]) is None
+    assert "asks for 2 GPUs" in fits(["cluster.colocate=true", "learner.num_ranks=2", "rollout.num_engines=2",
+                                      "learner.num_gpus=1", "rollout.num_gpus=1"], [{"CPU": 8.0, "GPU": 1.0}])
+
+
 def test_the_two_node_eight_gpu_example_fits_two_such_nodes_only():
     node = {"CPU": 96, "GPU": 8, "memory": 900 * GIB}
     assert fits([], [node, node], REPO / "configs/2nodes-8gpus.yaml") is None

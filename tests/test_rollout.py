@@ -13,8 +13,8 @@ import ray
 
 from actors.pool import EngineDiedError, RolloutPool
 from actors.records import Sampling
-from actors.rollout import PromptTooLongError, fit_prompt
-from cluster.config import load_config
+from actors.rollout import PromptTooLongError, RolloutActor, fit_prompt
+from cluster.config import RolloutConfig, load_config
 from tests.helpers import make_learners, samples_to_batch, start_rollout
 
 PROMPTS = [f"User: {a}+{b}=?\nAssistant: <think>" for a, b in [(1, 2), (13, 4), (7, 70), (55, 5), (9, 9)]]
@@ -261,3 +261,19 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
             with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
                 train.rollout_result(cfg, actors, rollout, version=1)
     ray.kill(learners[0])
+
+
+def test_a_sleeping_engine_refuses_work_until_it_wakes(tiny_model):
+    """Colocated, the driver puts the engine to sleep while its learner rank trains: any
+    generate, score or weight load it sends meanwhile is a bug in the order of the phases."""
+    actor = RolloutActor(tiny_model, RolloutConfig(engine="transformers", threads=1, max_new_tokens=4), seed=0,
+                         colocated=True)
+    ids = np.arange(1, 12)
+    before = actor.score(ids)
+    actor.sleep()
+    for call in (lambda: actor.score(ids), lambda: actor.generate(["p"], ["User: 1+2=?"], Sampling(n=1, seed=0)),
+                 lambda: actor.commit_weights(1), lambda: actor.rollback_weights()):
+        with pytest.raises(RuntimeError, match="asleep"):
+            call()
+    actor.wake()
+    np.testing.assert_array_equal(actor.score(ids), before)
