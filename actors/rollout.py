@@ -153,6 +153,11 @@ class RolloutActor:
                 held = self.engine.weights("stage_file", version, path)
         return agreed(held), self.weight_version
 
+    def stage_shared(self, handles: list, version: int) -> tuple[int, int]:
+        """CUDA IPC transport: copy the weights of the learner rank beside this engine from
+        its CUDA IPC handles and hold them; returns (bytes held, the version served meanwhile)."""
+        return agreed(self.engine.weights("stage_ipc", version, handles)), self.weight_version
+
     def join_sync_group(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float,
                         device: str) -> None:
         """Broadcast transport: every worker joins the group (ranks from `first_rank` on)."""

@@ -208,9 +208,11 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    transport: str = _f("object_store", choices=("object_store", "broadcast"))
+    transport: str = _f("object_store", choices=("object_store", "broadcast", "cuda_ipc"))
     """How new weights reach the engines: Ray's object store (one put, every engine reads
-    it), or a torch.distributed broadcast from learner rank 0 (gloo on CPU, NCCL on GPU)."""
+    it), a torch.distributed broadcast from learner rank 0 (gloo on CPU, NCCL on GPU), or,
+    colocated on GPUs (cluster.colocate), CUDA IPC handles to the rank's own tensors, which
+    the engine beside it copies on the device (ZeRO-1/2: every rank holds the whole model)."""
     bucket_mb: float = _f(64.0, lo=0.0, lo_open=True)
     """Broadcast transport: parameters are sent packed in buckets of about this size."""
     timeout_s: float = _f(120.0, lo=0.0, lo_open=True)
@@ -545,6 +547,11 @@ class Config:
                               f"(got {self.rollout.num_gpus:g})")
         if self.cluster.colocate:
             self._check_colocated()
+        if self.sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.learner.num_gpus
+                                                      and self.learner.zero_stage < 3):
+            raise ConfigError("sync.transport=cuda_ipc needs cluster.colocate=true, learner.num_gpus=1 and "
+                              f"learner.zero_stage 1 or 2 (got colocate={self.cluster.colocate}, "
+                              f"num_gpus={self.learner.num_gpus:g}, zero_stage={self.learner.zero_stage})")
         if self.rollout.engine == "transformers" and self.rollout.tensor_parallel_size > 1:
             raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
         a = self.algorithm

@@ -28,6 +28,9 @@ The protocol, run by the driver after each optimizer step (`WeightSync.push`):
     `sync.bucket_mb`. Sender and receivers cut the buckets with the same function
     (`plan_buckets`) from one manifest. A group whose members change (an engine replaced)
     is closed by those that remain and formed anew.
+  - "cuda_ipc" (colocated on GPUs, `cluster.colocate`): each learner rank hands the engine
+    beside it CUDA IPC handles to its own parameters (ZeRO-1/2: whole on every rank), and
+    the engine's worker copies them on the device: no trip through host memory.
 - load (commit): only when every engine holds the whole new version does the driver tell
   them to load it in place, drop their prefix caches (keys/values computed with the old
   weights) and take the new version number. Every sample generated afterwards carries it.
@@ -262,6 +265,20 @@ def _as_numpy(t, copy: bool) -> np.ndarray:
     return arr.copy() if copy else arr
 
 
+def share_weights(engine: Any) -> list[tuple[str, bytes]]:
+    """CUDA IPC transport, sending half (colocated ranks on GPUs, ZeRO-1/2: every rank holds
+    the whole model): each parameter's name and its CUDA IPC handle, pickled. The engine
+    beside this rank opens the handles and copies the tensors on the device; the parameters
+    stay valid until the next optimizer step, which the driver orders after the commit."""
+    import pickle
+
+    import torch
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    with torch.no_grad():
+        return [(name, pickle.dumps(reduce_tensor(p.detach()))) for name, p in engine.module.named_parameters()]
+
+
 def send_weights(engine: Any, zero_stage: int, rank: int, end: BroadcastEnd | None, bucket_bytes: int,
                  timeout_s: float) -> int:
     """Broadcast transport, sending half: rank 0 broadcasts bucket by bucket; returns bytes sent.
@@ -348,6 +365,22 @@ class WeightReceiver:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # store arrays are read-only; the loader copies them
             named = [(name, torch.from_numpy(arr)) for name, arr in weights.items()]
+        return self.stage(version, named)
+
+    def stage_ipc(self, version: int, handles: list[tuple[str, bytes]]) -> int:
+        """CUDA IPC transport: open the learner's tensors on this GPU (`share_weights`) and
+        stage a copy of them, made on the device (the learner's change at its next step)."""
+        import pickle
+
+        import torch
+
+        named = []
+        for name, handle in handles:
+            rebuild, args = pickle.loads(handle)
+            args = list(args)
+            args[6] = torch.cuda.current_device()  # the same GPU, numbered as this process sees it
+            named.append((name, rebuild(*args).clone()))
+        torch.cuda.synchronize()
         return self.stage(version, named)
 
     def stage_file(self, version: int, path: str) -> int:
@@ -554,6 +587,10 @@ class WeightSync:
             except WeightSyncError:
                 self.connected = False  # a broken collective leaves the group unusable
                 raise
+        if self.cfg.transport == "cuda_ipc":  # engine i beside rank i (cluster.colocate)
+            handles = [l.share_weights.remote() for l in self.learners]
+            return self._get([r.stage_shared.remote(h, version) for r, h in zip(self.rollouts, handles)],
+                             f"handing weights version {version} to the engines beside the learner ranks")
         refs = [l.gather_weights.remote(int(self.cfg.bucket_mb * 2**20)) for l in self.learners]
         self._get(refs, "gathering weights from the learner", fetch=False)
         self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors

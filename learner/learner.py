@@ -251,6 +251,12 @@ class Learner:
 
         return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank, bucket_bytes)
 
+    def share_weights(self) -> list[tuple[str, bytes]]:
+        """CUDA IPC handles to this rank's parameters, for the engine beside it (colocated)."""
+        from cluster import weight_sync
+
+        return weight_sync.share_weights(self.engine)
+
     def weight_manifest(self) -> list:
         from cluster import weight_sync
 
