@@ -474,15 +474,18 @@ def agreed(answers: list[tuple[Any, str | None]]) -> Any:
 
 @contextlib.contextmanager
 def shared_file(weights: dict[str, np.ndarray]):
-    """The object store's arrays as a safetensors file in shared memory (/dev/shm where there
-    is one) for the duration: how they reach engine workers in other processes, whose RPC
-    arguments must be plain data (vLLM's msgpack drops tensors' bytes)."""
+    """The object store's arrays as a safetensors file for the duration: how they reach engine
+    workers in other processes, whose RPC arguments must be plain data (vLLM's msgpack drops
+    tensors' bytes). In shared memory (/dev/shm) where it has room, else in the temporary
+    folder (containers often give /dev/shm 64 MB)."""
     import os
+    import shutil
     import tempfile
 
     from safetensors.numpy import save_file
 
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    size = sum(a.nbytes for a in weights.values())
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 1.1 * size else None
     fd, path = tempfile.mkstemp(prefix="r1ray-weights-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
