@@ -19,7 +19,8 @@ a section that fails is recorded with its error and traceback.
    bf16), with and without gradient checkpointing, at two sequence lengths.
 4. bf16_noise: |difference| of the log-probs of one fixed random sequence under the same
    weights in fp32 and bf16, bf16 with eager vs SDPA attention, bf16 alone vs in a batch of 4:
-   mean, p99 and max, the statistics the weight-sync check (cluster/weight_sync.py) compares.
+   mean, p99 and max, the statistics the weight-sync check compares, each against its bounds
+   for the dtype (cluster/weight_sync.py, `CHECK`).
    The model's final norm is scaled so its logits spread like a trained model's (std ~3); a
    random model's near-uniform outputs would hide the noise.
 5. engine: the transformers rollout engine (actors/hf_engine.py) generates and scores on the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -333,6 +335,7 @@ def check_memory(args) -> dict:
 
 def check_bf16_noise(args) -> dict:
     from actors.records import Sampling
+    from cluster.weight_sync import CHECK
 
     model = qwen(args, torch.float32).eval()
     length = 64 if args.small else 1024
@@ -356,10 +359,15 @@ def check_bf16_noise(args) -> dict:
              "bf16_sdpa_vs_bf16_eager": ("bf16_sdpa", "bf16_eager"),
              "bf16_batch1_vs_batch4": ("bf16_sdpa", "bf16_sdpa_batch4")}
     stats = {name: noise(runs[a], runs[b]) for name, (a, b) in pairs.items()}
+    # What the sync check would say of each pair, by the bounds of the dtype it runs in.
+    checked = {name: "bfloat16" if "bf16" in name else "float32" for name in pairs}
     for name, s in stats.items():
+        bound = CHECK[checked[name]]
+        s["within_sync_check"] = {"mean": s["mean"] <= bound.mean, "p99": s["p99"] <= bound.p99}
         print(f"  bf16_noise {name}: mean {s['mean']:.2e} p99 {s['p99']:.2e} max {s['max']:.2e}", flush=True)
     return {"model": "Qwen2.5-1.5B shapes" if not args.small else "tiny Qwen2", "seq_len": length,
-            "logit_std": logit_std, "mean_logprob": runs["fp32_sdpa"].mean().item(), "abs_diff": stats}
+            "logit_std": logit_std, "mean_logprob": runs["fp32_sdpa"].mean().item(), "abs_diff": stats,
+            "sync_check_bounds": {dtype: dataclasses.asdict(b) for dtype, b in CHECK.items()}}
 
 
 # ---- 5. the transformers rollout engine -------------------------------------------------
