@@ -242,29 +242,6 @@ def test_a_timed_out_sync_leaves_the_previous_version_serving(engines, learners,
     assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, failing_engine, learners, transport):
-    pair = [engines[0], failing_engine]
-    sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
-    sync.push(1)
-    before = _scores(pair)
-    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    # Engine 0 loads version 2; engine 1 loads part of it and fails.
-    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 0: "
-                                              r"RuntimeError: injected fault"
-                                              r".*engines \[0, 1\] serve versions \[1, 1\] again"):
-        sync.push(2)
-    # Both went back to version 1, whole: they score exactly as they did after its push.
-    assert _versions(pair) == [1, 1]
-    for b, a in zip(before, _scores(pair)):
-        np.testing.assert_array_equal(a, b)
-    # And the next sync goes through on both.
-    sync.push(3)
-    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
-    assert _versions(pair) == [3, 3]
-
-
 def swap_next_load(worker, layers: tuple[int, int]) -> None:
     """Runs in every worker of a vLLM engine: its next load gets the weights of two layers
     exchanged (an off-by-one in names, in transit) and otherwise the weights sent."""
@@ -386,21 +363,25 @@ def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(shar
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_a_load_failing_in_one_tensor_parallel_worker_leaves_every_engine_on_one_version(
-        engines, sharded, learners, transport):
-    pair = [engines[0], sharded]
+@pytest.mark.parametrize("failing, worker", [("failing_engine", 0), ("sharded", 1)])
+def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, learners, request, failing, worker,
+                                                                      transport):
+    """The second engine's load of version 2 stops part-way: in its one worker, or in worker 1
+    of its two tensor-parallel workers (worker 0 loads it whole)."""
+    pair = [engines[0], request.getfixturevalue(failing)]
     sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
     sync.push(1)
     before = _scores(pair)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    # Engine 0 loads version 2; engine 1's worker 0 loads it, its worker 1 loads part and fails.
-    with pytest.raises(WeightSyncError, match=r"loading weights version 2 failed on engine 1: worker 1: "
-                                              r"RuntimeError: injected fault.*engines \[0, 1\] serve versions"
-                                              r" \[1, 1\] again"):
+    with pytest.raises(WeightSyncError, match=rf"loading weights version 2 failed on engine 1: worker {worker}: "
+                                              r"RuntimeError: injected fault"
+                                              r".*engines \[0, 1\] serve versions \[1, 1\] again"):
         sync.push(2)
+    # Both went back to version 1, whole (every worker): they score exactly as after its push.
     assert _versions(pair) == [1, 1]
     for b, a in zip(before, _scores(pair)):
-        np.testing.assert_array_equal(a, b)  # both workers of engine 1 back on version 1, whole
+        np.testing.assert_array_equal(a, b)
+    # And the next sync goes through on both.
     sync.push(3)
     assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
     assert _versions(pair) == [3, 3]
