@@ -1,9 +1,10 @@
 """Weight sync: after a sync every engine scores a fixed sequence like the learner does, with
 either transport; a sync that fails leaves every engine serving its previous weights whole.
 
-Real pieces: vLLM engines in rollout actors, DeepSpeed learner ranks, Ray's object store and
-a gloo group; one engine's load is made to fail part-way by a fault-injecting stand-in
-rollout actor (`CommitFailingRollout`). The bucket plan and the receiver's checks are also
+Real pieces: vLLM engines in rollout actors, in both layouts (in the actor's process, and with
+its engine core and two tensor-parallel workers in processes of their own, as on GPUs),
+DeepSpeed learner ranks, Ray's object store and a gloo group; an engine's load is made to
+fail part-way by a fault-injecting stand-in rollout actor (`FaultyRollout`). The bucket plan and the receiver's checks are also
 unit-tested with a stand-in loader (a list that records what it is given).
 """
 
@@ -20,7 +21,7 @@ from actors.rollout import RolloutActor, actor_env
 from cluster.config import RolloutConfig, SyncConfig
 from cluster.weight_sync import CHECK, WeightReceiver, WeightSync, WeightSyncError, model_weights, plan_buckets
 from learner.models import count_parameters
-from tests.helpers import fixed_batch, make_learners, run_on_ranks, start_rollout
+from tests.helpers import fixed_batch, make_learners, run_on_ranks
 
 SEQ = np.array([1, 10, 11, 12, 40, 41, 42, 43], dtype=np.int64)
 PROMPT = "User: 1+2=?\nAssistant: <think>"
@@ -105,14 +106,6 @@ def test_a_failed_load_keeps_the_staged_version_and_a_rollback_reloads_the_serve
 # ---- real engines and learners --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engines(ray_cluster, tiny_model):
-    actors = [start_rollout(tiny_model, seed=i, max_new_tokens=200) for i in range(2)]
-    yield actors
-    for a in actors:
-        ray.kill(a)
-
-
-@pytest.fixture(scope="module")
 def learners(ray_cluster, tiny_model):
     """One ZeRO-2 rank, shared (~8 s to start): each test trains it a step away from whatever
     the engines serve, and checks the engines against it."""
@@ -153,9 +146,10 @@ def break_next_load(worker, rank: int) -> None:
     receiver.load = load_part_then_fail
 
 
-class CommitFailingRollout(RolloutActor):
+class FaultyRollout(RolloutActor):
     """Fault-injecting stand-in for a rollout actor: its engine's worker `fail_rank` loads
-    part of weights version `fail_version`, then fails (`break_next_load`)."""
+    part of weights version `fail_version`, then fails (`break_next_load`). It also runs the
+    test's functions in its engine's workers and names its engine's processes."""
 
     def __init__(self, model_path, cfg, seed, fail_version, fail_rank=0, dtype="float32"):
         super().__init__(model_path, cfg, seed, dtype)
@@ -166,17 +160,38 @@ class CommitFailingRollout(RolloutActor):
             self.engine.llm.collective_rpc(break_next_load, args=(self.fail_rank,))
         return super().commit_weights(version)
 
+    def on_workers(self, fn):
+        return self.engine.llm.collective_rpc(fn)
 
-@pytest.fixture(scope="module")
-def failing_engine(ray_cluster, tiny_model):
+    def engine_pids(self) -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def start_faulty(model_path, seed, fail_version, fail_rank=0, dtype="float32", **rollout):
     # Ray's workers cannot import a test module: ship the class itself.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8)
-    actor = ray.remote(CommitFailingRollout).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}
-                                                     ).remote(tiny_model, cfg, 2, fail_version=2)
-    ray.get(actor.__ray_ready__.remote(), timeout=300)
-    yield actor
-    ray.kill(actor)
+    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8, **rollout)
+    env = {**actor_env(cfg), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the test's functions go to the workers
+    actor = ray.remote(FaultyRollout).options(num_cpus=0.5, runtime_env={"env_vars": env}).remote(
+        model_path, cfg, seed, fail_version, fail_rank, dtype)
+    ray.get(actor.__ray_ready__.remote(), timeout=600)
+    return actor
+
+
+@pytest.fixture(scope="module")
+def engines(ray_cluster, tiny_model):
+    """Two vLLM engines, one in each layout: in the rollout actor's process (CPU's default),
+    and as on GPUs, with its engine core in a process of its own and the model sharded over
+    two worker processes (tensor parallelism 2, one thread each). Engine 0's load of weights
+    version 102 fails part-way in its worker, engine 1's of version 202 in its worker 1."""
+    actors = [start_faulty(tiny_model, 0, fail_version=102),
+              start_faulty(tiny_model, 1, fail_version=202, fail_rank=1, engine_core="subprocess",
+                           tensor_parallel_size=2)]
+    yield actors
+    for a in actors:
+        ray.kill(a)
 
 
 @pytest.mark.slow
@@ -264,11 +279,8 @@ def test_the_check_lets_bf16_kernel_noise_pass_and_stops_a_corrupted_sync(ray_cl
     """A real model (SmolLM2-135M), learner and engine in bf16: their log-probs differ by bf16
     noise alone after a good sync, far more than fp32 allows; a sync that swaps two layers
     must stop the run."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     (learner,) = make_learners(smollm2_model, 1, 2, dtype="bfloat16")
-    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8)
-    engine = ray.remote(ShardedRollout).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}).remote(
-        smollm2_model, cfg, 0, fail_version=-1, dtype="bfloat16")
+    engine = start_faulty(smollm2_model, 0, fail_version=-1, dtype="bfloat16")
     try:
         sync = WeightSync([learner], [engine], SyncConfig(timeout_s=300), "bfloat16")
         probe = ray.get(engine.tokenize.remote([PROMPT + "23 + 19: 3 + 9 = 12, carry 1; 2 + 1 + 1 = 4."
@@ -305,39 +317,12 @@ def served_state(worker) -> tuple:
     return receiver.rank, served, plain
 
 
-class ShardedRollout(CommitFailingRollout):
-    """The fault-injecting stand-in, plus a look into its engine's worker processes."""
-
-    def on_workers(self, fn):
-        return self.engine.llm.collective_rpc(fn)
-
-    def engine_pids(self) -> list[int]:
-        import psutil
-
-        return [p.pid for p in psutil.Process().children(recursive=True)]
-
-
-@pytest.fixture(scope="module")
-def sharded(ray_cluster, tiny_model):
-    """A vLLM engine laid out as on GPUs: its engine core in a process of its own and the
-    model sharded over two worker processes (tensor parallelism 2, one thread each). Worker
-    1's load of weights version 2 fails part-way."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = RolloutConfig(engine="vllm", threads=1, num_cpus=0.5, max_new_tokens=8, engine_core="subprocess",
-                        tensor_parallel_size=2)
-    env = {**actor_env(cfg), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the test's functions go to the workers
-    actor = ray.remote(ShardedRollout).options(num_cpus=0.5, runtime_env={"env_vars": env}).remote(
-        tiny_model, cfg, 3, fail_version=2, fail_rank=1)
-    ray.get(actor.__ray_ready__.remote(), timeout=600)
-    yield actor
-    ray.kill(actor)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(sharded, learners, tiny_model,
-                                                                               transport):
+def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(engines, learners, transport):
     import hashlib
+
+    sharded = engines[1]
 
     sync = WeightSync(learners, [sharded], SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120),
                       "float32")
@@ -363,32 +348,31 @@ def test_every_tensor_parallel_worker_serves_the_learners_weights_bit_exact(shar
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
-@pytest.mark.parametrize("failing, worker", [("failing_engine", 0), ("sharded", 1)])
-def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, learners, request, failing, worker,
-                                                                      transport):
-    """The second engine's load of version 2 stops part-way: in its one worker, or in worker 1
-    of its two tensor-parallel workers (worker 0 loads it whole)."""
-    pair = [engines[0], request.getfixturevalue(failing)]
-    sync = WeightSync(learners, pair, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
-    sync.push(1)
-    before = _scores(pair)
+@pytest.mark.parametrize("failing, worker", [(0, 0), (1, 1)])
+def test_a_failed_commit_leaves_every_engine_on_the_previous_version(engines, learners, failing, worker, transport):
+    """One engine's load stops part-way, the other's goes through: the in-process engine's
+    one worker fails, or worker 1 of the sharded engine's two (its worker 0 loads it whole)."""
+    version = 100 * (failing + 1)  # the engine fails to load version + 2 (the `engines` fixture)
+    sync = WeightSync(learners, engines, SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=120), "float32")
+    sync.push(version + 1)
+    before = _scores(engines)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    with pytest.raises(WeightSyncError, match=rf"loading weights version 2 failed on engine 1: worker {worker}: "
-                                              r"RuntimeError: injected fault"
-                                              r".*engines \[0, 1\] serve versions \[1, 1\] again"):
-        sync.push(2)
-    # Both went back to version 1, whole (every worker): they score exactly as after its push.
-    assert _versions(pair) == [1, 1]
-    for b, a in zip(before, _scores(pair)):
+    with pytest.raises(WeightSyncError, match=rf"loading weights version {version + 2} failed on engine {failing}: "
+                                              rf"worker {worker}: RuntimeError: injected fault.*engines \[0, 1\] "
+                                              rf"serve versions \[{version + 1}, {version + 1}\] again"):
+        sync.push(version + 2)
+    # Both went back, whole (every worker): they score exactly as after that version's push.
+    assert _versions(engines) == [version + 1] * 2
+    for b, a in zip(before, _scores(engines)):
         np.testing.assert_array_equal(a, b)
     # And the next sync goes through on both.
-    sync.push(3)
+    sync.push(version + 3)
     assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4
-    assert _versions(pair) == [3, 3]
+    assert _versions(engines) == [version + 3] * 2
 
 
 @pytest.mark.slow
-def test_a_killed_rollout_actor_takes_its_engine_processes_with_it(sharded):
+def test_a_killed_rollout_actor_takes_its_engine_processes_with_it(engines):
     """Last in the module: it kills the sharded engine's actor as the OOM killer would."""
     import os
     import signal
@@ -396,6 +380,7 @@ def test_a_killed_rollout_actor_takes_its_engine_processes_with_it(sharded):
 
     import psutil
 
+    sharded = engines[1]
     pids = ray.get(sharded.engine_pids.remote())
     assert len(pids) >= 3  # the engine core and its two workers, at least
     os.kill(ray.get(sharded.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
