@@ -21,6 +21,7 @@ waiting forever. Ranks agree on the largest micro-batch count and pad with empty
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -200,18 +201,9 @@ class Learner:
         """(log-probs [n, L-1] of each next token under the policy, in the distribution the
         engines sample from; its entropy [n, L-1] or None; with `untruncated`, the log-probs
         at the temperature without the top-k / top-p cut, for the KL term, else None)."""
-        import torch
-
-        from learner.grpo import entropy_of_logprobs
-
-        logprobs, every, raw = _next_token_logprobs(
-            self.engine, micro.input_ids, micro.attention_mask, sampling or self.sampling, micro.loss_mask,
-            self.cfg.zero_stage < 3, micro.segment_ids, untruncated)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = _scatter(entropy_of_logprobs(every), micro.loss_mask)  # [n, L-1]
-        return logprobs, entropy, raw
+        return _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask, sampling or self.sampling,
+                                    micro.loss_mask, micro.segment_ids, untruncated, with_entropy,
+                                    self.cfg.logprob_chunk)
 
     def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
         """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed.
@@ -228,7 +220,8 @@ class Learner:
                     ref = None
                     if self.reference is not None:
                         ref, _, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
-                                                         self.kl_sampling, micro.loss_mask)
+                                                         self.kl_sampling, micro.loss_mask,
+                                                         chunk=self.cfg.logprob_chunk)
                     out[-1].append((old, ref))
         return out
 
@@ -239,7 +232,7 @@ class Learner:
         ids = np.asarray(token_ids, dtype=np.int64)[None]  # [1, T]
         with torch.no_grad():
             logprobs, _, _ = _next_token_logprobs(self.engine, ids, np.ones_like(ids), RAW,
-                                                  split_head=self.cfg.zero_stage < 3)  # [1, T-1]
+                                                  chunk=self.cfg.logprob_chunk)  # [1, T-1]
         return logprobs[0].cpu().numpy()
 
     # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
@@ -410,20 +403,26 @@ def ds_config(cfg: LearnerConfig) -> dict:
 
 
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling,
-                         targets: np.ndarray | None = None, split_head: bool = True,
-                         segment_ids: np.ndarray | None = None, untruncated: bool = False):
+                         targets: np.ndarray | None = None, segment_ids: np.ndarray | None = None,
+                         untruncated: bool = False, entropy: bool = False, chunk: int = 0):
     """(log-probs [n, L-1] of tokens 1..L-1 given their prefix in the distribution `sampling`
     draws from (`Sampling.logprobs`: temperature, top-k, top-p), 0 where `targets` [n, L-1] is
-    0; that distribution over the whole vocabulary [m, V] at the m target positions; with
+    0; with `entropy`, that distribution's entropy [n, L-1], without gradient, else None; with
     `untruncated`, the log-probs [n, L-1] at the temperature without the cuts, else None).
 
     Only the target positions go through the LM head: with a vocabulary of 49k, the head and
     the log-softmax over it cost as much as the rest of a 135M model, and prompt and padding
-    positions need neither. `model` is an HF causal LM or a DeepSpeed engine around one.
-    `split_head=False` runs the model whole and keeps logits from the first target column on:
-    ZeRO-3 gathers parameters in hooks around the whole model's forward, and a head called
-    apart from it got a different gradient (tests/test_learner.py). `segment_ids` [n, L] mark
-    packed examples (learner/sft.py): each attends only to itself, from position 0.
+    positions need neither. `model` is an HF causal LM or a DeepSpeed engine around one; it
+    runs whole, with the head's forward replaced for the call (`_head_replaced`) by one that
+    takes the target positions' hidden states to log-probs. `segment_ids` [n, L] mark packed
+    examples (learner/sft.py): each attends only to itself, from position 0.
+
+    `chunk` > 0 runs the m target positions `chunk` at a time, each chunk's head, log-softmax,
+    picked token, untruncated log-prob and entropy under torch.utils.checkpoint (non-reentrant)
+    when there is more than one chunk and a gradient to take: backward keeps [chunk]-sized
+    outputs and recomputes the chunk's [chunk, V] logits (the head's forward once more). `chunk`
+    = 0 keeps the [m, V] logits and log-probs for backward: two float32 [m, V] tensors, 2.5 GB
+    each for 4k answer tokens of Qwen2.5's 152k vocabulary.
     """
     import torch
 
@@ -435,21 +434,72 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     if segment_ids is not None:
         mask, extra["position_ids"] = _packed_inputs(segment_ids, next(module.parameters()).dtype, device)
     keep = (torch.ones((ids.shape[0], ids.shape[1] - 1), dtype=torch.bool, device=device) if targets is None
-            else torch.as_tensor(targets, device=device).bool())  # [n, L-1]
-    if split_head:
-        hidden = module.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
-        logits = module.get_output_embeddings()(hidden[:, :-1][keep])  # [m, V]
-    else:
-        start = int(keep.any(dim=0).int().argmax()) if keep.any() else 0  # the first column with a target
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra,
-                       logits_to_keep=ids.shape[1] - start).logits[:, :-1][keep[:, start:]]  # [m, V]
-    every = sampling.logprobs(logits.float())  # [m, V]
-    picked = _scatter(every.gather(-1, ids[:, 1:][keep][:, None]).squeeze(-1), keep)  # [n, L-1]
-    raw = None
-    if untruncated:  # one more log-softmax only where the cuts make it differ
-        raw = (_scatter(sampling.logprobs(logits.float(), truncate=False).gather(-1, ids[:, 1:][keep][:, None])
-                        .squeeze(-1), keep) if sampling.truncates else picked)
-    return picked, every, raw
+            else torch.tensor(targets, device=device).bool())  # [n, L-1]
+    start = int(keep.any(dim=0).int().argmax()) if keep.any() else 0  # the first column with a target
+    picked_ids = ids[:, 1:][keep]  # [m]
+
+    def head_logprobs(head, hidden):  # hidden states [n, L-start, H] -> [m, 3]
+        hidden = hidden[:, :-1][keep[:, start:]]  # [m, H]
+        step, parts = chunk or max(len(hidden), 1), []
+        # One chunk recomputed would peak as high in backward as one kept: it is kept.
+        recompute = torch.is_grad_enabled() and len(hidden) > step
+        for at in range(0, max(len(hidden), 1), step):
+            args = (head, hidden[at:at + step], picked_ids[at:at + step], sampling, untruncated, entropy)
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                         if recompute else _chunk_logprobs(*args))  # [c, 3]
+        return torch.cat(parts)  # [m, 3]
+
+    with _head_replaced(module, head_logprobs):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra,
+                    logits_to_keep=ids.shape[1] - start).logits  # [m, 3]
+    picked, raw, spread = (_scatter(out[:, i], keep) for i in range(3))  # [n, L-1] each
+    return picked, (spread if entropy else None), (raw if untruncated else None)
+
+
+def _chunk_logprobs(head, hidden, targets, sampling: Sampling, untruncated: bool, entropy: bool):
+    """[c, 3]: log-prob, untruncated log-prob (the first again unless asked and truncating) and
+    entropy without gradient (0 unless asked) of `targets` [c] after hidden states [c, H];
+    `head` is the LM head's own forward. The entropy comes last: a checkpoint's recompute stops
+    once it has what backward needs, so it is not computed again."""
+    import torch
+
+    from learner.grpo import entropy_of_logprobs
+
+    logits = head(hidden).float()  # [c, V]
+    every = sampling.logprobs(logits)  # [c, V]
+    picked = every.gather(-1, targets[:, None]).squeeze(-1)  # [c]
+    raw = picked
+    if untruncated and sampling.truncates:  # one more log-softmax only where the cuts make it differ
+        raw = sampling.logprobs(logits, truncate=False).gather(-1, targets[:, None]).squeeze(-1)  # [c]
+    with torch.no_grad():
+        spread = entropy_of_logprobs(every) if entropy else torch.zeros_like(picked)  # [c]
+    return torch.stack([picked, raw, spread], dim=-1)  # [c, 3]
+
+
+@contextlib.contextmanager
+def _head_replaced(module, forward):
+    """`module`, an HF causal LM, with its LM head's forward replaced by `forward(head, hidden)`
+    for the duration, where `head` is the head's own forward (without hooks).
+
+    The model runs whole, through the DeepSpeed engine when there is one, and the head inside
+    it, once per call, because ZeRO-3 requires both: the engine's forward counts micro-batches
+    (the first's gradient is copied into the optimizer's partitions, later ones are added: a
+    decoder called apart from it replaced the accumulated gradient with its own), and the
+    head's weight, partitioned over the ranks, is gathered by hooks around the head's call: one
+    call gathers it once for the forward and once for the backward of all chunks, whose
+    recomputes call the head's forward without hooks; a call per chunk would gather it once per
+    chunk, a different number of times on ranks with different answer lengths, and hang.
+    Models whose forward changes the logits after the head (Gemma's soft-capping) are not
+    supported."""
+    import functools
+
+    head = module.get_output_embeddings()
+    own = functools.partial(type(head).forward, head)
+    head.forward = functools.partial(forward, own)
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
 
 
 def _packed_inputs(segment_ids: np.ndarray, dtype, device):
