@@ -95,6 +95,8 @@ class Learner:
         # as long per SmolLM2 step on these short sequences (bench/RESULTS.md).
         self.attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=self.attention)
+        if cfg.gradient_checkpointing:
+            checkpoint_layers(model)
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
         self.reference = None  # the KL penalty's frozen model, once the driver names it
         self.reference_path: str | None = None
@@ -385,6 +387,25 @@ class _WeightedMeans:
         names = sorted(self.sums)
         flat = _all_reduce([x for name in names for x in self.sums[name]], device, "sum")
         return {name: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, name in enumerate(names)}
+
+
+def checkpoint_layers(model) -> None:
+    """Make `model`, an HF model, recompute each transformer layer's activations in backward
+    instead of keeping them: HF gradient checkpointing, non-reentrant (torch's recommended mode:
+    the recompute runs inside the same backward, so ZeRO-3's hooks see it as any other forward).
+
+    HF recomputes a layer only in training mode, and the models here train in eval mode, as
+    from_pretrained leaves them: the engines sample without dropout, so the learner scores
+    without it. Only the layers' own flags are set, not their submodules': attention and MLP
+    stay in eval mode, with their dropout off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"learner.gradient_checkpointing: {type(model).__name__} has no layers HF recomputes")
+    for layer in layers:
+        layer.training = True
 
 
 def ds_config(cfg: LearnerConfig) -> dict:

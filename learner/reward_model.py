@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import LearnerConfig
-from learner.learner import ds_config, global_sum, set_rank_env
+from learner.learner import checkpoint_layers, ds_config, global_sum, set_rank_env
 from rewards.data import DatasetError, read_jsonl
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -178,6 +178,8 @@ class RewardTrainer:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=1, dtype=torch.float32, attn_implementation=attention)
         self.pad_id = set_pad_token(model, AutoTokenizer.from_pretrained(model_path))
+        if cfg.gradient_checkpointing:  # pairs of long answers keep a policy's activations
+            checkpoint_layers(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ds_config(cfg))
@@ -209,13 +211,15 @@ class RewardTrainer:
         import torch
 
         seqs, step = unpad(ids, mask), 2 * self.cfg.micro_batch_size  # a training micro-batch's rows
+        modes = {module: module.training for module in self.engine.module.modules()}
         self.engine.eval()
         try:
             with torch.no_grad():
                 parts = [sequence_scores(self.engine, *pad_right(seqs[i:i + step], self.pad_id)).cpu().numpy()
                          for i in range(0, len(seqs), step)]
-        finally:
-            self.engine.train()
+        finally:  # each module's own mode back (learner.checkpoint_layers sets only the layers')
+            for module, training in modes.items():
+                module.training = training
         return np.concatenate(parts)
 
     def save(self, out_dir: str, tokenizer_dir: str) -> None:

@@ -11,10 +11,11 @@ from learner.learner import Learner
 
 
 def make_learners(model_path, num_ranks, zero_stage, dtype="float32", micro_batch_size=4,
-                  sampling=Sampling(n=1, seed=0), **algorithm):
-    """`num_ranks` learner ranks as Ray actors; `algorithm` sets AlgorithmConfig fields."""
+                  sampling=Sampling(n=1, seed=0), learner=None, **algorithm):
+    """`num_ranks` learner ranks as Ray actors; `learner` sets more LearnerConfig fields (a
+    dict), `algorithm` AlgorithmConfig fields."""
     cfg = LearnerConfig(num_ranks=num_ranks, zero_stage=zero_stage, dtype=dtype, threads=1,
-                        num_cpus=0.5, micro_batch_size=micro_batch_size)
+                        num_cpus=0.5, micro_batch_size=micro_batch_size, **(learner or {}))
     algo = AlgorithmConfig(**algorithm)
     port = free_port()
     actor = ray.remote(Learner).options(num_cpus=0.5)

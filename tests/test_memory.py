@@ -1,12 +1,19 @@
-"""Learner memory: chunked log-probs, checked against the computation they replace.
+"""Learner memory: chunked log-probs and gradient checkpointing, each checked against the
+computation it replaces.
 
 Fast tests run a small Llama in this process (no DeepSpeed): the chunked head against the
-unchunked one and against the plain model's logits; what backward keeps.
+unchunked one and against the plain model's logits; what backward keeps; checkpointed layers.
+Slow tests run learner ranks under ZeRO-1, 2 and 3 (tests.helpers.make_learners) on a model
+wide enough that ZeRO-3 partitions its matrices (DeepSpeed keeps a tensor under 1e5 elements
+whole on every rank, which would leave the default tiny model's head unsharded).
 
 Tolerances: a chunk multiplies fewer rows at a time, which changes the matmul's summation
 order, so chunked values differ from unchunked ones by float32 round-off (measured <= 2e-6 on
-log-probs around -5, about 4 ulps); the tests allow 1e-5.
+log-probs around -5, about 4 ulps); the tests allow 1e-5. Checkpointed layers recompute the
+same operations on the same inputs: their gradients are equal exactly.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +21,7 @@ import torch
 
 from actors.records import Sampling
 from learner.batch import collate
-from learner.learner import RAW, _next_token_logprobs
+from learner.learner import RAW, _next_token_logprobs, checkpoint_layers
 
 VOCAB = 97  # a size no other dimension has, to find [.., V] tensors by shape
 SAMPLINGS = [RAW, Sampling(n=1, seed=0, temperature=0.7, top_k=20), Sampling(n=1, seed=0, temperature=0.7, top_p=0.9),
@@ -112,3 +119,129 @@ def test_chunked_backward_keeps_no_vocabulary_sized_tensor():
     assert (35, VOCAB) in saved[0]
     assert [s for s in saved[8] if VOCAB in s] == []
 
+
+def test_checkpointed_layers_recompute_with_the_same_gradient():
+    # Each layer runs twice per step (forward, then again in backward); the gradient is the
+    # same to the bit, and attention and MLP stay in eval mode (no dropout).
+    batch = sampled_batch(small_llama(), RAW)
+    grads, calls = {}, {}
+    for checkpointed in (False, True):
+        model = small_llama()
+        if checkpointed:
+            checkpoint_layers(model)
+        calls[checkpointed] = []
+        model.model.layers[0].register_forward_pre_hook(lambda *_: calls[checkpointed].append(1))
+        grads[checkpointed] = logprobs_and_grads(model, batch, RAW, chunk=0)[1]
+    assert (len(calls[False]), len(calls[True])) == (1, 2)
+    assert not any(m.training for m in model.model.layers[0].modules() if m is not model.model.layers[0])
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=0, msg=name)
+
+
+# ---- learner ranks under DeepSpeed -------------------------------------------------------------
+
+
+def wide_model(model_cache, seed=0) -> str:
+    """A 2-layer Llama of width 384: its head (324 x 384) and every matrix are over DeepSpeed's
+    1e5-element threshold, so ZeRO-3 partitions them."""
+    from learner.models import TinyLlamaSpec, tiny_llama_path
+
+    return str(tiny_llama_path(TinyLlamaSpec(hidden_size=384, num_layers=2, num_heads=4, intermediate_size=1024,
+                                             seed=seed), model_cache))
+
+
+@pytest.mark.slow
+def test_checkpointing_and_chunks_change_no_number_under_each_zero_stage(ray_cluster, model_cache):
+    # The same GRPO step (with a KL to another model) and SFT step, at lr 0, with recomputed
+    # layers and 5-token head chunks, then without: equal losses, KL, entropy and gradient
+    # norms, and equal across stages too. ZeRO-3's two ranks get answers of different lengths
+    # (21 and 15 tokens: different chunk counts, micro-batches accumulated on one of them).
+    import ray
+
+    from tests.helpers import fixed_batch, make_learners
+
+    # Functions sent to the ranks are defined here: Ray sends nested functions by value, while
+    # this module's own would be imported there as `test_memory`, which the ranks cannot.
+    def count_layer_calls(rank):  # the policy's first layer's calls, from now on, in rank.layer_calls
+        rank.layer_calls = []
+        rank.engine.module.model.layers[0].register_forward_pre_hook(lambda *_: rank.layer_calls.append(1))
+
+    def layer_calls(rank):  # the calls counted since the last time
+        calls, rank.layer_calls = len(rank.layer_calls), []
+        return calls
+
+    def plain(rank):  # keep everything from now on: layers not recomputed, one head chunk
+        rank.engine.module.gradient_checkpointing_disable()
+        for module in rank.engine.module.modules():
+            module.training = False
+        rank.cfg = dataclasses.replace(rank.cfg, logprob_chunk=0)
+
+    batch = fixed_batch(np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.3], dtype=np.float32))
+    policy, reference = wide_model(model_cache), wide_model(model_cache, seed=1)
+    results = {}
+    for stage, shards in [(1, [batch]), (2, [batch]), (3, [batch.select(slice(0, 5)), batch.select(slice(5, 8))])]:
+        learners = make_learners(policy, len(shards), stage, micro_batch_size=3, kl_beta=0.04,
+                                 sampling=Sampling(n=1, seed=0, temperature=0.8),
+                                 learner={"gradient_checkpointing": True, "logprob_chunk": 5})
+        ray.get([l.load_reference.remote(reference) for l in learners], timeout=300)
+        ray.get([l.__ray_call__.remote(count_layer_calls) for l in learners], timeout=60)
+        for mode in ("recomputed", "kept"):
+            grpo = ray.get([l.train_step.remote(s, 0.0, 1) for l, s in zip(learners, shards)], timeout=300)[0]
+            sft = ray.get([l.sft_step.remote(s, 0.0) for l, s in zip(learners, shards)], timeout=300)[0]
+            calls = ray.get(learners[0].__ray_call__.remote(layer_calls), timeout=60)
+            results[stage, mode] = grpo | {f"sft_{k}": v for k, v in sft.items()}, calls
+            ray.get([l.__ray_call__.remote(plain) for l in learners], timeout=60)
+        for learner in learners:
+            ray.kill(learner)
+    (want, _), keys = results[1, "kept"], ("pg_loss", "kl", "entropy", "grad_norm", "sft_loss", "sft_grad_norm")
+    assert want["kl"] > 1e-3 and want["grad_norm"] > 0
+    for (stage, mode), (got, calls) in results.items():
+        np.testing.assert_allclose([got[k] for k in keys], [want[k] for k in keys], rtol=1e-5,
+                                   err_msg=f"ZeRO-{stage}, layers {mode}")
+        # Rank 0's micro-batches of 3 answers: 3 per step of 8 answers, 2 of 5 (ZeRO-3). The
+        # policy's first layer runs once in each forward, and once more in backward when recomputed.
+        forwards = 2 * (2 if stage == 3 else 3)  # the GRPO step's and the SFT step's
+        assert calls == (2 * forwards if mode == "recomputed" else forwards), (stage, mode, calls)
+
+
+@pytest.mark.slow
+def test_reward_model_recomputes_its_layers_with_the_same_gradient(ray_cluster, tiny_model):
+    # The reward trainer takes learner.gradient_checkpointing too: the same loss and gradient
+    # norm with its layers recomputed or kept, and scoring in between leaves them recomputed.
+    import ray
+
+    from cluster.config import LearnerConfig
+    from cluster.placement import free_port
+    from learner.reward_model import RewardTrainer
+
+    cfg = LearnerConfig(zero_stage=2, dtype="float32", threads=1, num_cpus=0.5, micro_batch_size=2,
+                        gradient_checkpointing=True)
+    trainer = ray.remote(RewardTrainer).options(num_cpus=0.5).remote(tiny_model, cfg, 0, 0, "127.0.0.1", free_port())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 300, (4, 2, 9))  # [pair, chosen / rejected, L]
+    mask = np.ones_like(ids)
+    mask[1:, 1, 6:] = 0  # rejected answers of different lengths
+    step = (ids[:, 0], mask[:, 0], ids[:, 1], mask[:, 1], 0.0)
+
+    def count_layer_calls(rank):  # the first layer's calls from now on, in rank.layer_calls
+        rank.layer_calls = 0
+        rank.engine.module.model.layers[0].register_forward_pre_hook(
+            lambda *_: setattr(rank, "layer_calls", rank.layer_calls + 1))
+
+    def plain(rank):  # layers kept from now on
+        rank.engine.module.gradient_checkpointing_disable()
+        for module in rank.engine.module.modules():
+            module.training = False
+
+    ray.get(trainer.__ray_call__.remote(count_layer_calls), timeout=60)
+    recomputed = ray.get(trainer.train_step.remote(*step), timeout=300)
+    ray.get(trainer.scores.remote(ids[:, 0], mask[:, 0]), timeout=300)
+    again = ray.get(trainer.train_step.remote(*step), timeout=300)
+    ray.get(trainer.__ray_call__.remote(plain), timeout=60)
+    kept = ray.get(trainer.train_step.remote(*step), timeout=300)
+    # Two micro-batches of 2 pairs a step, each layer run in forward and again in backward;
+    # one forward for the scores; then two forwards without recomputing.
+    assert ray.get(trainer.__ray_call__.remote(lambda rank: rank.layer_calls), timeout=60) == 4 + 1 + 4 + 2
+    assert recomputed == again
+    assert kept == pytest.approx(recomputed, rel=1e-6) and kept["grad_norm"] > 0
+    ray.kill(trainer)
