@@ -108,7 +108,14 @@ class Learner:
 
     def load_reference(self, model_dir: str) -> None:
         """Freeze the model in `model_dir` as the KL penalty's reference (learner/grpo.py, 3).
-        It must have the policy's parameter names and shapes."""
+        It must have the policy's parameter names and shapes.
+
+        It is held like the policy: under ZeRO-3 as a DeepSpeed engine without optimizer, each
+        rank keeping 1/num_ranks of its weights and gathering them layer by layer in forward (as
+        OpenRLHF holds its reference); under ZeRO-1/2, which keep the policy's weights whole on
+        every rank, whole. Its log-probs are computed once per batch, before the first update
+        (`_fixed_logprobs`), in chunks of `logprob_chunk` target tokens."""
+        import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -118,9 +125,13 @@ class Learner:
         theirs = parameter_shapes(model_dir)
         if any(theirs.get(name, shape) != shape for name, shape in ours.items()):
             raise ValueError(f"algorithm.kl_reference: {model_dir} has other parameter shapes than the policy")
-        self.reference = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=self.dtype, attn_implementation=self.attention).to(self.device).eval()
-        self.reference.requires_grad_(False)
+        self.reference = None  # the previous reference's memory is freed before the next loads
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=self.attention)
+        model.requires_grad_(False)
+        if self.cfg.zero_stage == 3:
+            self.reference = deepspeed.initialize(model=model.eval(), config=ds_config(self.cfg))[0]
+        else:
+            self.reference = model.to(self.device).eval()
         self.reference_path = model_dir
 
     # ---- one optimizer step -------------------------------------------------------------

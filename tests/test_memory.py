@@ -1,5 +1,5 @@
-"""Learner memory: chunked log-probs and gradient checkpointing, each checked against the
-computation it replaces.
+"""Learner memory: chunked log-probs, gradient checkpointing and the sharded reference model,
+each checked against the computation it replaces.
 
 Fast tests run a small Llama in this process (no DeepSpeed): the chunked head against the
 unchunked one and against the plain model's logits; what backward keeps; checkpointed layers.
@@ -202,6 +202,49 @@ def test_checkpointing_and_chunks_change_no_number_under_each_zero_stage(ray_clu
         # policy's first layer runs once in each forward, and once more in backward when recomputed.
         forwards = 2 * (2 if stage == 3 else 3)  # the GRPO step's and the SFT step's
         assert calls == (2 * forwards if mode == "recomputed" else forwards), (stage, mode, calls)
+
+
+@pytest.mark.slow
+def test_zero3_reference_is_sharded_and_scored_once_per_batch(ray_cluster, model_cache):
+    # Two ZeRO-3 ranks: each holds about half of the reference's weights, its log-probs are those
+    # of the whole model loaded plainly, and a step of two updates scores it once per micro-batch.
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import fixed_batch, make_learners
+
+    model = wide_model(model_cache)
+    batch = fixed_batch(np.array([1, -1, 2, -2, 1, -1, 2, -2], dtype=np.float32))
+    learners = make_learners(model, 2, 3, micro_batch_size=2, kl_beta=0.04)
+    ray.get([l.load_reference.remote(model) for l in learners], timeout=300)
+    held = ray.get([l.__ray_call__.remote(lambda rank: (sum(p.ds_tensor.numel() for p in rank.reference.parameters()),
+                                                         sum(p.ds_numel for p in rank.reference.parameters())))
+                    for l in learners], timeout=60)
+    for local, total in held:
+        assert local < 0.55 * total, held  # a half, and the small norm weights every rank keeps
+
+    def score(rank, b):  # the reference's log-probs [n, L-1]; a collective: every rank calls it
+        with torch.no_grad():
+            return _next_token_logprobs(rank.reference, b.input_ids, b.attention_mask, RAW, b.loss_mask)[0].numpy()
+
+    sharded = ray.get([l.__ray_call__.remote(score, batch) for l in learners], timeout=60)[0]
+    whole = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(sharded, score(type("Rank", (), {"reference": whole}), batch), rtol=1e-5, atol=1e-6)
+
+    def count(rank):  # the reference's forwards from now on, in rank.ref_calls
+        rank.ref_calls = 0
+        rank.reference.module.model.layers[0].register_forward_pre_hook(
+            lambda *_: setattr(rank, "ref_calls", rank.ref_calls + 1))
+
+    ray.get([l.__ray_call__.remote(count) for l in learners], timeout=60)
+    still = ray.get([l.train_step.remote(s, 0.0, 1) for l, s in zip(learners, batch.split(2))], timeout=300)[0]
+    moved = ray.get([l.train_step.remote(s, 1e-2, 2) for l, s in zip(learners, batch.split(2))], timeout=300)[0]
+    assert still["kl"] < 1e-9 and moved["kl"] > 1e-6  # the policy is its own reference until it moves
+    # Per rank: 4 answers; one update = 2 micro-batches, two updates = 2 mini-batches of 1 each.
+    assert ray.get([l.__ray_call__.remote(lambda rank: rank.ref_calls) for l in learners], timeout=60) == [4, 4]
+    for learner in learners:
+        ray.kill(learner)
 
 
 @pytest.mark.slow
