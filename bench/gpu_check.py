@@ -12,16 +12,17 @@ a section that fails is recorded with its error and traceback.
    on the CPU from the same rounded inputs: max abs error and max error relative to the
    reference's largest magnitude, within GRPO_BOUNDS.
 2. learner_logprobs: the learner's log-prob function (learner/learner.py) on a small Llama, in
-   fp32 and bf16 on the device against fp32 on the CPU, then one GRPO step with torch's AdamW
-   (no DeepSpeed): the device's gradient against the CPU's.
+   fp32 and bf16 on the device against fp32 on the CPU; the LM head in chunks against all at
+   once (values and gradients); one GRPO step with torch's AdamW (no DeepSpeed): the
+   device's gradient against the CPU's.
 3. memory: torch.cuda.max_memory_allocated over one micro-batch's forward + backward (the
    learner's log-prob path and loss) of a model of Qwen2.5-1.5B's shapes (random weights,
-   bf16), with and without gradient checkpointing, at two sequence lengths.
+   bf16), with and without gradient checkpointing (the learner's `checkpoint_layers`), the LM
+   head whole or in chunks (`learner.logprob_chunk`), at two sequence lengths.
 4. bf16_noise: |difference| of the log-probs of one fixed random sequence under the same
    weights in fp32 and bf16, bf16 with eager vs SDPA attention, bf16 alone vs in a batch of 4:
    mean, p99 and max, the statistics the weight-sync check compares, each against its bounds
-   for the dtype (cluster/weight_sync.py, `CHECK`).
-   The model's final norm is scaled so its logits spread like a trained model's (std ~3); a
+   for the dtype (cluster/weight_sync.py, `CHECK`). The model's final norm is scaled so its logits spread like a trained model's (std ~3); a
    random model's near-uniform outputs would hide the noise.
 5. engine: the transformers rollout engine (actors/hf_engine.py) generates and scores on the
    device; its sampling log-probs against the learner's recompute of them.
@@ -135,12 +136,13 @@ def noise(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"mean": diff.mean().item(), "p99": torch.quantile(diff, 0.99).item(), "max": diff.max().item()}
 
 
-def learner_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling, targets=None):
-    """Log-probs [n, L-1] of tokens 1.. through the learner's own function."""
+def learner_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling, targets=None,
+                     chunk: int = 0):
+    """Log-probs [n, L-1] of tokens 1.. through the learner's own function, the LM head `chunk`
+    answer tokens at a time (0: all at once)."""
     from learner.learner import _next_token_logprobs
 
-    out = _next_token_logprobs(model, input_ids, attention_mask, sampling, targets)
-    return out[0] if isinstance(out, tuple) else out
+    return _next_token_logprobs(model, input_ids, attention_mask, sampling, targets, chunk=chunk)[0]
 
 
 def small_llama(args) -> str:
@@ -252,6 +254,19 @@ def check_learner_logprobs(args) -> dict:
     if result["logprobs_float32_vs_cpu_fp32"]["max"] > LOGPROB_BOUND_FP32:
         failures.append(f"fp32 log-probs differ from the CPU's by {result['logprobs_float32_vs_cpu_fp32']['max']:.2e}")
 
+    # The LM head in chunks of 7 answer tokens (learner.logprob_chunk) against all at once, fp32.
+    model, runs = copy.deepcopy(cpu_model).to(args.device), []
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    for chunk in (0, 7):
+        lp = learner_logprobs(model, ids, attention, sampling, targets, chunk=chunk)  # [n, L-1]
+        (lp * weights).sum().backward()
+        runs.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        model.zero_grad(set_to_none=True)
+    chunked = result["chunked_vs_whole"] = {"logprobs": errors(runs[1][0], runs[0][0]),
+                                            "grads": errors(runs[1][1], runs[0][1])}
+    if max(chunked["logprobs"]["max_rel"], chunked["grads"]["max_rel"]) > 1e-4:
+        failures.append(f"chunked log-probs differ from whole ones: {chunked}")
+
     # One GRPO step with torch's AdamW, on the device and on the CPU from the same weights.
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     steps = {}
@@ -289,46 +304,52 @@ def check_learner_logprobs(args) -> dict:
 # ---- 3. peak memory of one micro-batch --------------------------------------------------
 
 def check_memory(args) -> dict:
-    from actors.records import Sampling
     from learner import grpo
+    from learner.learner import checkpoint_layers
 
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = qwen(args, torch.bfloat16).train()
-    micro, lengths = (2, (32, 64)) if args.small else (4, (1024, 4096))
+    model = qwen(args, torch.bfloat16).eval()  # the learner trains in eval mode: no dropout
+    micro, lengths, chunk = (2, (32, 64), 16) if args.small else (4, (1024, 4096), 1024)
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else None
     rows = []
-    for length in lengths:
-        for checkpointing in (False, True):
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
-            ids, attention, targets = padded_batch(model.config.vocab_size, micro, length, args.seed)
-            attention[:] = 1  # full rows: the worst case of the length
-            targets[:, : length // 4] = 0
-            targets[:, length // 4:] = 1  # a quarter prompt, three quarters response
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            lp = learner_logprobs(model, ids, attention, Sampling(n=1, seed=0), targets)
-            mask = torch.as_tensor(targets, device=args.device)
-            loss, _ = grpo.policy_loss(lp, lp.detach(), torch.linspace(-1, 1, micro, device=args.device), mask)
-            loss.backward()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
-            rows.append({"micro_batch": micro, "seq_len": length, "gradient_checkpointing": checkpointing,
-                         "peak_gib": None if peak is None else round(peak / 2**30, 2),
-                         "above_weights_gib": None if peak is None else round((peak - weights) / 2**30, 2),
-                         "seconds": round(time.perf_counter() - start, 3)})
-            del lp, loss
-            model.zero_grad(set_to_none=True)
-            print(f"  memory: {rows[-1]}", flush=True)
+    for checkpointing in (False, True):
+        if checkpointing:
+            checkpoint_layers(model)  # as `learner.gradient_checkpointing` does
+        for length in lengths:
+            for logprob_chunk in (0, chunk):
+                rows.append(micro_batch_peak(model, grpo, micro, length, logprob_chunk, args.device))
+                rows[-1].update(gradient_checkpointing=checkpointing, above_weights_gib=None if weights is None
+                                else round(rows[-1]["peak_gib"] - weights / 2**30, 2))
+                print(f"  memory: {rows[-1]}", flush=True)
     params = sum(p.numel() for p in model.parameters())
     return {"model": "Qwen2.5-1.5B shapes" if not args.small else "tiny Qwen2", "parameters": params,
             "dtype": "bfloat16", "weights_gib": None if weights is None else round(weights / 2**30, 2), "rows": rows}
+
+
+def micro_batch_peak(model, grpo, micro: int, length: int, chunk: int, device: str) -> dict:
+    """Peak allocated memory (None on a CPU) and time of one micro-batch's forward + backward
+    through the learner's log-prob path and the GRPO loss: `micro` full rows of `length`
+    tokens, the last three quarters of each an answer, the LM head `chunk` tokens at a time."""
+    from actors.records import Sampling
+
+    ids, attention, targets = padded_batch(model.config.vocab_size, micro, length, seed=0)
+    attention[:] = 1  # full rows: the worst case of the length
+    targets[:] = 0
+    targets[:, length // 4:] = 1  # a quarter prompt, three quarters answer
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    lp = learner_logprobs(model, ids, attention, Sampling(n=1, seed=0), targets, chunk=chunk)  # [n, L-1]
+    mask = torch.as_tensor(targets, device=device)
+    loss, _ = grpo.policy_loss(lp, lp.detach(), torch.linspace(-1, 1, micro, device=device), mask)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return {"micro_batch": micro, "seq_len": length, "logprob_chunk": chunk,
+            "peak_gib": None if peak is None else round(peak / 2**30, 2), "seconds": round(seconds, 3)}
 
 
 # ---- 4. the bf16 noise a weight-sync check must tolerate --------------------------------

@@ -66,9 +66,11 @@ def test_gpu_check_runs_on_cpu_without_ray_vllm_deepspeed(tmp_path):
     step = sections["learner_logprobs"]["step"]
     assert step["finite"] and step["loss_before_after"][1] < step["loss_before_after"][0]
     assert sections["learner_logprobs"]["logprobs_bfloat16_vs_cpu_fp32"]["max"] < 0.1
+    chunked = sections["learner_logprobs"]["chunked_vs_whole"]
+    assert chunked["logprobs"]["max_rel"] < 1e-5 and chunked["grads"]["max_rel"] < 1e-5
     rows = sections["memory"]["rows"]
-    assert [(r["seq_len"], r["gradient_checkpointing"]) for r in rows] == [(32, False), (32, True), (64, False),
-                                                                            (64, True)]
+    assert [(r["gradient_checkpointing"], r["seq_len"], r["logprob_chunk"]) for r in rows] == [
+        (checkpointing, length, chunk) for checkpointing in (False, True) for length in (32, 64) for chunk in (0, 16)]
     assert all(r["peak_gib"] is None for r in rows)  # no CUDA allocator to ask on a CPU
     noise = sections["bf16_noise"]["abs_diff"]
     assert set(noise) == {"fp32_vs_bf16", "fp32_sdpa_vs_fp32_eager", "bf16_sdpa_vs_bf16_eager", "bf16_batch1_vs_batch4"}
