@@ -29,6 +29,10 @@ a section that fails is recorded with its error and traceback.
 6. broadcast: the broadcast weight-sync transport (cluster/weight_sync.py's group, sender and
    WeightReceiver) between two processes on this machine (gloo, host buffers); a small model's
    weights, fp32 then bf16, must arrive bit-exact in a transformers engine on the device.
+7. cuda_ipc: the colocated transport (`sync.transport=cuda_ipc`): one process shares a bf16
+   model's weights on the GPU as CUDA IPC handles (`share_weights`), another stages them
+   (`WeightReceiver.stage_ipc`, a copy on the device) and loads them into a transformers
+   engine on the same GPU: bit-exact. CUDA only (recorded as skipped on a CPU).
 """
 
 from __future__ import annotations
@@ -505,6 +509,60 @@ def broadcast_rank(rank: int, path: str, port: int, device: str, seed: int, out:
     Path(out, f"rank{rank}.json").write_text(json.dumps({"rounds": rounds}))
 
 
+# ---- 7. the CUDA IPC weight-sync transport, two processes on one GPU ---------------------
+
+def check_cuda_ipc(args) -> dict:
+    import torch.multiprocessing as mp
+
+    if args.device != "cuda":
+        return {"skipped": "CUDA IPC needs a GPU", "failures": []}
+    path = small_llama(args)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-ipc-") as out:
+        ctx = mp.start_processes(ipc_rank, args=(path, args.seed, out), nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError("the two IPC processes did not finish within 300 s")
+        result = json.loads((Path(out) / "rank1.json").read_text())
+    return {**result, "failures": [f"mismatched: {result['mismatched'][:3]}"] if result["mismatched"] else []}
+
+
+def ipc_rank(rank: int, path: str, seed: int, out: str) -> None:
+    """Rank 0 is a colocated learner rank (a bf16 model on the GPU, sharing its weights), rank
+    1 the engine beside it (a transformers engine on the same GPU, staging them)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from actors.hf_engine import TransformersEngine
+    from cluster import weight_sync
+
+    quiet()
+    handles, done = Path(out, "handles.pkl"), Path(out, "rank1.json")
+    model = trained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), seed).to("cuda", torch.bfloat16)
+    if rank == 0:
+        tmp = handles.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(weight_sync.share_weights(SimpleNamespace(module=model))))
+        tmp.rename(handles)
+        while not done.exists():  # the tensors must live until the engine has copied them
+            time.sleep(0.1)
+        return
+    engine = TransformersEngine(path, dtype="bfloat16", device="cuda")
+    receiver = weight_sync.WeightReceiver(path, engine.load_weights)
+    while not handles.exists():
+        time.sleep(0.1)
+    start = time.perf_counter()
+    nbytes = receiver.stage_ipc(1, pickle.loads(handles.read_bytes()))
+    receiver.commit(1)
+    seconds = time.perf_counter() - start
+    served = dict(engine.model.named_parameters())
+    mismatched = [name for name, p in model.named_parameters() if not torch.equal(served[name], p)]
+    done.write_text(json.dumps({"bytes": nbytes, "seconds": round(seconds, 4), "mismatched": mismatched}))
+
+
 def trained(model, seed: int):
     """A copy of `model` with every weight moved by seeded noise (the same in both processes)."""
     gen = torch.Generator().manual_seed(seed)
@@ -516,7 +574,8 @@ def trained(model, seed: int):
 
 
 SECTIONS = {"grpo_math": check_grpo_math, "learner_logprobs": check_learner_logprobs, "memory": check_memory,
-            "bf16_noise": check_bf16_noise, "engine": check_engine, "broadcast": check_broadcast}
+            "bf16_noise": check_bf16_noise, "engine": check_engine, "broadcast": check_broadcast,
+            "cuda_ipc": check_cuda_ipc}
 
 if __name__ == "__main__":
     main()

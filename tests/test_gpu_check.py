@@ -55,7 +55,9 @@ def test_gpu_check_runs_on_cpu_without_ray_vllm_deepspeed(tmp_path):
     failed = {name: s.get("error") or s.get("failures") for name, s in report["sections"].items() if not s["ok"]}
     assert done.returncode == 0 and report["ok"], (failed, done.stdout[-3000:], done.stderr[-3000:])
     sections = report["sections"]
-    assert list(sections) == ["grpo_math", "learner_logprobs", "memory", "bf16_noise", "engine", "broadcast"]
+    assert list(sections) == ["grpo_math", "learner_logprobs", "memory", "bf16_noise", "engine", "broadcast",
+                              "cuda_ipc"]
+    assert sections["cuda_ipc"]["skipped"] == "CUDA IPC needs a GPU"
     assert "gpu_check: broadcast ok" in done.stdout  # progress is printed
 
     for dtype, bound in GRPO_BOUNDS.items():
