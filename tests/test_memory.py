@@ -99,7 +99,8 @@ def test_unchunked_logprobs_are_the_plain_models():
     every = sampling.logprobs(logits)  # [n, L-1, V]
     torch.testing.assert_close(lp[keep], every.gather(-1, targets).squeeze(-1)[keep])
     torch.testing.assert_close(entropy[keep], entropy_of_logprobs(every)[keep])
-    torch.testing.assert_close(raw[keep], sampling.logprobs(logits, truncate=False).gather(-1, targets).squeeze(-1)[keep])
+    untruncated = sampling.logprobs(logits, truncate=False)  # [n, L-1, V]
+    torch.testing.assert_close(raw[keep], untruncated.gather(-1, targets).squeeze(-1)[keep])
     assert not lp[~keep].any() and not entropy[~keep].any() and not raw[~keep].any()
     assert type(model.lm_head).forward is model.lm_head.forward.__func__  # the head's own forward is back
 
