@@ -453,8 +453,9 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     picked token, untruncated log-prob and entropy under torch.utils.checkpoint (non-reentrant)
     when there is more than one chunk and a gradient to take: backward keeps [chunk]-sized
     outputs and recomputes the chunk's [chunk, V] logits (the head's forward once more). `chunk`
-    = 0 keeps the [m, V] logits and log-probs for backward: two float32 [m, V] tensors, 2.5 GB
-    each for 4k answer tokens of Qwen2.5's 152k vocabulary.
+    = 0 keeps the [m, V] log-probs for backward and peaks with the logits and the entropy's
+    intermediates beside them: ~20 bytes per vocabulary entry per target, 14 GB for 4k answer
+    tokens of Qwen2.5's 152k vocabulary (bench/RESULTS.md, learner memory).
     """
     import torch
 
@@ -521,10 +522,13 @@ def _head_replaced(module, forward):
     call gathers it once for the forward and once for the backward of all chunks, whose
     recomputes call the head's forward without hooks; a call per chunk would gather it once per
     chunk, a different number of times on ranks with different answer lengths, and hang.
-    Models whose forward changes the logits after the head (Gemma's soft-capping) are not
-    supported."""
+    Models whose forward changes the logits after the head are refused."""
     import functools
 
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):  # Gemma 2, Cohere, Granite
+        if getattr(module.config, name, None) not in (None, 1.0):
+            raise ValueError(f"{type(module).__name__} changes its logits after the LM head ({name}); "
+                             "the learner's log-probs would not be the model's")
     head = module.get_output_embeddings()
     own = functools.partial(type(head).forward, head)
     head.forward = functools.partial(forward, own)

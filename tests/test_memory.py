@@ -105,6 +105,15 @@ def test_unchunked_logprobs_are_the_plain_models():
     assert type(model.lm_head).forward is model.lm_head.forward.__func__  # the head's own forward is back
 
 
+def test_a_model_that_changes_its_logits_after_the_head_is_refused():
+    # The head's replaced forward returns log-probs, which Gemma 2's soft-capping would then bend.
+    model = small_llama()
+    model.config.final_logit_softcapping = 30.0
+    batch = sampled_batch(small_llama(), RAW)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        _next_token_logprobs(model, batch.input_ids, batch.attention_mask, RAW, batch.loss_mask)
+
+
 def test_chunked_backward_keeps_no_vocabulary_sized_tensor():
     # What autograd saves for backward outside the checkpoints: without chunks, the [m, V]
     # logits and log-probs; with them, nothing of the vocabulary's size.
