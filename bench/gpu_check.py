@@ -449,20 +449,11 @@ def check_engine(args) -> dict:
 # ---- 6. the broadcast weight-sync transport, two processes --------------------------------
 
 def check_broadcast(args) -> dict:
-    import torch.multiprocessing as mp
-
     from cluster.placement import free_port
 
     path, port = small_llama(args), free_port()
     with tempfile.TemporaryDirectory(prefix="gpu-check-sync-") as out:
-        ctx = mp.start_processes(broadcast_rank, args=(path, port, args.device, args.seed, out), nprocs=2,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + 300
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("the two sync processes did not finish within 300 s")
+        run_pair(broadcast_rank, (path, port, args.device, args.seed, out))
         ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
     failures = [f"{r['dtype']}: {r['mismatched'][:3]}" for r in ranks[1]["rounds"] if r["mismatched"]]
     return {"sender": ranks[0], "receiver": ranks[1], "failures": failures}
@@ -512,19 +503,11 @@ def broadcast_rank(rank: int, path: str, port: int, device: str, seed: int, out:
 # ---- 7. the CUDA IPC weight-sync transport, two processes on one GPU ---------------------
 
 def check_cuda_ipc(args) -> dict:
-    import torch.multiprocessing as mp
-
     if args.device != "cuda":
         return {"skipped": "CUDA IPC needs a GPU", "failures": []}
     path = small_llama(args)
     with tempfile.TemporaryDirectory(prefix="gpu-check-ipc-") as out:
-        ctx = mp.start_processes(ipc_rank, args=(path, args.seed, out), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 300
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("the two IPC processes did not finish within 300 s")
+        run_pair(ipc_rank, (path, args.seed, out))
         result = json.loads((Path(out) / "rank1.json").read_text())
     return {**result, "failures": [f"mismatched: {result['mismatched'][:3]}"] if result["mismatched"] else []}
 
@@ -561,6 +544,19 @@ def ipc_rank(rank: int, path: str, seed: int, out: str) -> None:
     served = dict(engine.model.named_parameters())
     mismatched = [name for name, p in model.named_parameters() if not torch.equal(served[name], p)]
     done.write_text(json.dumps({"bytes": nbytes, "seconds": round(seconds, 4), "mismatched": mismatched}))
+
+
+def run_pair(fn, args: tuple, timeout_s: float = 300) -> None:
+    """`fn(rank, *args)` in two spawned processes (ranks 0 and 1); both killed after `timeout_s`."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the two processes of {fn.__name__} did not finish within {timeout_s:g} s")
 
 
 def trained(model, seed: int):
