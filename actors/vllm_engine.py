@@ -199,4 +199,3 @@ def _answers(out) -> list[dict]:
         )
         for c in out.outputs
     ]
-

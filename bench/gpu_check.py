@@ -136,8 +136,10 @@ def errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 def noise(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """mean, p99 and max of |a - b|: what a sync check compares."""
+    from cluster.weight_sync import spread
+
     diff = (a.detach().to("cpu", torch.float64) - b.detach().to("cpu", torch.float64)).abs().flatten()
-    return {"mean": diff.mean().item(), "p99": torch.quantile(diff, 0.99).item(), "max": diff.max().item()}
+    return dict(zip(("mean", "p99", "max"), spread(diff.numpy())))
 
 
 def learner_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling, targets=None,

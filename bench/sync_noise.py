@@ -85,11 +85,11 @@ CASES = ["noise (same weights)", "stale 1 step", "one layer stale", "q/k swapped
 
 def measure(model_dir: str, dtype: str, threads: int) -> list[tuple[str, float, float, float, int]]:
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.vllm_engine import VLLMEngine
     from cluster.config import RolloutConfig
+    from cluster.weight_sync import agreed, model_weights, spread
 
     torch.set_num_threads(threads)
     cfg = RolloutConfig(threads=threads, max_model_len=256)
@@ -98,17 +98,16 @@ def measure(model_dir: str, dtype: str, threads: int) -> list[tuple[str, float, 
     seqs = [np.asarray(tokenizer.encode(t), dtype=np.int64)[:200] for t in TEXTS]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="eager")
     reference = learner_scores(model, seqs)
-    weights = {n: t.float().numpy() for f in sorted(Path(model_dir).glob("*.safetensors"))
-               for n, t in load_file(str(f)).items()}
+    weights = {n: t.float().numpy() for n, t in model_weights(model_dir)}
     layers = model.config.num_hidden_layers
     rows = []
     for version, case in enumerate(CASES, start=1):
         sent = weights if version == 1 else corrupt(weights, case, layers, np.random.default_rng(0))
         named = {n: torch.from_numpy(w).to(getattr(torch, dtype)) for n, w in sent.items()}
-        engine.weights("stage", version, list(named.items()))
-        engine.weights("commit", version)
+        agreed(engine.weights("stage", version, list(named.items())))  # a failure is an answer: raise it
+        agreed(engine.weights("commit", version))
         diff = np.abs(np.concatenate([engine.score(s) - r for s, r in zip(seqs, reference)]))
-        rows.append((case, float(diff.mean()), float(np.quantile(diff, 0.99)), float(diff.max()), diff.size))
+        rows.append((case, *spread(diff), diff.size))
         print(f"  {dtype} {case}: mean {rows[-1][1]:.2e}", flush=True)
     return rows
 

@@ -48,8 +48,8 @@ keeps serving its previous weights whole: staged weights are only ever loaded by
 for their own version. So after any failure every live engine serves the version it served
 before the sync, whole (should going back fail too, the error says which engine may not),
 and every sample says which version made it. `WeightSync.check` scores one fixed sequence
-on the learner and on every engine and fails if their log-probs differ by more than the
-dtype's tolerance.
+on the learner and on every engine and stops the run if their log-probs differ on average by
+more than kernel noise does in the dtype (`CHECK`).
 
 Memory per engine worker besides the engine's own weights, on the group's device (M: the
 model's size as sent, float32 from the object store, the learner's dtype by broadcast; every
@@ -81,7 +81,6 @@ import numpy as np
 
 from cluster.config import SyncConfig
 from learner.models import parameter_shapes
-
 
 
 @dataclass(frozen=True)
@@ -634,7 +633,7 @@ class WeightSync:
         learner_lp = self._get([l.score.remote(token_ids) for l in self.learners], "scoring on the learner")[0]
         engine_lps = self._get([r.score.remote(token_ids) for r in self.rollouts], "scoring on the engines")
         bounds = CHECK[self.dtype]
-        stats = [_spread(np.abs(lp - learner_lp)) for lp in engine_lps]
+        stats = [spread(np.abs(lp - learner_lp)) for lp in engine_lps]
         for i, (mean, p99, worst) in enumerate(stats):
             if mean > bounds.mean:
                 raise WeightSyncError(
@@ -688,8 +687,8 @@ class WeightSync:
         return results
 
 
-def _spread(diff: np.ndarray) -> tuple[float, float, float]:
-    """(mean, 99th percentile, max) of |differences|."""
+def spread(diff: np.ndarray) -> tuple[float, float, float]:
+    """(mean, 99th percentile, max) of |differences|: what the check compares (`CHECK`)."""
     return float(diff.mean()), float(np.quantile(diff, 0.99)), float(diff.max())
 
 
