@@ -179,16 +179,17 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, tiny
 
 @pytest.mark.slow
 def test_a_run_stopped_and_resumed_is_bit_identical_to_the_same_seeds_run(finished, tmp_path, tiny_model):
-    # The invariant that guards every other number: vLLM engines (two of them), the learner and
-    # the rewards reproduce a run exactly, so a change that alters results shows up here. The
-    # run to match is RUNS' vllm-x2-broadcast (two engines, the broadcast transport, 4 steps).
-    # Its copy here is stopped by SIGTERM and resumed, and scores each step's answers after
-    # generation instead of each group as it finishes (`rewards.stream=false`): both change
-    # when things happen and nothing else.
+    # The invariant that guards every other number: vLLM engines, the learner and the rewards
+    # reproduce a run exactly, so a change that alters results shows up here. The run to match
+    # is RUNS' vllm-x2-broadcast (two engines, the broadcast transport, 4 steps). Its copy here
+    # is stopped by SIGTERM and resumed, scores each step's answers after generation instead of
+    # each group as it finishes (`rewards.stream=false`), and samples with one engine instead
+    # of two (prompts are seeded one by one): all three change when and where things happen,
+    # and nothing else.
     full_proc, full_dir = finished("vllm-x2-broadcast")
     assert full_proc.returncode == 0, full_proc.stderr[-3000:]
-    args = [*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "rewards.stream=false", "checkpoint.every=3",
-            "checkpoint.keep=1"]
+    args = [*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "rewards.stream=false", "rollout.num_engines=1",
+            "checkpoint.every=3", "checkpoint.keep=1"]
 
     # SIGTERM once the first step is logged: the run finishes the step it is in, saves a
     # checkpoint and exits 143; --resume then runs the remaining steps.

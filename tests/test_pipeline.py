@@ -13,9 +13,11 @@ from tests.test_e2e import against_shared, read_rows
 
 @pytest.mark.slow
 def test_the_overlapped_loop_against_the_synchronous_one(finished, tmp_path, tiny_model):
-    # The streamed run is tests/test_e2e.py's 4-step run with two vLLM engines (shared).
+    # The streamed run is tests/test_e2e.py's 4-step run with two vLLM engines (shared); the
+    # overlapped one has one engine, which samples what two do (prompts are seeded one by one),
+    # and starts in two thirds of the time.
     streamed, stale = against_shared(finished, "vllm-x2-broadcast", tmp_path, tiny_model, "stale1",
-                                     "algorithm.max_staleness=1")
+                                     "algorithm.max_staleness=1", "rollout.num_engines=1")
 
     a, c = read_rows(streamed / "metrics.jsonl"), read_rows(stale / "metrics.jsonl")
     assert all(r["rollout/staleness_max"] == 0 and "learner/is_weight_mean" not in r for r in a)
