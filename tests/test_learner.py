@@ -56,6 +56,41 @@ def kill(learners):
         ray.kill(learner)
 
 
+@pytest.fixture(scope="module")
+def ranks(ray_cluster, tiny_model, tmp_path_factory):
+    """ranks(num_ranks, zero_stage, micro_batch_size=4, copy=0, **algorithm) -> float32 learner
+    ranks as if just started with these settings: each shape is started once per module (~12 s)
+    and brought back to its state at start (weights, Adam's moments, RNG, no reference; that
+    the restore is exact is test_zero3_bf16_state_restores_exactly_on_two_ranks's point).
+    `copy=1` is a second group of the same shape, for a test that needs two at once."""
+    from cluster.config import AlgorithmConfig
+
+    started, folder = {}, tmp_path_factory.mktemp("learner-start")
+
+    def get(num_ranks, zero_stage, micro_batch_size=4, copy=0, **algorithm):
+        shape = (num_ranks, zero_stage, copy)
+        state = str(folder / "-".join(map(str, shape)))
+        if shape not in started:
+            started[shape] = make_learners(tiny_model, num_ranks, zero_stage)
+            ray.get([l.save_state.remote(state) for l in started[shape]], timeout=300)
+        learners = started[shape]
+        ray.get([l.load_state.remote(state) for l in learners], timeout=300)
+        ray.get([l.__ray_call__.remote(configure, micro_batch_size, AlgorithmConfig(**algorithm))
+                 for l in learners], timeout=60)
+        return learners
+
+    yield get
+    for learners in started.values():
+        kill(learners)
+
+
+# A lambda, which Ray sends by value: a function of this module would be imported in the
+# rank's process as `test_learner`, pytest's name for it.
+configure = lambda rank, micro_batch_size, algo: rank.__dict__.update(  # noqa: E731
+    cfg=dataclasses.replace(rank.cfg, micro_batch_size=micro_batch_size), algo=algo, reference=None,
+    reference_path=None)
+
+
 def token_logprobs(learners, batch, i):
     """Sequence i's answer-token log-probs under the learner's current weights (temperature 1).
     `learners`: one rank, or all of them (a ZeRO-3 forward is a collective)."""
@@ -66,16 +101,18 @@ def token_logprobs(learners, batch, i):
 
 
 @pytest.mark.parametrize("num_ranks, zero_stage, dtype", [(1, 2, "float32"), (2, 3, "bfloat16")])
-def test_sft_loss_falls_on_a_fixed_batch(ray_cluster, tiny_model, num_ranks, zero_stage, dtype):
-    learners = make_learners(tiny_model, num_ranks, zero_stage, dtype)
+def test_sft_loss_falls_on_a_fixed_batch(ranks, tiny_model, num_ranks, zero_stage, dtype):
+    shared = dtype == "float32"
+    learners = ranks(num_ranks, zero_stage) if shared else make_learners(tiny_model, num_ranks, zero_stage, dtype)
     batch = fixed_batch()
     losses = [run_on_ranks(learners, "sft_step", batch, 3e-3)[0]["loss"] for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0], losses
-    kill(learners)
+    if not shared:
+        kill(learners)
 
 
-def test_grpo_step_raises_good_answers_and_lowers_bad_ones(ray_cluster, tiny_model):
-    learners = make_learners(tiny_model, 2, 3, kl_beta=0.01)
+def test_grpo_step_raises_good_answers_and_lowers_bad_ones(ranks, tiny_model):
+    learners = ranks(2, 3, kl_beta=0.01)
     ray.get([l.load_reference.remote(tiny_model) for l in learners], timeout=300)
     # Answers 0-1 and 4-5 were good (advantage +1), the others bad (-1).
     advantages = np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float32)
@@ -97,17 +134,16 @@ def test_grpo_step_raises_good_answers_and_lowers_bad_ones(ray_cluster, tiny_mod
     assert m["pg_loss"] == pytest.approx(8 / 36, rel=1e-6)
     # The reference is the starting policy: no KL at the first step, some after it moved.
     assert m["kl"] < 1e-9 and second[0]["kl"] > 1e-4
-    kill(learners)
 
 
-def test_the_second_update_clips_as_a_recomputation_says(ray_cluster, tiny_model):
+def test_the_second_update_clips_as_a_recomputation_says(ranks):
     # Two updates per step: mini-batch 1 (answers 0-3) moves the policy, and mini-batch 2
     # (answers 4-7) is then taken against the old policy, recomputed before the first update.
     # A second learner replays update 1 alone; its log-probs give the ratios update 2 saw.
     adv = np.array([2, 2, -2, -2, 2, 2, -2, -2], dtype=np.float32)
     batch, lr = fixed_batch(adv), 5e-2
-    (learner,) = make_learners(tiny_model, 1, 2, recompute_old_logprobs=True)
-    (replay,) = make_learners(tiny_model, 1, 2)
+    (learner,) = ranks(1, 2, recompute_old_logprobs=True)
+    (replay,) = ranks(1, 2, copy=1)
     old = [token_logprobs(replay, batch, i) for i in range(4, 8)]
     m = ray.get(learner.train_step.remote(batch, lr, 2), timeout=300)
     ray.get(replay.train_step.remote(batch.select(slice(0, 4)), lr, 1), timeout=300)
@@ -117,11 +153,10 @@ def test_the_second_update_clips_as_a_recomputation_says(ray_cluster, tiny_model
     assert clipped > 0
     assert m["clip_fraction"] == pytest.approx(clipped / total, rel=1e-6)  # float32 means
     assert m["ratio_mean"] == pytest.approx((LENGTHS[:4].sum() + sum(r.sum() for r in ratios)) / total, rel=1e-5)
-    kill([learner, replay])
 
 
-def test_old_policy_is_the_engines_sampling_logprobs(ray_cluster, tiny_model):
-    (learner,) = make_learners(tiny_model, 1, 2)
+def test_old_policy_is_the_engines_sampling_logprobs(ranks):
+    (learner,) = ranks(1, 2)
     batch = fixed_batch(np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float32))
     # With two updates the ratio is taken against the engine's log-probs, -3 for every token
     # here; lr 0 keeps the policy where it is, so every ratio is exp(lp + 3).
@@ -138,10 +173,9 @@ def test_old_policy_is_the_engines_sampling_logprobs(ray_cluster, tiny_model):
     # Nothing was compiled on the way (learner.set_rank_env): DeepSpeed's import of its Muon
     # optimizer no longer pulls in inductor.
     assert not ray.get(learner.__ray_call__.remote(lambda _: "torch._inductor.compile_fx" in sys.modules))
-    kill([learner])
 
 
-def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ray_cluster, tiny_model):
+def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ranks):
     # One batch, four cuts: one micro-batch; micro-batches of 3 (3+3+2, accumulated); two
     # ZeRO-3 ranks with micro-batches of 2; two ZeRO-3 ranks of which one gets nothing (it
     # runs empty micro-batches so that the other's collectives are answered). Each part is
@@ -152,19 +186,16 @@ def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ray_cluster, ti
     batch = fixed_batch(adv)
     expected = {"token": 6 / 36, "sequence": -0.2 / 8}
     results = {aggregation: [] for aggregation in expected}
-    # Switches a live rank's aggregation. A lambda, which Ray sends by value: a function of
-    # this module would be imported in the rank's process as `test_learner`, pytest's name for it.
+    # Switches a live rank's aggregation (a lambda, as `configure` is).
     set_aggregation = lambda rank, a: setattr(rank, "algo", dataclasses.replace(rank.algo, aggregation=a))  # noqa: E731
     for num_ranks, zero_stage, micro, shards in [(1, 2, 8, None), (1, 2, 3, None), (2, 3, 2, None),
                                                  (2, 3, 4, [batch, batch.select(slice(0, 0))])]:
-        learners = make_learners(tiny_model, num_ranks, zero_stage, micro_batch_size=micro)
+        learners = ranks(num_ranks, zero_stage, micro_batch_size=micro)
         shards = shards or batch.split(num_ranks)
-        # One set of ranks per cut (~12 s to start): a step with each aggregation.
-        # Every cut takes the same two steps from the same weights.
+        # Every cut takes the same two steps, a step with each aggregation, from the same start.
         for aggregation, got in results.items():
             ray.get([l.__ray_call__.remote(set_aggregation, aggregation) for l in learners], timeout=60)
             got.append(ray.get([l.train_step.remote(s, 1e-3, 1) for l, s in zip(learners, shards)], timeout=300)[0])
-        kill(learners)
     for aggregation, got in results.items():
         assert got[0]["pg_loss"] == pytest.approx(expected[aggregation], rel=1e-6), aggregation
         for key in ("grad_norm", "pg_loss", "entropy"):
@@ -172,13 +203,13 @@ def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ray_cluster, ti
                                        err_msg=f"{aggregation} {key}")
 
 
-def test_importance_weights_against_a_known_behaviour_policy(ray_cluster, tiny_model):
+def test_importance_weights_against_a_known_behaviour_policy(ranks):
     # max_staleness 1: each token is weighted by min(pi / mu, is_cap). The behaviour policy mu
     # is the learner's own policy with answers 0-3 made half as likely (w = 2, the cap) and
     # answers 4-7 twice as likely (w = 0.5).
     adv = np.array([1, -1, 1, -1, 1, -1, 1, -1], dtype=np.float32)
     batch = fixed_batch(adv)
-    (learner,) = make_learners(tiny_model, 1, 2, max_staleness=1, is_cap=2.0)
+    (learner,) = ranks(1, 2, max_staleness=1, is_cap=2.0)
     for i in range(8):
         shift = -np.log(2.0) if i < 4 else np.log(2.0)
         batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = token_logprobs(learner, batch, i) + shift
@@ -197,13 +228,12 @@ def test_importance_weights_against_a_known_behaviour_policy(ray_cluster, tiny_m
         assert got["is_weight_mean"] == pytest.approx(weight, rel=1e-5)
         norms[weight] = got["grad_norm"]
     assert norms[0.5] == pytest.approx(norms[1.0] / 2, rel=1e-4)
-    kill([learner])
 
 
-def test_the_kl_reference_is_the_model_it_is_given(ray_cluster, tiny_model, tmp_path):
+def test_the_kl_reference_is_the_model_it_is_given(ranks, tiny_model, tmp_path):
     # After SFT moved the policy, the policy itself (saved, as the driver saves the RL start)
     # is a reference with no KL; the initial model is not.
-    (learner,) = make_learners(tiny_model, 1, 2, kl_beta=0.04)
+    (learner,) = ranks(1, 2, kl_beta=0.04)
     batch = fixed_batch(np.array([1, -1] * 4, dtype=np.float32))
     for _ in range(5):
         ray.get(learner.sft_step.remote(batch, 3e-3), timeout=300)
@@ -213,10 +243,9 @@ def test_the_kl_reference_is_the_model_it_is_given(ray_cluster, tiny_model, tmp_
         ray.get(learner.load_reference.remote(path), timeout=300)
         kls[name] = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)["kl"]
     assert kls["rl_start"] < 1e-9 and kls["initial"] > 1e-2, kls
-    kill([learner])
 
 
-def test_mask_truncated_removes_exactly_the_truncated_answers(ray_cluster, tiny_model):
+def test_mask_truncated_removes_exactly_the_truncated_answers(ranks):
     # The driver zeroes the loss mask of answers cut by the token budget: the loss and the
     # gradient must be those of the batch without them (they still shaped the advantages).
     from actors.records import Sample
@@ -231,7 +260,7 @@ def test_mask_truncated_removes_exactly_the_truncated_answers(ray_cluster, tiny_
         end = int(batch.attention_mask[i].sum())
         samples.append(Sample(str(i // 4), batch.input_ids[i, :start], batch.input_ids[i, start:end],
                               np.full(end - start, -3.0, dtype=np.float32), "", "length" if i in truncated else "stop", 0))
-    (learner,) = make_learners(tiny_model, 1, 2, micro_batch_size=3)
+    (learner,) = ranks(1, 2, micro_batch_size=3)
     cfg = load_config(None, ["algorithm.mask_truncated=true", "algorithm.updates_per_step=1"])
     masked = learn(cfg, [learner], samples, adv, 0.0)
     keep = [i for i in range(8) if i not in truncated]
@@ -239,7 +268,6 @@ def test_mask_truncated_removes_exactly_the_truncated_answers(ray_cluster, tiny_
     assert masked["learner/pg_loss"] == pytest.approx(-(adv * LENGTHS)[keep].sum() / LENGTHS[keep].sum(), rel=1e-6)
     assert masked["learner/grad_norm"] == pytest.approx(without["learner/grad_norm"], rel=1e-5)
     assert masked["learner/entropy"] == pytest.approx(without["learner/entropy"], rel=1e-5)
-    kill([learner])
 
 
 def test_zero3_bf16_state_restores_exactly_on_two_ranks(ray_cluster, tiny_model, tmp_path):
