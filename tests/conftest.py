@@ -52,7 +52,9 @@ def ray_cluster(tmp_path_factory):
     """A private local Ray cluster with 4 logical CPUs (actors take fractions of them)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+    from cluster.placement import NO_PRESTART
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", _system_config=NO_PRESTART,
              runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
                                        "OMP_NUM_THREADS": "1"}})
     yield
