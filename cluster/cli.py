@@ -5,6 +5,8 @@ Subcommands dispatch with a plain `if` so every entry point can be found with gr
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -25,6 +27,7 @@ def run(body: Callable[[], object]) -> int:
     from cluster.weight_sync import WeightSyncError
     from rewards.data import DatasetError
 
+    quiet_libraries()
     try:
         body()
     except Stopped as err:
@@ -34,18 +37,35 @@ def run(body: Callable[[], object]) -> int:
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2
     except (WeightSyncError, EngineDiedError, NothingKeptError) as err:
-        print(f"r1ray: error: {_message(err)}", file=sys.stderr)
+        print(f"r1ray: error: {_message(err)}{_details()}", file=sys.stderr)
         return 1
     except ray.exceptions.GetTimeoutError:
-        print("r1ray: error: a remote call took longer than cluster.timeout_s", file=sys.stderr)
+        print(f"r1ray: error: a remote call took longer than cluster.timeout_s{_details()}", file=sys.stderr)
         return 1
     except TimeoutError as err:  # a step's rollout (cluster/pipeline.py) that never finished
-        print(f"r1ray: error: {err}", file=sys.stderr)
+        print(f"r1ray: error: {err}{_details()}", file=sys.stderr)
         return 1
     finally:
         if ray.is_initialized():
             ray.shutdown()
     return 0
+
+
+def quiet_libraries() -> None:
+    """What this process's libraries print unasked, on every command: DeepSpeed's warning that
+    it found no GPU (transformers imports DeepSpeed whenever a model is loaded or saved, here
+    where no rank runs) and Hugging Face's progress bars for writing and loading weights. The
+    actors' own output is kept apart too (cluster.placement.connect, logging.verbose)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub and transformers
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+def _details() -> str:
+    """Where the actors' own account of a failure is, when it was not printed here."""
+    from cluster.placement import actor_logs
+
+    logs = actor_logs()
+    return f" (the actors' output: {logs})" if logs else ""
 
 
 def _message(err: Exception) -> str:

@@ -471,6 +471,9 @@ class LoggingConfig:
     """Completions recorded each time."""
     progress: bool = _f(True)
     """Show a progress bar."""
+    verbose: bool = _f(False)
+    """Print every actor's output here too (other libraries' warnings and notices); otherwise
+    it is kept in the run folder's logs/, and the console has r1ray's own lines."""
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,15 @@ class MetricsLogger:
                                         group=cfg.group or None, dir=str(run_dir),
                                         tags=[t.strip() for t in cfg.tags.split(",") if t.strip()] or None,
                                         mode=cfg.wandb_mode, config=config, id=self.run_id,
-                                        resume="allow" if self.run_id else None)
+                                        resume="allow" if self.run_id else None,
+                                        settings=wandb.Settings(silent=not cfg.verbose))
                 self.run_id = self.wandb.id
             except Exception as err:  # wandb raises many types (auth, network, usage)
                 raise ConfigError(f"logging.wandb_mode={cfg.wandb_mode!r}: W&B did not start ({err}); "
                                   "set WANDB_API_KEY, or use offline or disabled") from None
+            where = (self.wandb.url if cfg.wandb_mode == "online"
+                     else f"{Path(self.wandb.dir).parent} (offline; `wandb sync` uploads it)")
+            print(f"r1ray: W&B run {where}", flush=True)
         self.bar = None
         self.progress, self.total_steps, self.first_step = cfg.progress and total_steps > step, total_steps, step
 

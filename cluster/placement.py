@@ -7,9 +7,11 @@ group or a wall of Ray tracebacks.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster.config import Config
 
@@ -20,7 +22,8 @@ class ClusterError(RuntimeError):
 
 def connect(cfg: Config) -> None:
     """Start a private local cluster ("local"), or join one ("auto", "host:port", a Ray job);
-    nothing when this process is connected already (a pipeline's stages share one session)."""
+    nothing when this process is connected already (a pipeline's stages share one session).
+    Actors' output reaches this console only with logging.verbose (see `link_actor_logs`)."""
     import ray
 
     if ray.is_initialized():
@@ -28,16 +31,48 @@ def connect(cfg: Config) -> None:
     address = _address(cfg)
     if address not in ("local", "auto") and not address.startswith("ray://"):
         _check_reachable(address)
-    kwargs = dict(log_to_driver=True, logging_level="WARNING", configure_logging=True)
+    kwargs = dict(log_to_driver=cfg.logging.verbose, logging_level="WARNING", configure_logging=True)
     try:
         if address == "local":
-            ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                     _system_config=NO_PRESTART, **kwargs)
+            # Ray's default for a local cluster, token authentication, comes with a warning
+            # on every start (and RAY_AUTH_MODE=token, which would say it is chosen, leaves
+            # the new cluster's processes without the token).
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            context = ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                               _system_config=NO_PRESTART, **kwargs)
         else:
-            ray.init(address=address, **kwargs)
+            context = ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"cannot reach a Ray cluster at cluster.address={address!r}: {first}") from None
+    if not cfg.logging.verbose:
+        _session["logs"] = Path(context.address_info["session_dir"]) / "logs"
+
+
+_session: dict[str, Path | None] = {"logs": None}
+"""Where the actors' output goes instead of this console: the log folder of the Ray session
+`connect` started or joined, unless logging.verbose prints it here."""
+
+
+def actor_logs() -> Path | None:
+    """Where the actors' output went instead of this console: the Ray session's log folder
+    (every actor's stdout and stderr, worker-*.out and .err, of this machine's node); None when
+    it was printed here, or this process did not connect through `connect`, or the folder is
+    on another machine."""
+    logs = _session["logs"]
+    return logs if logs and logs.is_dir() else None
+
+
+def link_actor_logs(run_dir: Path) -> Path | None:
+    """Link `actor_logs()` into `run_dir`/logs/ and return the link (None without one)."""
+    logs = actor_logs()
+    if logs is None:
+        return None
+    link = run_dir / "logs" / logs.parent.name  # one per session: a resumed run keeps the first's
+    link.parent.mkdir(exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(logs, target_is_directory=True)
+    return link
 
 
 NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}

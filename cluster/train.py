@@ -87,6 +87,10 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit
     run_dir = resume or _make_run_dir(cfg)
     print(f"r1ray: run folder {run_dir}" + (f", resuming from {ckpt.name}" if ckpt else ""), flush=True)
+    logs = placement.link_actor_logs(run_dir)
+    if logs:
+        print(f"r1ray: the actors' output (other libraries' warnings) is in {logs}; "
+              "logging.verbose=true prints it here", flush=True)
     logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps, state)
     print(f"r1ray: starting {cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_engines} "
           f"{cfg.rollout.engine} engine(s), {cfg.rewards.num_workers} reward worker(s)...", flush=True)

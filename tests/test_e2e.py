@@ -127,6 +127,16 @@ def test_two_grpo_steps_through_the_real_entry_point(finished, name):
     assert (run_dir / "reference" / "model.safetensors").exists()  # kl_beta > 0 after a cold start
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "curves.png").exists() and "run summary" in proc.stdout
+    # A quiet console: r1ray's own lines and its summary. What the actors print (vLLM's,
+    # torch's and transformers' notices among it) is in the run folder's logs/.
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("r1ray: ") and (
+        "pid=" in line or "warn" in line.lower() or "Traceback" in line or line.startswith("wandb:") or "it/s]" in line)]
+    assert not noise, noise[:10]
+    (logs,) = (run_dir / "logs").iterdir()  # this run's Ray session
+    assert f"r1ray: the actors' output (other libraries' warnings) is in {logs}; " in proc.stdout
+    names = {line.removeprefix(":actor_name:") for f in logs.glob("worker-*.out")
+             for line in f.read_text().splitlines() if line.startswith(":actor_name:")}
+    assert {"Learner", "RolloutActor", "RewardWorker"} <= names, names
     samples = read_rows(run_dir / "samples.jsonl")  # 4 every 2 steps
     assert {s["step"] for s in samples} == set(range(2, steps + 1, 2)) and len(samples) == 4 * (steps // 2)
     assert all(s["reason"] for s in samples)
