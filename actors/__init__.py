@@ -1,1 +1,1 @@
-"""Rollout actors, their engines and the sample records they produce."""
+"""Rollout actors and their engines (vLLM, or transformers where vLLM cannot run)."""

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.records import Sampling
-from cluster.weight_sync import WeightReceiver, call_receiver
+from common.records import Sampling
+from common.weight_sync import WeightReceiver, call_receiver
 
 
 class TransformersEngine:
@@ -123,7 +123,7 @@ class TransformersEngine:
         self.model.to(self.device)
 
     def weights(self, method: str, *args) -> list:
-        """The answer (`cluster.weight_sync.call_receiver`) of this engine's one weight
+        """The answer (`common.weight_sync.call_receiver`) of this engine's one weight
         receiver to `method`, as the one worker of an engine."""
         return [call_receiver(self.receiver, method, args)]
 

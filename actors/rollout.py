@@ -1,7 +1,7 @@
 """The rollout actor: hosts one engine (vLLM or transformers), samples groups, carries the
 weight version.
 
-The driver creates `rollout.num_engines` of these as Ray actors (`actors.pool.RolloutPool`)
+The driver creates `rollout.num_engines` of these as Ray actors (`cluster.rollout_pool.RolloutPool`)
 and calls `generate` once per step; the weight-sync protocol (cluster/weight_sync.py) calls
 the `*_weights` methods between steps. A Ray actor runs one method at a time, which is
 what makes "flush before load" hold without locks.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.records import Sample, Sampling
+from common.records import Sample, Sampling
 from actors.vllm_engine import vllm_env
-from cluster.config import RolloutConfig
-from cluster.weight_sync import agreed, shared_file
+from actors.config import RolloutConfig
+from common.weight_sync import agreed, shared_file
 
 
 def actor_env(cfg: RolloutConfig) -> dict[str, str]:
@@ -136,7 +136,7 @@ class RolloutActor:
         tok = self.engine.tokenizer
         return [np.asarray(tok.encode(t, add_special_tokens=False), dtype=np.int32) for t in texts]
 
-    # ---- weight sync (the engine half; see cluster/weight_sync.py) -----------------------------
+    # ---- weight sync (the engine half; see common/weight_sync.py) -----------------------------
     # Each call runs on every worker of the engine (`engine.weights`); they must all agree.
 
     def weight_workers(self) -> int:

@@ -18,7 +18,7 @@ cut, when set), so they are the log-probs of the distribution that was actually 
 the learner divides its logits by the same temperature when it recomputes them.
 
 New weights reach the engine's workers, whichever process they are in, through
-`cluster.weight_sync.EngineWeightReceiver` (a vLLM worker extension): `weights` calls it.
+`common.weight_sync.EngineWeightReceiver` (a vLLM worker extension): `weights` calls it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from actors.reaper import reap_when_gone
-from actors.records import Sampling
-from cluster.config import RolloutConfig
+from common.records import Sampling
+from actors.config import RolloutConfig
 
 
 def in_process(cfg: RolloutConfig) -> bool:
@@ -86,7 +86,7 @@ class VLLMEngine:
             # A prefill cut in chunks makes vLLM rewind a seeded request's generator, which a
             # CPU generator cannot do ("CPU Generator does not use offset"): whole prefills only.
             enable_chunked_prefill=not on_cpu,
-            worker_extension_cls="cluster.weight_sync.EngineWeightReceiver",
+            worker_extension_cls="common.weight_sync.EngineWeightReceiver",
             enable_sleep_mode=sleep_mode and not on_cpu,
             **({} if on_cpu else {"gpu_memory_utilization": cfg.gpu_memory_utilization}),
         )
@@ -178,7 +178,7 @@ class VLLMEngine:
             self.llm.wake_up()
 
     def weights(self, method: str, *args) -> list:
-        """Every worker's answer (`cluster.weight_sync.call_receiver`) to `method` of its
+        """Every worker's answer (`common.weight_sync.call_receiver`) to `method` of its
         weight receiver. A load (commit, rollback) drops the prefixes cached with the old
         weights, also when it fails: it may have changed some weights already."""
         try:

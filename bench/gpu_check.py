@@ -240,7 +240,7 @@ def grpo_terms(grpo, x: dict, mask: torch.Tensor, group_size: int) -> dict:
 def check_learner_logprobs(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from actors.records import Sampling
+    from common.records import Sampling
     from learner import grpo
 
     path = small_llama(args)
@@ -335,7 +335,7 @@ def micro_batch_peak(model, grpo, micro: int, length: int, chunk: int, device: s
     """Peak allocated memory (None on a CPU) and time of one micro-batch's forward + backward
     through the learner's log-prob path and the GRPO loss: `micro` full rows of `length`
     tokens, the last three quarters of each an answer, the LM head `chunk` tokens at a time."""
-    from actors.records import Sampling
+    from common.records import Sampling
 
     ids, attention, targets = padded_batch(model.config.vocab_size, micro, length, seed=0)
     attention[:] = 1  # full rows: the worst case of the length
@@ -361,7 +361,7 @@ def micro_batch_peak(model, grpo, micro: int, length: int, chunk: int, device: s
 # ---- 4. the bf16 noise a weight-sync check must tolerate --------------------------------
 
 def check_bf16_noise(args) -> dict:
-    from actors.records import Sampling
+    from common.records import Sampling
     from cluster.weight_sync import CHECK
 
     model = qwen(args, torch.float32).eval()
@@ -401,7 +401,7 @@ def check_bf16_noise(args) -> dict:
 
 def check_engine(args) -> dict:
     from actors.hf_engine import TransformersEngine
-    from actors.records import Sampling
+    from common.records import Sampling
 
     path = small_llama(args)
     result = {}
@@ -451,7 +451,7 @@ def check_engine(args) -> dict:
 # ---- 6. the broadcast weight-sync transport, two processes --------------------------------
 
 def check_broadcast(args) -> dict:
-    from cluster.placement import free_port
+    from common.net import free_port
 
     path, port = small_llama(args), free_port()
     with tempfile.TemporaryDirectory(prefix="gpu-check-sync-") as out:
@@ -469,7 +469,7 @@ def broadcast_rank(rank: int, path: str, port: int, device: str, seed: int, out:
     from transformers import AutoModelForCausalLM
 
     from actors.hf_engine import TransformersEngine
-    from cluster import weight_sync
+    from common import weight_sync
 
     quiet()
     torch.set_num_threads(1)
@@ -523,7 +523,7 @@ def ipc_rank(rank: int, path: str, seed: int, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.hf_engine import TransformersEngine
-    from cluster import weight_sync
+    from common import weight_sync
 
     quiet()
     handles, done = Path(out, "handles.pkl"), Path(out, "rank1.json")

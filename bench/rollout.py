@@ -71,8 +71,8 @@ def generation(args) -> list[tuple]:
     """(model, params, shape, backend, engines, tokens, seconds, tokens/s) rows."""
     import ray
 
-    from actors.pool import RolloutPool
-    from actors.records import Sampling
+    from cluster.rollout_pool import RolloutPool
+    from common.records import Sampling
     from learner.models import count_parameters
 
     rows = []

@@ -92,7 +92,7 @@ def one_run(overrides: list[str], steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [*BASE, *overrides, f"algorithm.steps={steps}", f"cluster.runs_dir={tmp}", "logging.run_name=run"]
-        proc = subprocess.run([sys.executable, "-m", "cluster.train", *args], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "r1ray", "train", *args], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"run {overrides} failed:\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][1:]

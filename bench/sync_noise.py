@@ -88,8 +88,9 @@ def measure(model_dir: str, dtype: str, threads: int) -> list[tuple[str, float, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.vllm_engine import VLLMEngine
-    from cluster.config import RolloutConfig
-    from cluster.weight_sync import agreed, model_weights, spread
+    from actors.config import RolloutConfig
+    from cluster.weight_sync import spread
+    from common.weight_sync import agreed, model_weights
 
     torch.set_num_threads(threads)
     cfg = RolloutConfig(threads=threads, max_model_len=256)

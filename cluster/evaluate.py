@@ -21,17 +21,14 @@ answers are not a right one. Each metric is reported over all problems and per t
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
 from contextlib import contextmanager
 from math import comb
 
 import numpy as np
 
-from actors.records import Sampling
-from cluster import cli
-from cluster.config import Config, ConfigError, load_config
+from common.records import Sampling
+from cluster.config import Config
 from cluster.prompts import PromptFormat, prompt_format
 from rewards import arithmetic
 from rewards.format import clean
@@ -58,7 +55,7 @@ def majority_correct(answers: list[str | None], scores: list[float]) -> float:
     return float(scores[answers.index(top)] == 1.0)
 
 
-def final_answer(text: str, last_number: bool = False) -> str | None:
+def vote_key(text: str, last_number: bool = False) -> str | None:
     """The answer a vote counts, read as the checkers read it: the marked final answer (or,
     with `task.answer=last_number`, else the last number), as its equivalence class's key."""
     answer = extract_answer(text)
@@ -88,7 +85,7 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
             rewarders.score(samples, by_id, cfg.cluster.timeout_s)
             for s in samples:
                 into[s.prompt_id].append((s.reward_breakdown["correct"],
-                                          final_answer(s.text, cfg.task.answer == "last_number")))
+                                          vote_key(s.text, cfg.task.answer == "last_number")))
         bar.update(len(chunk))
     bar.close()
     tasks = sorted({p.task for p in problems})
@@ -120,38 +117,6 @@ def print_table(results: dict[str, float], title: str) -> None:
     Console().print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="an HF model folder (e.g. runs/<run>/model)")
-    parser.add_argument("--task", required=True, help="the task to evaluate on: arithmetic, countdown, "
-                        "knights, math (with task.math.path=...) or code")
-    parser.add_argument("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (1: greedy only)")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out problems")
-    parser.add_argument("--config", help="YAML config for the engine and task options")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. task.countdown.num_numbers=3")
-    args = parser.parse_args(argv)
-    return cli.run(lambda: _evaluate_model(args))
-
-
-def _evaluate_model(args: argparse.Namespace) -> None:
-    """`r1ray eval`: start engines and reward workers for one task and print its table."""
-    from cluster.config import TASKS
-    from cluster.train import resolve_model
-    from rewards.tasks import build_mixture
-
-    if args.task not in TASKS:
-        raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
-    if args.k < 1 or args.prompts < 1:
-        raise ConfigError(f"--k={args.k} and --prompts={args.prompts} must be at least 1")
-    weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
-    cfg = load_config(args.config, [*weights, "cold_start.steps=0", f"model.path={args.model}", *args.overrides])
-    model_path = resolve_model(cfg)
-    tasks = build_mixture(cfg.task)
-    problems = tasks.eval_problems(cfg.algorithm.seed, args.prompts)
-    results = evaluate_model(cfg, model_path, tasks.tasks, problems, args.k, progress=True)
-    print_table(results, f"{args.task}, {len(problems)} held-out problems, {model_path}")
-
-
 def evaluate_model(cfg: Config, model_path: str, tasks: dict, problems: list[Problem], k: int = 1,
                    progress: bool = False) -> dict[str, float]:
     """`evaluate` with engines and reward workers of its own, stopped afterwards (keys without
@@ -168,9 +133,9 @@ def serving(cfg: Config, model_path: str, tasks: dict):
     if this process has none yet."""
     import ray
 
-    from actors.pool import RolloutPool
+    from cluster.rollout_pool import RolloutPool
     from cluster import placement
-    from rewards.pool import RewardPool
+    from cluster.reward_pool import RewardPool
 
     placement.connect(cfg)
     rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)
@@ -181,6 +146,3 @@ def serving(cfg: Config, model_path: str, tasks: dict):
         rollouts.shutdown()
         rewarders.shutdown()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

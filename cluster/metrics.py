@@ -12,7 +12,9 @@ import re
 import time
 from pathlib import Path
 
-from cluster.config import AlgorithmConfig, ConfigError, LoggingConfig
+from cluster.config import ConfigError, LoggingConfig
+
+from learner.config import AlgorithmConfig
 from rewards.language import reasoning
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from actors.records import Sample, Sampling
+from common.records import Sample, Sampling
 from rewards.tasks import Problem
 
 
@@ -82,7 +82,7 @@ class Rollout:
 
     def engine_died(self):
         """The EngineDiedError this rollout failed with, once generation is over; else None."""
-        from actors.pool import EngineDiedError
+        from cluster.rollout_pool import EngineDiedError
 
         return self._error if isinstance(self._error, EngineDiedError) else None
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import Config
+from common.net import free_port
 
 
 class ClusterError(RuntimeError):
@@ -239,13 +240,6 @@ def free_port_on(node_id: str) -> int:
 
     strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
     return ray.get(ray.remote(num_cpus=0)(free_port).options(scheduling_strategy=strategy).remote(), timeout=60)
-
-
-def free_port() -> int:
-    """A free TCP port on this host (rendezvous of the learner ranks or the weight-sync group)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def release(actors: list, group=None) -> None:

@@ -7,9 +7,7 @@ drawn to a PNG with matplotlib (no W&B needed).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,21 +76,3 @@ def plot(run_dir: Path, out: Path | None = None, window: int = 10) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png)")
-    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window in steps (1: raw)")
-    args = parser.parse_args(argv)
-    try:
-        print(f"r1ray: wrote {plot(args.run_dir, args.out, args.smooth)}")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"r1ray: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

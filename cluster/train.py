@@ -1,10 +1,8 @@
 """The driver: cold-start SFT, then GRPO, on a local or remote Ray cluster.
 
-    r1ray train [--config configs/default.yaml] [key=value ...]
-    python -m cluster.train --config configs/default.yaml learner.lr=1e-4   # same code; a
-                                                    # `ray job submit` entrypoint
+    r1ray train [--config configs/default.yaml] [key=value ...]      (r1ray/cli.py calls `train`)
 
-One GRPO step (`train`, below): sample B prompts -> the rollout actors return B*G answers ->
+One GRPO step (`grpo_step`, below, in one function): sample B prompts -> the rollout actors return B*G answers ->
 reward workers score them -> group-relative advantages -> the learner ranks take an
 optimizer step -> the new weights go to the rollout actors -> metrics are logged. Finished
 groups are scored while the engines generate the rest, and with `algorithm.max_staleness=1`
@@ -15,12 +13,10 @@ offline run and the final model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -29,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.pool import EngineDiedError, RolloutPool
-from actors.records import Sample, Sampling, check_groups
+from cluster.rollout_pool import EngineDiedError, RolloutPool
+from common.records import Sample, Sampling, check_groups
 from actors.rollout import check_fit
-from cluster import checkpoint, cli, placement
-from cluster.config import Config, ConfigError, load_config, to_dict
+from cluster import checkpoint, placement
+from cluster.config import Config, ConfigError, to_dict
 from cluster.evaluate import evaluate
 from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
@@ -41,7 +37,7 @@ from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
 from learner.learner import extensions_dir
 from learner.models import flop_parameters, write_provenance
-from rewards.pool import RewardPool
+from cluster.reward_pool import RewardPool
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 
 
@@ -109,16 +105,11 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     if not ckpt and stop.signum:
         save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
     stop.exit_if_asked(state["step"], run_dir)
-    ahead, clock = None, time.time()  # ahead: the next step's rollout, started before this step learns
+    ahead = None  # the next step's rollout, when it was started while this step learned
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
-        produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
-        ahead = None
-        if cfg.algorithm.max_staleness and step < cfg.algorithm.steps:  # generates while this step learns
-            ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger)
-        metrics, version, ahead = grpo_step(cfg, actors, produced, step, version, probe, logger, ahead)
+        metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
-        metrics |= idle_metrics(metrics, clock, clock := time.time(), [*rollouts, ahead])
         logger.log({"step": step, **metrics})
         if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
                 or stop.signum:  # an in-flight rollout is dropped: resume draws its prompts again
@@ -134,46 +125,71 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     return results
 
 
-def grpo_step(cfg: Config, actors: Actors, produced: Produced, step: int, version: int, probe: np.ndarray,
-              logger: MetricsLogger, ahead: Rollout | None) -> tuple[dict[str, float], int, Rollout | None]:
-    """Learn from a step's scored samples, then sync; returns its metrics, the new version,
-    and the next step's rollout (`ahead`, started again if an engine died in it). Groups
-    without signal are left out of the batch (learner/grpo.py, 8); with none left, the step
-    learns nothing and the version stays."""
+def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, version: int,
+              ahead: Rollout | None, probe: np.ndarray, logger: MetricsLogger
+              ) -> tuple[dict[str, float], int, Rollout | None]:
+    """One GRPO step, top to bottom: rollout -> (the next step's rollout starts) -> advantages
+    -> learn -> sync. `ahead` is this step's rollout if the previous step started it; returns
+    the step's metrics, the weight version after it, and the next step's rollout if this step
+    started it (`algorithm.max_staleness=1`)."""
     import torch
 
     from learner.grpo import group_advantages, groups_with_signal
 
-    G, samples, problems = cfg.algorithm.group_size, produced.samples, produced.problems
+    a, G, start = cfg.algorithm, cfg.algorithm.group_size, time.time()
+    # 1. Rollout: B prompts, G answers each, scored as groups finish (more rounds of prompts with
+    #    dynamic sampling). An engine that dies is replaced and its prompts are sampled again.
+    produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
+    samples, problems = produced.samples, produced.problems
     check_groups(samples, G)
+    # 2. Overlap: the next step's rollout starts now and generates while this step learns, with
+    #    the weights of this step's samples (one version behind; learner/grpo.py, point 6).
+    ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger) if a.max_staleness and step < a.steps else None
     timings = {"generate": produced.generate_end - produced.generate_start,
                "reward": max(0.0, produced.scored - produced.generate_end)}  # what scoring adds after generation
-    skipped = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
+    metrics = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
     if not samples:  # every prompt was too long and skipped
-        return skipped, version, ahead
+        return metrics | idle_metrics(metrics, start, time.time(), [*rollouts, ahead]), version, ahead
     lag = [version - s.weight_version for s in samples]  # optimizer steps the sampler was behind
-    if max(lag) > cfg.algorithm.max_staleness:  # the pipeline's invariant; never expected
+    if max(lag) > a.max_staleness:  # the pipeline's invariant; never expected
         raise RuntimeError(f"step {step} sampled by weight version {version - max(lag)}, more than "
-                           f"algorithm.max_staleness={cfg.algorithm.max_staleness} behind the learner's {version}")
+                           f"algorithm.max_staleness={a.max_staleness} behind the learner's {version}")
     logger.log_samples(step, problems, samples, produced.reasons)
+    # 3. Advantages, within each group; groups whose answers all scored the same carry no
+    #    signal and stay out of the batch (learner/grpo.py, 8).
     rewards = torch.tensor([s.reward for s in samples])  # [N]
-    groups = torch.nonzero(groups_with_signal(rewards, G)).flatten()[:cfg.algorithm.prompts_per_step]  # [b]
+    groups = torch.nonzero(groups_with_signal(rewards, G)).flatten()[:a.prompts_per_step]  # [b]
     rows = (groups[:, None] * G + torch.arange(G)).flatten()  # [b*G] the batch's samples
     batch = [samples[i] for i in rows.tolist()]
-    metrics = {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons), **skipped,
-               "groups/generated": len(samples) / G, "groups/trained": float(len(groups)),
-               "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag))}
-    if batch:
-        advantages = group_advantages(rewards[rows], G, cfg.algorithm.normalize_std)  # [b*G]
+    metrics |= {**rollout_metrics(samples, G), **task_metrics(samples, problems, produced.reasons),
+                "groups/generated": len(samples) / G, "groups/trained": float(len(groups)),
+                "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag))}
+    if batch:  # else the step learns nothing and the version stays
+        advantages = group_advantages(rewards[rows], G, a.normalize_std)  # [b*G]
+        # 4. Learn: `updates_per_step` optimizer steps over the batch, sharded over the ranks.
         lr = lr_at(cfg, step)
         with _timed(timings, "learn"), actors.rollouts.asleep():  # colocated: the device is the learner's
             metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
+        # 5. Sync: every engine takes the new version, once the rollout ahead has finished
+        #    generating (no engine loads weights while it samples). An engine that died in it is
+        #    replaced first, and the next step's prompts are sampled again by the new weights.
         with _timed(timings, "sync"):
-            synced, ahead = push_weights(cfg, actors, version + 1, probe, ahead)
-        version += 1
-        metrics |= synced | throughput_metrics(batch, timings, *actors.params, forward_only_passes(cfg.algorithm),
-                                               cfg.algorithm.mask_truncated, generated=samples)
-    return metrics | {f"timing/{k}": v for k, v in timings.items()}, version, ahead
+            died = None
+            if ahead is not None:
+                ahead.wait_generated(cfg.cluster.timeout_s)
+                died = ahead.engine_died()
+                if died:
+                    replace_engine(cfg, actors, died)
+            version += 1
+            metrics |= actors.sync.push(version)
+            if cfg.sync.check:
+                metrics |= actors.sync.check(probe)
+            if died:
+                ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
+        metrics |= throughput_metrics(batch, timings, *actors.params, forward_only_passes(a), a.mask_truncated,
+                                      generated=samples)
+    metrics |= {f"timing/{k}": v for k, v in timings.items()}
+    return metrics | idle_metrics(metrics, start, time.time(), [*rollouts, ahead]), version, ahead
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
@@ -275,25 +291,6 @@ def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step
         rollouts.append(start_rollout(cfg, actors, tasks, rng, step, logger, round))
         produced = produced + rollout_result(cfg, actors, rollouts[-1], version)
     return produced, rollouts
-
-
-def push_weights(cfg: Config, actors: Actors, version: int, probe: np.ndarray,
-                 ahead: Rollout | None) -> tuple[dict[str, float], Rollout | None]:
-    """Bring the engines to `version` once `ahead` (the next step's rollout) is done
-    generating: no engine loads weights while it samples. Returns the sync's metrics and the
-    next step's rollout, sampled again by the new weights if an engine died in it."""
-    died = None
-    if ahead is not None:
-        ahead.wait_generated(cfg.cluster.timeout_s)
-        died = ahead.engine_died()
-        if died:
-            replace_engine(cfg, actors, died)  # the push below brings it up to date
-    synced = actors.sync.push(version)
-    if cfg.sync.check:
-        synced.update(actors.sync.check(probe))
-    if died:
-        ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
-    return synced, ahead
 
 
 def replace_engine(cfg: Config, actors: Actors, err: EngineDiedError) -> None:
@@ -433,8 +430,8 @@ def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Ra
     ray.get([l.load_state.remote(str(ckpt / "learner")) for l in actors.learners], timeout=cfg.cluster.timeout_s)
     actors.sync.push(state["version"])
     actors.sync.check(probe)
-    version, internal, gauss = state["rng"]
-    rng.setstate((version, tuple(internal), gauss))
+    form, internal, gauss = state["rng"]  # random.getstate(), with its tuple turned into a list by JSON
+    rng.setstate((form, tuple(internal), gauss))
 
 
 class StopRequest:
@@ -494,7 +491,7 @@ def _short(node_ids: list[str]) -> str:
 
 
 def idle_metrics(metrics: dict[str, float], t0: float, t1: float, rollouts: list) -> dict[str, float]:
-    """The step's wall time [t0, t1] and how much of it the learner and the engines sat idle:
+    """The step's wall time [t0, t1] (its own phases: evaluation and checkpoints are not in it) and how much of it the learner and the engines sat idle:
     the learner works in learn and sync; the engines generate (this step's rollout, and the
     next one's when it runs ahead) and load weights in sync."""
     busy_learner = metrics.get("timing/learn", 0.0) + metrics.get("timing/sync", 0.0)
@@ -556,24 +553,3 @@ def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float], sta
     Console().print(table)
     print("r1ray: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
     print(f"r1ray: run folder {run_dir}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
-                        help="continue this run from its newest checkpoint (its config.yaml unless --config)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. learner.lr=1e-5")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        config = args.config or (args.resume / "config.yaml" if args.resume else None)
-        if args.resume and not Path(config).is_file():
-            raise checkpoint.CheckpointError(f"--resume {args.resume}: not a run folder (no config.yaml)")
-        train(load_config(config, args.overrides), args.resume)
-
-    return cli.run(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

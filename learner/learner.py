@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.records import Sampling
-from cluster.config import AlgorithmConfig, LearnerConfig
+from common.records import Sampling
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.batch import TrainBatch
 
 RAW = Sampling(n=1, seed=0)
@@ -119,7 +119,7 @@ class Learner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from learner.models import parameter_shapes
+        from common.weight_sync import parameter_shapes
 
         ours = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.engine.module.named_parameters()}
         theirs = parameter_shapes(model_dir)
@@ -248,23 +248,23 @@ class Learner:
                                                   chunk=self.cfg.logprob_chunk)  # [1, T-1]
         return logprobs[0].cpu().numpy()
 
-    # ---- weight sync (the learner half; see cluster/weight_sync.py) -----------------------
+    # ---- weight sync (the learner half; see common/weight_sync.py) -----------------------
 
     def gather_weights(self, bucket_bytes: int = 64 * 2**20) -> dict[str, np.ndarray] | None:
         """Full float32 weights for the object-store transport (rank 0; the others only join),
         gathered `bucket_bytes` at a time under ZeRO-3."""
-        from cluster import weight_sync
+        from common import weight_sync
 
         return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank, bucket_bytes)
 
     def share_weights(self) -> list[tuple[str, bytes]]:
         """CUDA IPC handles to this rank's parameters, for the engine beside it (colocated)."""
-        from cluster import weight_sync
+        from common import weight_sync
 
         return weight_sync.share_weights(self.engine)
 
     def weight_manifest(self) -> list:
-        from cluster import weight_sync
+        from common import weight_sync
 
         return weight_sync.learner_manifest(self.engine)
 
@@ -272,7 +272,7 @@ class Learner:
         """Where this rank would host the sync group's store: its node's IP and a free port."""
         import ray
 
-        from cluster.placement import free_port
+        from common.net import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
@@ -280,7 +280,7 @@ class Learner:
                         device: str) -> None:
         """Join a new sync group (leaving the one formed before, if any); its buffers live on
         `device`: this rank's GPU when it is an NCCL group."""
-        from cluster import weight_sync
+        from common import weight_sync
 
         if self.sync_end is not None:
             self.sync_end.close()
@@ -289,7 +289,7 @@ class Learner:
 
     def send_weights(self, bucket_bytes: int, timeout_s: float) -> int:
         """Broadcast transport: rank 0 sends to the sync group; every rank joins a ZeRO-3 gather."""
-        from cluster import weight_sync
+        from common import weight_sync
 
         return weight_sync.send_weights(self.engine, self.cfg.zero_stage, self.rank,
                                         self.sync_end, bucket_bytes, timeout_s)

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.weight_sync import parameter_shapes
+
 # The R1 template tags are atomic tokens so a tiny model learns the format in a few steps.
 # They are added as normal (not "special") tokens: engines strip special tokens from text.
 TEMPLATE_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -167,18 +169,6 @@ def _convert_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out_dir)
-
-
-def parameter_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape in a saved model folder, read from its safetensors headers."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                shapes[name] = tuple(st.get_slice(name).get_shape())
-    return shapes
 
 
 def count_parameters(model_dir: str | Path) -> int:

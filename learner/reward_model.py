@@ -9,15 +9,10 @@ log sigmoid(s(prompt+chosen) - s(prompt+rejected)), the Bradley-Terry likelihood
     pairs = load_pairs("pairs.jsonl", "train-rm")
     train, held_out = split_pairs(pairs, 0.1)
 
-This module holds the pure pieces (the loss, reading and splitting pairs, tokenising and
-padding, shared by training and serving so that both see the same tokens) and
+This module holds the pure pieces (the loss, reading and splitting pairs) and
 `RewardTrainer`, one DeepSpeed ZeRO data-parallel rank per Ray actor like learner.Learner.
-The driver is cluster/reward_model.py (`r1ray train-rm`); rewards/preference.py serves it.
-
-Where the score is read: HF takes the rightmost token that is not `pad_token_id`. Batches are
-right-padded here, so that is the last real token even when the pad id also occurs inside a
-text (the tiny tokenizer's "<pad>", id 0, only does if the text spells it out); only a text
-that ends with the pad token is read one token early. `set_pad_token` makes sure the id is set.
+The driver is recipes/reward_model.py (`r1ray train-rm`); rewards/preference.py serves it and
+holds the tokenising, padding and score readout that training and serving share.
 """
 
 from __future__ import annotations
@@ -28,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import LearnerConfig
+from learner.config import LearnerConfig
 from learner.learner import checkpoint_layers, ds_config, global_sum, set_rank_env
 from rewards.data import DatasetError, read_jsonl
+from rewards.preference import pad_right, sequence_scores, set_pad_token, unpad
 
 # ---- the loss ---------------------------------------------------------------------------------
 
@@ -91,65 +87,12 @@ def split_pairs(pairs: list[Pair], eval_fraction: float) -> tuple[list[Pair], li
     return train, held_out
 
 
-# ---- tokens -----------------------------------------------------------------------------------
-
-
-def encode(tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
-    """Token ids of each text, keeping its LAST `max_len` tokens: a long prompt loses its
-    beginning, never the answer that is being judged (the score is read at the end)."""
-    return [np.asarray(ids[-max_len:], dtype=np.int64) for ids in tokenizer(texts)["input_ids"]]
-
-
-def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [N, L], attention mask [N, L]) with L the longest sequence, padded on the right."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)  # [N, L]
-    mask = np.zeros((len(seqs), width), dtype=np.int64)  # [N, L]
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)], mask[row, :len(s)] = s, 1
-    return ids, mask
-
-
-def unpad(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """The rows of right-padded ids [N, L] without their padding."""
-    return [row[:n] for row, n in zip(ids, mask.sum(axis=1))]
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id that pads reward-model batches: the tokenizer's pad token, else its eos."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has neither a pad nor an eos token; "
-                         "the reward model needs one to pad batches")
-    return int(pad)
-
-
-def set_pad_token(model, tokenizer) -> int:
-    """Give `model.config` a pad id (`pad_token_id(tokenizer)` unless it has one) and return it:
-    HF's classification models need it to find each sequence's last token in a batch."""
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id(tokenizer)
-    return int(model.config.pad_token_id)
-
-
-def sequence_scores(model, ids: np.ndarray, mask: np.ndarray):
-    """Scores [N] (float32) of right-padded sequences [N, L] under a sequence-classification
-    model with one label (or a DeepSpeed engine around one)."""
-    import torch
-
-    module = getattr(model, "module", model)
-    device = next(module.parameters()).device
-    out = model(input_ids=torch.as_tensor(ids, device=device), attention_mask=torch.as_tensor(mask, device=device),
-                use_cache=False)
-    return out.logits[:, 0].float()  # [N]
-
-
 # ---- the trainer: one DeepSpeed rank ----------------------------------------------------------
 
 
 class RewardTrainer:
     """One data-parallel rank of Bradley-Terry training; create `cfg.num_ranks` of these as Ray
-    actors (cluster/reward_model.py). Every ZeRO stage works: under ZeRO-3 every rank must
+    actors (recipes/reward_model.py). Every ZeRO stage works: under ZeRO-3 every rank must
     call `scores` (with the same data) and `save` together, since both gather the weights.
 
     Loss normalisation is the learner's: each micro-batch's loss is weighted by its share of
@@ -228,7 +171,7 @@ class RewardTrainer:
         import torch
         from transformers import AutoTokenizer
 
-        from cluster import weight_sync
+        from common import weight_sync
 
         weights = weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank)
         if weights is None:

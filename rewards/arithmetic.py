@@ -33,7 +33,7 @@ _MAX_REJECTIONS = 100_000  # per draw; only hit by configs with (almost) no vali
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """One question. `answer` is the exact gold integer as a string, e.g. "85".
 
     `id` is derived from the content (`add-47-38`), so the same problem has the same id in
@@ -135,12 +135,12 @@ class ArithmeticTask:
                 f"operation={self.operation!r} is invalid; must be one of {OPERATIONS}"
             )
 
-    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Problem]:
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[ArithmeticProblem]:
         """`n` problems drawn with replacement from `split`; deterministic given `rng`'s state."""
         _check_split(split)
         return [self._problem(self._draw(rng, split)) for _ in range(n)]
 
-    def problems(self, seed: int, n: int, split: str) -> list[Problem]:
+    def problems(self, seed: int, n: int, split: str) -> list[ArithmeticProblem]:
         """`n` distinct problems of `split`, the same list for the same seed and task.
 
         Distinct so that ids are unique within the list and an eval score is not weighted by
@@ -150,7 +150,7 @@ class ArithmeticTask:
         _check_split(split)
         rng = random.Random(seed)
         seen: set[tuple[int, ...]] = set()
-        out: list[Problem] = []
+        out: list[ArithmeticProblem] = []
         # Coupon collecting all k tuples of a small space takes ~k*ln(k) draws.
         for _ in range(50 * n + 1000):
             if len(out) == n:
@@ -166,7 +166,7 @@ class ArithmeticTask:
             )
         return out
 
-    def reference_trace(self, problem: Problem) -> str:
+    def reference_trace(self, problem: ArithmeticProblem) -> str:
         """A worked solution for cold-start SFT: what follows the prompt's `<think>`.
 
         Column by column from the least significant digit, one step per column, separated by
@@ -208,9 +208,9 @@ class ArithmeticTask:
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return rng.randint(low, 10**digits - 1)
 
-    def _problem(self, operands: tuple[int, ...]) -> Problem:
+    def _problem(self, operands: tuple[int, ...]) -> ArithmeticProblem:
         name = "add" if self.operation == "+" else "sub"
-        return Problem(
+        return ArithmeticProblem(
             id=f"{name}-{'-'.join(str(x) for x in operands)}",
             prompt=f"{self.operation.join(str(x) for x in operands)}=?",
             answer=str(_evaluate(self.operation, operands)),

@@ -9,8 +9,13 @@ mean and std of its raw scores on held-out pairs. Raw Bradley-Terry scores have 
 offset and scale, so before they mix with rule rewards (0 or 1) they are normalised:
 "calibrated" maps the held-out scores' mean to 0.5 and one std to sigmoid(1) = 0.73.
 
-The scorer tokenises prompt + answer exactly as training did (`learner.reward_model.encode`,
+The scorer tokenises prompt + answer exactly as training does (`encode` here,
 keeping the last tokens so the answer is always seen) and reads the score at the last token.
+
+Where the score is read: HF takes the rightmost token that is not `pad_token_id`. Batches are
+right-padded (`pad_right`), so that is the last real token even when the pad id also occurs inside a
+text (the tiny tokenizer's "<pad>", id 0, only does if the text spells it out); only a text
+that ends with the pad token is read one token early. `set_pad_token` makes sure the id is set.
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from learner.reward_model import encode, pad_right, sequence_scores, set_pad_token
 
 CALIBRATION_FILE = "r1ray_reward_model.json"
 """Written by `r1ray train-rm` into the model folder: {"mean", "std", "held_out_accuracy", "pairs"}."""
@@ -52,6 +55,59 @@ def read_calibration(model_dir: str | Path) -> dict | None:
     """The held-out statistics saved with a reward model, or None if the folder has none."""
     path = Path(model_dir) / CALIBRATION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- tokens -----------------------------------------------------------------------------------
+
+
+def encode(tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
+    """Token ids of each text, keeping its LAST `max_len` tokens: a long prompt loses its
+    beginning, never the answer that is being judged (the score is read at the end)."""
+    return [np.asarray(ids[-max_len:], dtype=np.int64) for ids in tokenizer(texts)["input_ids"]]
+
+
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N, L], attention mask [N, L]) with L the longest sequence, padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)  # [N, L]
+    mask = np.zeros((len(seqs), width), dtype=np.int64)  # [N, L]
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], mask[row, :len(s)] = s, 1
+    return ids, mask
+
+
+def unpad(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The rows of right-padded ids [N, L] without their padding."""
+    return [row[:n] for row, n in zip(ids, mask.sum(axis=1))]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads reward-model batches: the tokenizer's pad token, else its eos."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has neither a pad nor an eos token; "
+                         "the reward model needs one to pad batches")
+    return int(pad)
+
+
+def set_pad_token(model, tokenizer) -> int:
+    """Give `model.config` a pad id (`pad_token_id(tokenizer)` unless it has one) and return it:
+    HF's classification models need it to find each sequence's last token in a batch."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id(tokenizer)
+    return int(model.config.pad_token_id)
+
+
+def sequence_scores(model, ids: np.ndarray, mask: np.ndarray):
+    """Scores [N] (float32) of right-padded sequences [N, L] under a sequence-classification
+    model with one label (or a DeepSpeed engine around one)."""
+    import torch
+
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    out = model(input_ids=torch.as_tensor(ids, device=device), attention_mask=torch.as_tensor(mask, device=device),
+                use_cache=False)
+    return out.logits[:, 0].float()  # [N]
 
 
 class PreferenceScorer:

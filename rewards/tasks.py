@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Protocol
 
-from cluster.config import ConfigError, TaskConfig
+from common.config import ConfigError
+
+from rewards.config import TaskConfig
 from rewards import arithmetic, code, countdown, knights, math
 from rewards.arithmetic import EVAL_BUCKETS, SPLITS
 from rewards.format import clean, final_answer
@@ -124,7 +126,7 @@ class Arithmetic:
             raise ConfigError(f"task {self.name}: {err}; lower task.eval_prompts or the task's weight") from None
         return [self._wrap(p) for p in drawn]
 
-    def _wrap(self, p: arithmetic.Problem) -> Problem:
+    def _wrap(self, p: arithmetic.ArithmeticProblem) -> Problem:
         question = f"What is {p.prompt.removesuffix('=?')}?" if self.spelled_out else p.prompt
         return Problem(p.id, self.name, question, p)
 

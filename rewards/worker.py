@@ -1,6 +1,6 @@
 """The reward worker: scores a batch of responses, each check in a process it can kill.
 
-The driver runs `rewards.num_workers` of these as Ray actors (`rewards.pool.RewardPool`)
+The driver runs `rewards.num_workers` of these as Ray actors (`cluster.reward_pool.RewardPool`)
 and splits each step's samples among them. The worker itself imports no Ray: it is a plain
 class over the tasks' pure checkers, so it is tested directly.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from cluster.config import RewardsConfig
+from rewards.config import RewardsConfig
 from rewards.format import format_reward
 from rewards.language import language_consistency
 

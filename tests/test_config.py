@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import Config, ConfigError, LearnerConfig, field_docs, load_config
+from cluster.config import Config, ConfigError, field_docs, load_config
+
+from learner.config import LearnerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -120,17 +122,16 @@ def test_config_is_frozen():
 
 def test_every_field_has_a_docstring():
     import dataclasses
-
-    import cluster.config as c
+    import typing
 
     def check(cls: type) -> None:  # a nested group is documented by its own fields
-        docs = field_docs(cls)
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)
-                   and not dataclasses.is_dataclass(getattr(c, f.type, None))]
+                   and not dataclasses.is_dataclass(hints[f.name])]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(getattr(c, f.type, None)):
-                check(getattr(c, f.type))
+            if dataclasses.is_dataclass(hints[f.name]):
+                check(hints[f.name])
 
     check(Config)
     assert "learning rate" in field_docs(LearnerConfig)["lr"]

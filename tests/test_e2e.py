@@ -1,4 +1,4 @@
-"""The real entry point, end to end: `python -m cluster.train` for two GRPO steps, and the
+"""The real entry point, end to end: `python -m r1ray train` for two GRPO steps, and the
 bad inputs a user can give it, each of which must stop quickly with one clear message."""
 
 import json
@@ -19,7 +19,7 @@ SHORT = ["cold_start.steps=30", "algorithm.steps=2", "algorithm.prompts_per_step
 
 
 def run(args, tmp_path, timeout=600, env=None):
-    cmd = [sys.executable, "-m", "cluster.train", *args, f"cluster.runs_dir={tmp_path / 'runs'}",
+    cmd = [sys.executable, "-m", "r1ray", "train", *args, f"cluster.runs_dir={tmp_path / 'runs'}",
            f"cluster.cache_dir={tmp_path / 'cache'}"]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -204,7 +204,7 @@ def test_a_run_stopped_and_resumed_is_bit_identical_to_the_same_seeds_run(finish
     # SIGTERM once the first step is logged: the run finishes the step it is in, saves a
     # checkpoint and exits 143; --resume then runs the remaining steps.
     cut_dir = tmp_path / "runs" / "cut"
-    cmd = [sys.executable, "-m", "cluster.train", *args, "logging.run_name=cut", f"cluster.runs_dir={tmp_path / 'runs'}",
+    cmd = [sys.executable, "-m", "r1ray", "train", *args, "logging.run_name=cut", f"cluster.runs_dir={tmp_path / 'runs'}",
            f"cluster.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.records import Sample
+from common.records import Sample
 from cluster.config import load_config
 from cluster.evaluate import evaluate, majority_correct, pass_at_k
 from cluster.prompts import prompt_format
@@ -90,10 +90,10 @@ def test_half_right_answers_are_not_right():
 
 
 def test_equal_answers_in_different_forms_vote_together():
-    from cluster.evaluate import final_answer
+    from cluster.evaluate import vote_key
 
     forms = ["3", "3", "0.5", "1/2", "\\frac{1}{2}", "(B)", "B"]
-    keys = [final_answer(f"<answer>{a}</answer>") for a in forms]
+    keys = [vote_key(f"<answer>{a}</answer>") for a in forms]
     assert keys == ["3", "3", "1/2", "1/2", "1/2", "B", "B"]
     # Read as raw strings, "3" (twice, seen first) would win over three singletons.
     assert majority_correct(keys[:5], [0.0, 0.0, 1.0, 1.0, 1.0]) == 1.0
@@ -101,7 +101,7 @@ def test_equal_answers_in_different_forms_vote_together():
 
 @pytest.mark.slow
 def test_eval_command_prints_its_table(tmp_path, tiny_model):
-    proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", tiny_model, "--task", "countdown",
+    proc = subprocess.run([sys.executable, "-m", "r1ray", "eval", "--model", tiny_model, "--task", "countdown",
                            "--k", "2", "--prompts", "4", "rollout.max_new_tokens=8", "rollout.engine=transformers",
                            "task.countdown.num_numbers=3", f"cluster.cache_dir={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -111,15 +111,15 @@ def test_eval_command_prints_its_table(tmp_path, tiny_model):
 
 
 def test_eval_command_refuses_an_unknown_task(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cluster.evaluate", "--model", "tiny", "--task", "poetry"],
+    proc = subprocess.run([sys.executable, "-m", "r1ray", "eval", "--model", "tiny", "--task", "poetry"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--task 'poetry' is not a task; choose one of arithmetic" in proc.stderr
 
 
 def test_votes_read_answers_as_the_checker_does():
-    from cluster.evaluate import final_answer
+    from cluster.evaluate import vote_key
 
-    assert final_answer("so <answer> 8 5 </answer>") == "85"
-    assert final_answer("it is 85") is None
-    assert final_answer("it is 85", last_number=True) == "85"
-    assert final_answer("\\boxed{84}, not 85", last_number=True) == "84"  # a marked answer wins
+    assert vote_key("so <answer> 8 5 </answer>") == "85"
+    assert vote_key("it is 85") is None
+    assert vote_key("it is 85", last_number=True) == "85"
+    assert vote_key("\\boxed{84}, not 85", last_number=True) == "84"  # a marked answer wins

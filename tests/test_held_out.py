@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cluster.config import ConfigError
-from cluster.recipe import _stage_config, held_out_split, load_recipe
+from recipes.recipe import _stage_config, held_out_split, load_recipe
 from rewards import sorting
 from rewards.tasks import build_mixture, in_eval_bucket
 

@@ -42,7 +42,7 @@ def test_hostile_text_is_fast():
 def test_config_offers_exactly_the_supported_languages():
     import dataclasses
 
-    from cluster.config import RewardsConfig
+    from rewards.config import RewardsConfig
     from rewards.language import SCRIPTS
 
     field = {f.name: f for f in dataclasses.fields(RewardsConfig)}["language"]

@@ -26,7 +26,7 @@ LENGTHS = np.array([3, 4, 5, 6, 3, 4, 5, 6])  # answer tokens of fixed_batch's s
 def test_a_rank_compiles_deepspeed_ops_with_the_environments_ninja():
     # Whatever PATH started the process (here one where a system ninja comes first): processes
     # that found different ninjas rebuilt DeepSpeed's cached CPU op each time they took turns.
-    from cluster.config import LearnerConfig
+    from learner.config import LearnerConfig
     from learner.learner import set_rank_env
 
     with mock.patch.dict(os.environ, {"PATH": "/usr/local/bin:/usr/bin:/bin"}):
@@ -63,7 +63,7 @@ def ranks(ray_cluster, tiny_model, tmp_path_factory):
     and brought back to its state at start (weights, Adam's moments, RNG, no reference; that
     the restore is exact is test_zero3_bf16_state_restores_exactly_on_two_ranks's point).
     `copy=1` is a second group of the same shape, for a test that needs two at once."""
-    from cluster.config import AlgorithmConfig
+    from learner.config import AlgorithmConfig
 
     started, folder = {}, tmp_path_factory.mktemp("learner-start")
 
@@ -248,7 +248,7 @@ def test_the_kl_reference_is_the_model_it_is_given(ranks, tiny_model, tmp_path):
 def test_mask_truncated_removes_exactly_the_truncated_answers(ranks):
     # The driver zeroes the loss mask of answers cut by the token budget: the loss and the
     # gradient must be those of the batch without them (they still shaped the advantages).
-    from actors.records import Sample
+    from common.records import Sample
     from cluster.config import load_config
     from cluster.train import learn
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.records import Sampling
+from common.records import Sampling
 from learner.batch import collate
 from learner.learner import RAW, _next_token_logprobs, checkpoint_layers
 
@@ -264,8 +264,8 @@ def test_reward_model_recomputes_its_layers_with_the_same_gradient(ray_cluster, 
     # norm with its layers recomputed or kept, and scoring in between leaves them recomputed.
     import ray
 
-    from cluster.config import LearnerConfig
-    from cluster.placement import free_port
+    from learner.config import LearnerConfig
+    from common.net import free_port
     from learner.reward_model import RewardTrainer
 
     cfg = LearnerConfig(zero_stage=2, dtype="float32", threads=1, num_cpus=0.5, micro_batch_size=2,

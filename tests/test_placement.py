@@ -108,7 +108,7 @@ def three_nodes():
 
 
 def run(env, args, tmp_path, timeout=600):
-    cmd = [sys.executable, "-m", "cluster.train", *args, f"cluster.runs_dir={tmp_path / 'runs'}",
+    cmd = [sys.executable, "-m", "r1ray", "train", *args, f"cluster.runs_dir={tmp_path / 'runs'}",
            f"cluster.cache_dir={tmp_path / 'cache'}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from cluster.plot import main, plot, smooth
+from cluster.plot import plot, smooth
+from r1ray.cli import main
 
 
 def write_run(tmp_path, rows):
@@ -44,8 +45,8 @@ def test_one_panel_per_family_of_logged_curves(tmp_path):
 
 
 def test_plot_command_names_a_missing_or_bad_metrics_file(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
+    assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
-    assert main([str(tmp_path)]) == 2
+    assert main(["plot", str(tmp_path)]) == 2
     assert "line 2 is not JSON" in capsys.readouterr().err

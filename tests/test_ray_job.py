@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.placement import free_port
+from common.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,7 +70,7 @@ def _wait_for(address: str, head: subprocess.Popen, timeout_s: float = 120) -> N
 
 def submit(env, address, job_id, args, timeout=600):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
-           "--working-dir", str(REPO), "--", "python", "-m", "cluster.train", *args]
+           "--working-dir", str(REPO), "--", "python", "-m", "r1ray", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.recipe import load_recipe
+from recipes.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def _recipe(tmp_path, stages, evaluate=None, name="tiny-r1"):
 
 
 def _pipeline(path, *args, timeout=1200, env=None):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "pipeline", str(path), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "r1ray", "pipeline", str(path), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -187,7 +187,7 @@ def test_the_shipped_recipes_load():
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "r1ray", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -4,9 +4,9 @@ real `Sample` records; the sampling itself runs in tests/test_recipe.py), and it
 import numpy as np
 import pytest
 
-from actors.records import Sample
+from common.records import Sample
 from cluster.config import RejectionConfig
-from cluster.rejection import select, stats_table, verdict
+from recipes.rejection import select, stats_table, verdict
 from rewards.tasks import Problem
 
 GOOD = "7+8=15 4+3+1=8</think><answer>85</answer>"
@@ -61,7 +61,7 @@ def test_prompts_are_train_prompts_outside_the_runs_held_out_split():
     import random
 
     from cluster.config import load_config
-    from cluster.rejection import train_prompts
+    from recipes.rejection import train_prompts
     from rewards.tasks import build_mixture
 
     cfg = load_config(None, ["cold_start.steps=0", "task.arithmetic.max_digits=1", "rejection.prompts=600"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.reward_model import batch_order, read_pairs, train_reward_model, warmup_lr
+from recipes.reward_model import batch_order, read_pairs, train_reward_model, warmup_lr
 from learner.reward_model import Pair, bradley_terry_loss, load_pairs, split_pairs
 from rewards.data import DatasetError
 from rewards.preference import CALIBRATION_FILE, PreferenceScorer, normalize
@@ -128,7 +128,7 @@ def test_score_is_read_at_the_last_real_token(base_model):
     batch, even when the text itself contains "<pad>" (HF reads the rightmost non-pad token)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from learner.reward_model import encode, pad_right, sequence_scores, set_pad_token
+    from rewards.preference import encode, pad_right, sequence_scores, set_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1).eval()

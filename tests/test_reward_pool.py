@@ -4,9 +4,9 @@ order, and a worker actor that dies is replaced and its share scored again."""
 import numpy as np
 import pytest
 
-from actors.records import Sample
+from common.records import Sample
 from cluster.config import load_config
-from rewards.pool import RewardPool
+from cluster.reward_pool import RewardPool
 from rewards.tasks import build_mixture
 
 

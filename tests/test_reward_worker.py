@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cluster.config import RewardsConfig
+from rewards.config import RewardsConfig
 from rewards.arithmetic import ArithmeticTask
 from rewards.tasks import Arithmetic, Problem
 from rewards.worker import RewardWorker, overlong_penalty
@@ -154,7 +154,7 @@ def test_tasks_without_a_verifier_are_scored_by_the_preference_model():
 
 def test_a_training_pool_refuses_unverified_tasks_without_a_preference_model():
     from cluster.config import ConfigError, load_config
-    from rewards.pool import _start_preference
+    from cluster.reward_pool import _start_preference
     from rewards.tasks import General
 
     cfg = load_config(None, [])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards.arithmetic import ArithmeticTask, Problem, check, in_eval_split
+from rewards.arithmetic import ArithmeticProblem, ArithmeticTask, check, in_eval_split
 from rewards.format import R1_TEMPLATE, STOP_STRINGS, format_reward, render_prompt
 
 # --- check: the answer checker ------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_problems_are_deterministic_distinct_and_pinned():
     # Pinned: a change to the hash, the sampler or the id scheme silently moves the eval
     # set between versions, which makes eval scores incomparable. Update only on purpose.
     assert [p.id for p in eval_set] == ["add-1-70", "add-70-1", "add-36-0", "add-93-59", "add-85-4"]
-    assert eval_set[0] == Problem(id="add-1-70", prompt="1+70=?", answer="71", operands=(1, 70))
+    assert eval_set[0] == ArithmeticProblem(id="add-1-70", prompt="1+70=?", answer="71", operands=(1, 70))
     train = task.problems(0, 2000, "train")
     assert len({p.id for p in train}) == 2000
     assert task.problems(1, 50, "train") != task.problems(0, 50, "train")

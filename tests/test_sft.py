@@ -67,7 +67,7 @@ def test_sft_rows_with_missing_fields_name_file_line_and_field(tmp_path, tiny_mo
     from transformers import AutoTokenizer
 
     from cluster.prompts import PromptFormat
-    from cluster.sft import load_examples
+    from recipes.sft import load_examples
     from rewards.data import DatasetError
 
     path = tmp_path / "traces.jsonl"
@@ -89,7 +89,7 @@ def test_sft_data_loses_exactly_its_held_out_rows(tmp_path, tiny_model, capsys):
 
     from cluster.config import load_config
     from cluster.prompts import PromptFormat
-    from cluster.sft import load_examples
+    from recipes.sft import load_examples
     from rewards.tasks import build_mixture
 
     tasks = build_mixture(load_config(None, ["cold_start.steps=0"]).task)
@@ -109,7 +109,7 @@ def test_sft_data_loses_exactly_its_held_out_rows(tmp_path, tiny_model, capsys):
 
 
 def test_general_rows_are_mixed_in_at_the_ratio():
-    from cluster.sft import epoch_examples
+    from recipes.sft import epoch_examples
 
     main, general = [_ex([1], [2])] * 30, [_ex([3], [4])]
     epoch = epoch_examples(main, general, 0.2, random.Random(0))
@@ -117,7 +117,7 @@ def test_general_rows_are_mixed_in_at_the_ratio():
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from cluster.sft import lr_at
+    from recipes.sft import lr_at
 
     lrs = [lr_at(1.0, s, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

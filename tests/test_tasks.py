@@ -113,8 +113,8 @@ def test_code_task_runs_humaneval_tests_with_partial_credit_on_request():
 
 
 def test_problems_are_plain_records():
-    p = Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
-    assert p == Problem("a", "arithmetic", "1+2=?", arithmetic.Problem("a", "1+2=?", "3", (1, 2)))
+    p = Problem("a", "arithmetic", "1+2=?", arithmetic.ArithmeticProblem("a", "1+2=?", "3", (1, 2)))
+    assert p == Problem("a", "arithmetic", "1+2=?", arithmetic.ArithmeticProblem("a", "1+2=?", "3", (1, 2)))
 
 
 def test_chat_template_asks_arithmetic_in_words_and_can_take_the_last_number():
@@ -131,7 +131,9 @@ def test_general_prompts_come_from_jsonl_and_are_checked_only_against_their_refe
     import json
     import random
 
-    from cluster.config import ArithmeticTaskConfig, ConfigError, GeneralTaskConfig, TaskConfig
+    from cluster.config import ConfigError
+
+    from rewards.config import ArithmeticTaskConfig, GeneralTaskConfig, TaskConfig
     from rewards import sorting
     from rewards.tasks import build_mixture, without_verifier
 

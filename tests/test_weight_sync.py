@@ -16,10 +16,12 @@ import pytest
 import ray
 import torch
 
-from actors.records import Sampling
+from common.records import Sampling
 from actors.rollout import RolloutActor, actor_env
-from cluster.config import RolloutConfig, SyncConfig
-from cluster.weight_sync import CHECK, WeightReceiver, WeightSync, WeightSyncError, model_weights, plan_buckets
+from actors.config import RolloutConfig
+from cluster.config import SyncConfig
+from cluster.weight_sync import CHECK, WeightSync
+from common.weight_sync import WeightReceiver, WeightSyncError, model_weights, plan_buckets
 from learner.models import count_parameters
 from tests.helpers import fixed_batch, make_learners, run_on_ranks
 

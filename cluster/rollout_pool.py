@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from actors.records import Sample, Sampling
+from common.records import Sample, Sampling
 from cluster.config import Config
 
 

@@ -13,15 +13,15 @@ A string "@name" anywhere in a stage or in `evaluate.set` stands for stage `name
 model folder or a JSONL file); `model` is the model a stage starts from (default: the
 config's). `set` holds config keys for this stage only.
 
-Stage kinds and what each writes in its folder:
+Stage kinds and what each writes in its folder (`KINDS` below declares each kind once):
     traces        data.jsonl    reference reasoning traces of the tasks that write them (`rows`)
     general       data.jsonl    the toy general data (rewards/sorting.py; `rows`)
     pairs         data.jsonl    preference pairs for it (`rows`)
-    sft           model/        SFT on `data` (+ sft.mix_path at sft.mix_ratio)       cluster/sft.py
+    sft           model/        SFT on `data` (+ sft.mix_path at sft.mix_ratio)       recipes/sft.py
     rl            model/        GRPO, a normal run folder with checkpoints           cluster/train.py
-    rejection     data.jsonl    rejection-sampled answers of `model`                  cluster/rejection.py
-    reward_model  model/        a Bradley-Terry reward model on `data` pairs          cluster/reward_model.py
-    distill       student/      `model`'s verified traces learned by `student`       cluster/distill.py
+    rejection     data.jsonl    rejection-sampled answers of `model`                  recipes/rejection.py
+    reward_model  model/        a Bradley-Terry reward model on `data` pairs          recipes/reward_model.py
+    distill       student/      `model`'s verified traces learned by `student`       recipes/distill.py
 A stage is done when its folder has done.json (written last): done stages are skipped. An
 unfinished rl stage resumes from its newest checkpoint; other stages start again (minutes).
 The stages share one Ray session, started by the first one that starts actors (a local
@@ -35,31 +35,19 @@ No stage trains on a question the pipeline evaluates on: each stage that reads t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from cluster import cli
 from cluster.config import Config, ConfigError, config_from_tree
 from rewards.tasks import HeldOut
-
-OUTPUTS = {"traces": "data.jsonl", "general": "data.jsonl", "pairs": "data.jsonl", "sft": "model", "rl": "model",
-           "rejection": "data.jsonl", "reward_model": "model", "distill": "student"}
-NEEDS_DATA = ("sft", "reward_model")
-DATA_STAGES = ("traces", "general", "pairs")
-"""Stages that write data without actors (no Ray session)."""
-MODEL_STAGES = ("sft", "rl", "distill")
-"""Stages whose output is a policy, evaluated after they run."""
-
 
 class StageError(RuntimeError):
     """A stage cannot run: its input is missing or empty; the message names stage and path."""
@@ -111,8 +99,8 @@ def load_recipe(path: str | Path) -> Recipe:
         except TypeError:
             valid = ", ".join(Stage.__dataclass_fields__)
             raise ConfigError(f"{path}: stage {raw['name']!r} has an unknown key; valid: {valid}") from None
-        if stage.kind not in OUTPUTS:
-            raise ConfigError(f"{path}: stage {stage.name!r}: kind {stage.kind!r} is not one of {', '.join(OUTPUTS)}")
+        if stage.kind not in KINDS:
+            raise ConfigError(f"{path}: stage {stage.name!r}: kind {stage.kind!r} is not one of {', '.join(KINDS)}")
         if stage.name == "base" or not stage.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{path}: stage name {stage.name!r}: use letters, digits, - and _ (not base)")
         if stage.name in seen:
@@ -120,12 +108,12 @@ def load_recipe(path: str | Path) -> Recipe:
         for ref in _references(raw):
             if ref not in seen:
                 raise ConfigError(f"{path}: stage {stage.name!r} refers to @{ref}, which is not an earlier stage")
-        if stage.kind in NEEDS_DATA and not stage.data:
+        if KINDS[stage.kind].needs_data and not stage.data:
             raise ConfigError(f"{path}: stage {stage.name!r} ({stage.kind}) needs data: a JSONL file or @stage")
         seen.append(stage.name)
         stages.append(stage)
     evaluate = tree.get("evaluate") or {}
-    trains = next((s for s in stages if s.kind not in DATA_STAGES), None)
+    trains = next((s for s in stages if KINDS[s.kind].trains), None)
     for ref in _references(evaluate):
         if ref not in seen:
             raise ConfigError(f"{path}: evaluate refers to @{ref}, which is not a stage")
@@ -142,7 +130,7 @@ def load_recipe(path: str | Path) -> Recipe:
                   Path(base.cluster.runs_dir).expanduser().resolve() / name)
 
 
-def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
+def run_recipe(recipe: Recipe, redo: str | None = None) -> list[dict]:
     """Run the stages not done (from `redo` on, all of them); returns each stage's record."""
     names = [s.name for s in recipe.stages]
     if redo and redo not in names:
@@ -172,83 +160,141 @@ def run(recipe: Recipe, redo: str | None = None) -> list[dict]:
 
 def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, str]) -> dict:
     started = time.time()
+    kind = KINDS[stage.kind]
     cfg = _stage_config(recipe, stage, outputs)
-    model = _input(stage, stage.model, outputs) if stage.model else _model_path(cfg)
-    output = folder / OUTPUTS[stage.kind]
-    data = _input(stage, stage.data, outputs) if stage.data else ""
-    held_out = None if stage.kind in DATA_STAGES else held_out_split(recipe, cfg, outputs)
-    if stage.kind == "rl":
-        metrics = _rl(cfg, stage, folder, model, held_out)
-    else:
-        if folder.exists():  # a stage that did not finish: start it again
+    job = Job(cfg, stage, folder / kind.output,
+              model=_input(stage, stage.model, outputs) if stage.model else _model_path(cfg),
+              data=_input(stage, stage.data, outputs) if stage.data else "", outputs=outputs,
+              held_out=held_out_split(recipe, cfg, outputs) if kind.trains else None)
+    if not kind.resumes:  # a stage that did not finish starts again
+        if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        metrics = _produce(cfg, stage, model, data, output, outputs, held_out)
-    record = {"stage": stage.name, "kind": stage.kind, "output": str(output), "metrics": metrics, "eval": {}}
-    if stage.kind in MODEL_STAGES:
-        record["eval"] = evaluate_policy(recipe, str(output), outputs)
+    record = {"stage": stage.name, "kind": stage.kind, "output": str(job.output), "metrics": kind.run(job), "eval": {}}
+    if kind.policy:
+        record["eval"] = evaluate_policy(recipe, str(job.output), outputs)
     record["minutes"] = (time.time() - started) / 60
     return record
 
 
-def _produce(cfg: Config, stage: Stage, model: str, data: str, output: Path, outputs: dict,
-             held_out: HeldOut | None) -> dict[str, float]:
-    """Run a stage other than rl; its output goes to `output`. Stages that train never see a
-    `held_out` question (None for the data stages, which read nothing)."""
+# ---- the stage kinds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """What a stage's runner is given: its config, its inputs resolved, where its output goes,
+    and the questions it must never train on (None for stages that write data from nothing)."""
+
+    cfg: Config
+    stage: Stage
+    output: Path
+    model: str
+    data: str
+    outputs: dict[str, str]
+    held_out: HeldOut | None
+
+    @property
+    def what(self) -> str:
+        return f"stage {self.stage.name}"
+
+
+def _traces_stage(job: Job) -> dict[str, float]:
+    return _write(job.output, _traces(job.cfg, job.stage, job.what))
+
+
+def _general_stage(job: Job) -> dict[str, float]:
     from rewards import sorting
 
-    what = f"stage {stage.name}"
-    if stage.kind == "traces":
-        return _write(output, _traces(cfg, stage, what))
-    if stage.kind == "general":
-        return _write(output, sorting.sft_rows(random.Random(cfg.algorithm.seed), _rows(stage)))
-    if stage.kind == "pairs":
-        return _write(output, sorting.preference_pairs(random.Random(cfg.algorithm.seed + 1), _rows(stage)))
-    if stage.kind == "sft":
-        from cluster.sft import sft
-
-        return sft(cfg, model, data, output, what, held_out=held_out)
-    if stage.kind == "rejection":
-        from cluster.rejection import rejection_sample
-
-        return rejection_sample(cfg, model, output, what, held_out=held_out)
-    if stage.kind == "reward_model":
-        from cluster.reward_model import train_reward_model
-
-        return train_reward_model(cfg, data, output, model, what, held_out=held_out)
-    if stage.kind == "distill":
-        from cluster.distill import distill, student_model
-
-        from cluster.config import to_dict
-
-        if str(stage.student.get("path", "")).startswith("@"):  # an earlier stage's model
-            student = _input(stage, stage.student["path"], outputs)
-        else:  # a model group: "tiny" builds it, a folder is checked
-            student = _model_path(config_from_tree(_merge(to_dict(cfg), {"model": stage.student})))
-        return distill(cfg, model, student, output.parent, what, held_out=held_out)
-    raise AssertionError(stage.kind)
+    return _write(job.output, sorting.sft_rows(random.Random(job.cfg.algorithm.seed), _rows(job.stage)))
 
 
-def _rl(cfg: Config, stage: Stage, folder: Path, model: str, held_out: HeldOut) -> dict[str, float]:
-    """GRPO from `model` in `folder` (a run folder), resumed from its checkpoint if it has one,
-    never on a `held_out` prompt."""
+def _pairs_stage(job: Job) -> dict[str, float]:
+    from rewards import sorting
+
+    return _write(job.output, sorting.preference_pairs(random.Random(job.cfg.algorithm.seed + 1), _rows(job.stage)))
+
+
+def _sft_stage(job: Job) -> dict[str, float]:
+    from recipes.sft import sft
+
+    return sft(job.cfg, job.model, job.data, job.output, job.what, held_out=job.held_out)
+
+
+def _rejection_stage(job: Job) -> dict[str, float]:
+    from recipes.rejection import rejection_sample
+
+    return rejection_sample(job.cfg, job.model, job.output, job.what, held_out=job.held_out)
+
+
+def _reward_model_stage(job: Job) -> dict[str, float]:
+    from recipes.reward_model import train_reward_model
+
+    return train_reward_model(job.cfg, job.data, job.output, job.model, job.what, held_out=job.held_out)
+
+
+def _distill_stage(job: Job) -> dict[str, float]:
+    from cluster.config import to_dict
+    from recipes.distill import distill
+
+    if str(job.stage.student.get("path", "")).startswith("@"):  # an earlier stage's model
+        student = _input(job.stage, job.stage.student["path"], job.outputs)
+    else:  # a model group: "tiny" builds it, a folder is checked
+        student = _model_path(config_from_tree(_merge(to_dict(job.cfg), {"model": job.stage.student})))
+    return distill(job.cfg, job.model, student, job.output.parent, job.what, held_out=job.held_out)
+
+
+def _rl_stage(job: Job) -> dict[str, float]:
+    """GRPO from the stage's model in its folder (a run folder), resumed from its checkpoint if
+    it has one, never on a held-out prompt."""
     import dataclasses
 
     from cluster import checkpoint
     from cluster.train import train
 
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model),
+    cfg, folder = job.cfg, job.output.parent
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=job.model),
                               cluster=dataclasses.replace(cfg.cluster, runs_dir=str(folder.parent)),
-                              logging=dataclasses.replace(cfg.logging, run_name=stage.name))
+                              logging=dataclasses.replace(cfg.logging, run_name=job.stage.name))
     resume = None
     if folder.exists():
         try:
             checkpoint.latest(folder)
             resume = folder
-            print(f"r1ray: stage {stage.name}: resuming from {folder}", flush=True)
+            print(f"r1ray: {job.what}: resuming from {folder}", flush=True)
         except checkpoint.CheckpointError:
             shutil.rmtree(folder)  # stopped before its first checkpoint
-    return train(cfg, resume, held_out)
+    return train(cfg, resume, job.held_out)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A stage kind, declared once: what it writes, what it needs, how it runs."""
+
+    output: str
+    """What it writes in its folder."""
+    run: Callable[[Job], dict[str, float]]
+    """Runs the stage; returns its metrics."""
+    needs_data: bool = False
+    """It needs `data` (a JSONL file or @stage)."""
+    trains: bool = True
+    """It starts actors and reads training data, so it is given the held-out split; false for
+    stages that write data from nothing (no Ray session)."""
+    policy: bool = False
+    """Its output is a policy, evaluated after it runs."""
+    resumes: bool = False
+    """It continues from its own checkpoint when it did not finish; the others start again."""
+
+
+KINDS = {
+    "traces": Kind("data.jsonl", _traces_stage, trains=False),
+    "general": Kind("data.jsonl", _general_stage, trains=False),
+    "pairs": Kind("data.jsonl", _pairs_stage, trains=False),
+    "sft": Kind("model", _sft_stage, needs_data=True, policy=True),
+    "rl": Kind("model", _rl_stage, policy=True, resumes=True),
+    "rejection": Kind("data.jsonl", _rejection_stage),
+    "reward_model": Kind("model", _reward_model_stage, needs_data=True),
+    "distill": Kind("student", _distill_stage, policy=True),
+}
+"""Every stage kind; the module's docstring says what each does."""
 
 
 def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict[str, float]:
@@ -403,15 +449,3 @@ def _base_record(recipe: Recipe, outputs: dict[str, str]) -> dict:
     record["minutes"] = (time.time() - started) / 60
     path.write_text(json.dumps(record, indent=2))
     return record | {"status": "ran"}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="a recipe file, e.g. configs/r1.yaml")
-    parser.add_argument("--redo", metavar="STAGE", help="run this stage and every later one again")
-    args = parser.parse_args(argv)
-    return cli.run(lambda: run(load_recipe(args.recipe), args.redo))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,6 @@ renamed), so an interrupted run leaves no half folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster import cli, placement
-from cluster.config import Config, ConfigError, load_config
-from learner.reward_model import Pair, encode, load_pairs, pad_right, pad_token_id, split_pairs
+from cluster import placement
+from cluster.config import Config, ConfigError
+from learner.reward_model import Pair, load_pairs, split_pairs
 from rewards.data import drop_held_out
-from rewards.preference import CALIBRATION_FILE
+from rewards.preference import CALIBRATION_FILE, encode, pad_right, pad_token_id
 from rewards.tasks import HeldOut
 
 
@@ -167,25 +166,3 @@ def warmup_lr(peak: float, step: int, steps: int) -> float:
     tenth of the steps, then constant."""
     warm = max(1, math.ceil(0.1 * steps))
     return peak * min(1.0, (step + 1) / warm)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray train-rm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} rows")
-    parser.add_argument("--out", required=True, help="the reward-model folder to write (must not exist)")
-    parser.add_argument("--config", help="YAML config (model, learner, reward_model, cluster)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. reward_model.epochs=3")
-    args = parser.parse_args(argv)
-    return cli.run(lambda: _train_rm(args))
-
-
-def _train_rm(args: argparse.Namespace) -> None:
-    from cluster.evaluate import print_table
-    from cluster.train import resolve_model
-    from rewards.tasks import build_mixture
-
-    cfg = load_config(args.config, args.overrides)
-    model_path = resolve_model(cfg)
-    held_out = build_mixture(cfg.task).held_out
-    results = train_reward_model(cfg, args.data, args.out, model_path, held_out=held_out)
-    print_table(results, f"reward model {args.out} (from {model_path}, pairs {args.data})")

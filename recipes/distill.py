@@ -6,8 +6,8 @@ smaller student with SFT alone, no RL.
 
 1. The teacher samples `rejection.k` answers to `rejection.prompts` train prompts on the
    rollout engines; the verifier (and the format and readability filters of
-   cluster/rejection.py) keep the correct ones -> OUT/traces.jsonl.
-2. The student is fine-tuned on them (cluster/sft.py) -> OUT/student.
+   recipes/rejection.py) keep the correct ones -> OUT/traces.jsonl.
+2. The student is fine-tuned on them (recipes/sft.py) -> OUT/student.
 3. Teacher, student before and student after are scored greedily on the same held-out prompts.
 Neither the traces nor the student's SFT data hold a question of the run's held-out split
 (the task mixture's; in a pipeline, also the questions the pipeline evaluates on).
@@ -17,15 +17,11 @@ model of that shape), or "tiny" with model.* overrides.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
-import time
 from pathlib import Path
 
-from cluster import cli
-from cluster.config import TASKS, Config, ConfigError, load_config
+from cluster.config import Config, ConfigError, load_config
 from rewards.tasks import HeldOut
 
 
@@ -35,8 +31,8 @@ def distill(cfg: Config, teacher: str, student: str, out_dir: Path, what: str = 
     writes OUT/traces.jsonl, OUT/student and OUT/results.json and returns the results."""
     from cluster.evaluate import evaluate, evaluate_model, serving
     from cluster.prompts import prompt_format
-    from cluster.rejection import rejection_sample
-    from cluster.sft import sft
+    from recipes.rejection import rejection_sample
+    from recipes.sft import sft
     from rewards.tasks import build_mixture
 
     tasks = build_mixture(cfg.task)
@@ -66,36 +62,3 @@ def student_model(spec: str, cfg: Config) -> str:
         model = load_config(path).model
         return resolve_model(dataclasses.replace(cfg, model=model))
     return resolve_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=spec)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1ray distill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True, help="the teacher's HF model folder")
-    parser.add_argument("--student", required=True, help="an HF model folder, a YAML config with a model group, "
-                        "or tiny (with model.* overrides)")
-    parser.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/distill-<time>)")
-    parser.add_argument("--config", help="YAML config for the engines, filters and SFT")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rejection.k=4 sft.epochs=2")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        from cluster.evaluate import print_table
-        from cluster.train import resolve_model
-        from rewards.tasks import build_mixture
-
-        if args.task not in TASKS:
-            raise ConfigError(f"--task {args.task!r} is not a task; choose one of {', '.join(TASKS)}")
-        weights = [f"task.{t}.weight={1 if t == args.task else 0}" for t in TASKS]
-        cfg = load_config(args.config, [*weights, "cold_start.steps=0", *args.overrides])
-        teacher = resolve_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.teacher)))
-        student = student_model(args.student, cfg)
-        out = args.out or Path(cfg.cluster.runs_dir) / time.strftime("distill-%Y%m%d-%H%M%S")
-        results = distill(cfg, teacher, student, out, held_out=build_mixture(cfg.task).held_out)
-        print_table(results, f"r1ray distill: {args.task}, teacher {teacher} -> student {out / 'student'}")
-
-    return cli.run(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

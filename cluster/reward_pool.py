@@ -114,7 +114,7 @@ def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | N
     """The preference-model actor, when a task has no verifier; else None."""
     import ray
 
-    from cluster.config import ConfigError
+    from common.config import ConfigError
     from rewards.preference import PreferenceScorer
     from rewards.tasks import without_verifier
 
