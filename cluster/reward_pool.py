@@ -42,9 +42,19 @@ class RewardPool:
         return [w.__ray_ready__.remote() for w in self.workers] + scorer
 
     def shutdown(self) -> None:
-        """Stop the workers and the preference model's actor."""
+        """Stop the workers and the preference model's actor. Each worker closes its checker
+        processes first (`RewardWorker.close`), while its multiprocessing resource tracker is
+        still running: Ray kills an exiting actor's child processes, the tracker among them,
+        before the actor's exit handlers run, so an open checker pool would leak its semaphores
+        in /dev/shm (ray.kill runs no handlers) or, on a graceful exit, unregister them with a
+        new tracker that never knew them, which prints a KeyError traceback for each."""
+        import ray
+
         from cluster.placement import release
 
+        closing = [w.close.remote() for w in self.workers]
+        if closing:  # a dead worker's call fails at once: it has nothing left to close
+            ray.wait(closing, num_returns=len(closing), timeout=self.cfg.cluster.timeout_s)
         release(self.workers + ([self.preference.actor] if self.preference else []))
 
     def score(self, samples: list, problems: dict, timeout_s: float) -> list[str]:

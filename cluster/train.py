@@ -104,7 +104,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     reference = set_reference(cfg, actors, run_dir, model_path, version, state if ckpt else None)
     if not ckpt and stop.signum:
         save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
-    stop.exit_if_asked(state["step"], run_dir)
+    stop.exit_if_asked(state["step"], run_dir, actors)
     ahead = None  # the next step's rollout, when it was started while this step learned
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
         metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
@@ -115,7 +115,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
                 or stop.signum:  # an in-flight rollout is dropped: resume draws its prompts again
             save(cfg, actors, run_dir, model_path, step, version, ahead.rng_state if ahead else rng.getstate(),
                  results, reference, logger)
-        stop.exit_if_asked(step, run_dir)
+        stop.exit_if_asked(step, run_dir, actors)
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
             timeout=cfg.cluster.timeout_s)
@@ -450,8 +450,9 @@ class StopRequest:
         self.signum = signum
         print(f"r1ray: {signal.Signals(signum).name}: stopping after this step, with a checkpoint", flush=True)
 
-    def exit_if_asked(self, step: int, run_dir: Path) -> None:
+    def exit_if_asked(self, step: int, run_dir: Path, actors: Actors) -> None:
         if self.signum:
+            actors.release()  # as at a run's end: the reward workers close their checker processes first
             raise checkpoint.Stopped(self.signum, step, run_dir)
 
 

@@ -124,5 +124,7 @@ class RewardWorker:
         return Score(total, parts, reason)
 
     def close(self) -> None:
+        """Stop the checker processes and unlink the pool's semaphores. An actor must be closed
+        before its process exits (`RewardPool.shutdown` does): see there."""
         self.pool.stop()
         self.pool.join()

@@ -1,5 +1,6 @@
 """The reward pool on a real Ray cluster: samples split over the workers come back scored in
-order, and a worker actor that dies is replaced and its share scored again."""
+order, a worker actor that dies is replaced and its share scored again, and shutting the pool
+down leaves nothing behind."""
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ def sample(prompt_id: str, text: str) -> Sample:
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
     cfg = load_config(None, ["rewards.num_workers=2", "task.knights.weight=1"])
-    return RewardPool(cfg, build_mixture(cfg.task).tasks)
+    pool = RewardPool(cfg, build_mixture(cfg.task).tasks)
+    yield pool
+    pool.shutdown()
 
 
 def test_samples_are_scored_in_order_across_workers(pool):
@@ -59,3 +62,47 @@ def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
     assert [pool.collect(p, timeout_s=60) for p in pending] == [["correct"] * 2] * 2
     assert all(s.reward_breakdown["correct"] == 1.0 for p in parts for s in p)
     assert pool.restarts == restarts + 1 and pool.workers[0] is not victim
+
+
+@pytest.mark.slow
+def test_shutdown_leaves_no_traceback_and_no_semaphore(ray_cluster):
+    # Ray kills an exiting actor's child processes, multiprocessing's resource tracker among
+    # them: a checker pool still open then leaks its semaphores in /dev/shm, or (on a graceful
+    # exit) unregisters them with a new tracker, which prints a KeyError traceback per name.
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from rewards.tasks import MathDataset, Problem
+
+    def own_files(_worker) -> dict:  # in the worker: its pid, log files and named semaphores
+        import os
+
+        with open("/proc/self/maps") as maps:  # a semaphore is mapped under a temporary name: by inode
+            inodes = {int(line.split()[4]) for line in maps if "/dev/shm/sem." in line}
+        sems = [e.path for e in os.scandir("/dev/shm") if e.name.startswith("sem.") and e.inode() in inodes]
+        return {"pid": os.getpid(), "logs": [os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)], "sems": sems}
+
+    cfg = load_config(None, ["rewards.num_workers=1"])
+    pool = RewardPool(cfg, {"math": MathDataset(train=(), eval=())})
+    samples = [sample("q", "</think><answer>x^2+2x+1</answer>")]  # math-verify, in a checker process
+    assert pool.score(samples, {"q": Problem("q", "math", "?", "(x+1)^2")}, timeout_s=60) == ["correct"]
+    own = ray.get(pool.workers[0].__ray_call__.remote(own_files), timeout=60)
+    assert own["sems"] and all(Path(log).is_file() for log in own["logs"])
+    pool.shutdown()
+    del pool  # as a run lets go of its actors
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(own["pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the reward worker (pid {own['pid']}) did not exit")
+    time.sleep(0.5)  # what its exit might still write
+    assert [s for s in own["sems"] if Path(s).exists()] == []
+    for log in own["logs"]:
+        assert "Traceback" not in Path(log).read_text(), Path(log).read_text()[-2000:]
