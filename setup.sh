@@ -102,8 +102,8 @@ if [ $gpu = 1 ]; then
 fi
 # DeepSpeed compiles its shared-memory CPU communication op on first use (about a minute):
 # build it now, into the cache the jobs use, so the first training run does not pay for it;
-# with the environment's own ninja, as the learners do (learner.learner.set_rank_env).
-extensions=$(.venv/bin/python -c "from learner.learner import extensions_dir; print(extensions_dir('~/.cache/r1ray'))" \
+# with the environment's own ninja, as the learners do (learner.rank.set_rank_env).
+extensions=$(.venv/bin/python -c "from learner.rank import extensions_dir; print(extensions_dir('~/.cache/r1ray'))" \
              2>>"$LOG")
 step "building DeepSpeed's CPU communication op (about a minute, once)" \
     env PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$extensions}" DS_ACCELERATOR=cpu \

@@ -311,7 +311,7 @@ def check_learner_logprobs(args) -> dict:
 
 def check_memory(args) -> dict:
     from learner import grpo
-    from learner.learner import checkpoint_layers
+    from learner.rank import checkpoint_layers
 
     model = qwen(args, torch.bfloat16).eval()  # the learner trains in eval mode: no dropout
     micro, lengths, chunk = (2, (32, 64), 16) if args.small else (4, (1024, 4096), 1024)

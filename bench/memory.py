@@ -164,7 +164,7 @@ def one_run(answer: int, vocab: int, checkpointing: bool, chunk: int, threads: i
     """Build the model, measure one micro-batch's forward and backward (in this process)."""
     import torch
 
-    from learner.learner import checkpoint_layers
+    from learner.rank import checkpoint_layers
 
     torch.set_num_threads(threads)
     model, ids, targets = _model_and_batch(answer, vocab)

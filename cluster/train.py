@@ -35,9 +35,9 @@ from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.weight_sync import WeightSync
 from cluster.prompts import PromptFormat, prompt_format
-from learner.learner import extensions_dir
 from learner.models import flop_parameters, write_provenance
 from cluster.reward_pool import RewardPool
+from learner.rank import extensions_dir
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 
 

@@ -1,17 +1,15 @@
-"""The learner: one DeepSpeed ZeRO rank per Ray actor; GRPO and SFT optimizer steps.
+"""The policy's learner: one DeepSpeed ZeRO rank per Ray actor; GRPO and SFT optimizer steps.
 
-Each rank holds a DeepSpeed engine over the policy (ZeRO stage 1, 2 or 3; fp32 or bf16; the
-CPU accelerator with gloo on CPU machines) and, when the KL penalty is on, a frozen
-reference model that the driver names (`load_reference`: the policy as RL starts, or a
-model folder). The driver sends each rank its shard of the batch; gradients are averaged
-across ranks by DeepSpeed.
+Each rank (a learner.rank.DeepSpeedRank) holds a DeepSpeed engine over the policy (ZeRO stage
+1, 2 or 3; fp32 or bf16; the CPU accelerator with gloo on CPU machines) and, when the KL
+penalty is on, a frozen reference model that the driver names (`load_reference`: the policy as
+RL starts, or a model folder). The driver sends each rank its shard of the batch; gradients
+are averaged across ranks by DeepSpeed.
 
-Loss normalisation across micro-batches and ranks: every micro-batch's loss is weighted by
-its share of the optimizer step's tokens (or sequences, for sequence aggregation), counted
-over all ranks, so the accumulated gradient equals that of the whole batch at once, however
-it is cut. DeepSpeed's managed accumulation and its 1/gas loss scaling are switched off for
-that reason: every backward() accumulates, and step() is the boundary. The logged losses are
-weighted the same way (summed over micro-batches and ranks, then divided by the counts).
+Loss normalisation across micro-batches and ranks is the rank's (learner/rank.py): every
+micro-batch's loss is weighted by its share of the optimizer step's tokens (or sequences, for
+sequence aggregation), counted over all ranks. The logged losses are weighted the same way
+(summed over micro-batches and ranks, then divided by the counts).
 
 Every rank runs the same number of forward and backward passes, whatever its shard: ZeRO-3
 gathers parameters in collectives inside them, and a rank with fewer would leave the others
@@ -23,88 +21,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from common.records import Sampling
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.batch import TrainBatch
+from learner.rank import DeepSpeedRank, all_reduce, ds_config, global_max, global_sum
 
 RAW = Sampling(n=1, seed=0)
 """Temperature 1, no truncation: the model's own distribution (SFT, the sync check)."""
 
 
-def extensions_dir(cache_dir: str | Path) -> Path:
-    """Where DeepSpeed keeps its compiled ops for this Python environment: a folder of its own
-    under `cache_dir`/torch_extensions. The build command holds the environment's paths, so
-    two environments (two checkouts' .venv) sharing one folder rebuilt the op (a minute) each
-    time they took turns."""
-    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    return Path(cache_dir).expanduser() / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
-
-
-def set_rank_env(cfg: LearnerConfig, rank: int, master_addr: str, master_port: int) -> None:
-    """The environment DeepSpeed reads in a learner rank's process (before it is imported).
-
-    DeepSpeed compiles its CPU communication op with the `ninja` first on PATH, into a cache
-    shared by every run. It is this environment's pinned ninja, whatever PATH started the
-    process: ninja 1.11 (a system package) and 1.12+ record commands with different hashes,
-    so processes that found different ninjas rebuilt the op (a minute) each time they took turns.
-
-    torch.compile is off (TORCHDYNAMO_DISABLE): a rank runs eager, and DeepSpeed's ZeRO
-    imports its Muon optimizer, whose kernels are torch.compile'd at import, which pulled in
-    inductor: 3 s of a rank's 12 s start on CPU.
-    """
-    gpu = cfg.num_gpus > 0
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      LOCAL_RANK="0", WORLD_SIZE=str(cfg.num_ranks), DS_ACCELERATOR="cuda" if gpu else "cpu",
-                      TORCHDYNAMO_DISABLE="1",
-                      PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-
-
-class Learner:
-    """One data-parallel rank. Create `num_ranks` of these as Ray actors (see cluster/placement)."""
+class Learner(DeepSpeedRank):
+    """One data-parallel rank of the policy. Create `num_ranks` of these as Ray actors (see
+    cluster/placement)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
                  sampling: Sampling, rank: int, master_addr: str, master_port: int):
         """`sampling`: how the engines sample (temperature, top-k, top-p); the learner's
         log-probs are those of the same distribution."""
-        gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU(s), as device 0
-        set_rank_env(cfg, rank, master_addr, master_port)
-        import warnings
-
-        import deepspeed
+        super().__init__(cfg, algo.seed, rank, master_addr, master_port)
         import torch
         from transformers import AutoModelForCausalLM
 
-        # DeepSpeed calls torch.distributed functions that torch has deprecated; not ours to fix.
-        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(algo.seed)
-        self.cfg, self.algo, self.sampling, self.rank = cfg, algo, sampling, rank
+        self.algo, self.sampling = algo, sampling
         self.kl_sampling = dataclasses.replace(sampling, top_k=0, top_p=1.0)  # the KL's: temperature only
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
-        # Eager attention on CPU: SDPA's CPU kernels (the flash backward above all) took 1.5x
-        # as long per SmolLM2 step on these short sequences (bench/RESULTS.md).
-        self.attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=self.attention)
-        if cfg.gradient_checkpointing:
-            checkpoint_layers(model)
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
         self.reference = None  # the KL penalty's frozen model, once the driver names it
         self.reference_path: str | None = None
-        # torch's fused AdamW (CPU and CUDA): the per-tensor loop took 1.2 s of a 15 s SmolLM2
-        # step. DeepSpeed's FusedAdam would compile a C++ op for minutes on CPU.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                     attn_implementation=self.attention)
+        self._start_engine(model)
 
     def load_reference(self, model_dir: str) -> None:
         """Freeze the model in `model_dir` as the KL penalty's reference (learner/grpo.py, 3).
@@ -194,19 +143,6 @@ class Learner:
             means.add({"loss": loss.item()}, tokens)
         return {**means.global_means(self.device), "grad_norm": self._optimizer_step(lr)}
 
-    def reset_optimizer(self) -> None:
-        """Forget the optimizer's moments, e.g. between SFT and RL (their gradients differ ~10x
-        in scale, and Adam's second moment would shrink RL's first hundreds of steps)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW under ZeRO
-        inner.state.clear()  # torch optimizers re-create their state on the next step
-
-    def _optimizer_step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.engine.step()  # finalises the gradients accumulated since the last step
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
-
     # ---- log-probs ----------------------------------------------------------------------
 
     def _logprobs(self, micro: TrainBatch, with_entropy: bool, untruncated: bool = False,
@@ -249,13 +185,7 @@ class Learner:
         return logprobs[0].cpu().numpy()
 
     # ---- weight sync (the learner half; see common/weight_sync.py) -----------------------
-
-    def gather_weights(self, bucket_bytes: int = 64 * 2**20) -> dict[str, np.ndarray] | None:
-        """Full float32 weights for the object-store transport (rank 0; the others only join),
-        gathered `bucket_bytes` at a time under ZeRO-3."""
-        from common import weight_sync
-
-        return weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank, bucket_bytes)
+    # The object-store transport is the rank's `gather_weights` (learner/rank.py).
 
     def share_weights(self) -> list[tuple[str, bytes]]:
         """CUDA IPC handles to this rank's parameters, for the engine beside it (colocated)."""
@@ -294,39 +224,6 @@ class Learner:
         return weight_sync.send_weights(self.engine, self.cfg.zero_stage, self.rank,
                                         self.sync_end, bucket_bytes, timeout_s)
 
-    def save(self, out_dir: str, tokenizer_dir: str) -> None:
-        """Write the policy as an HF folder (safetensors + tokenizer) that vLLM loads as is."""
-        import torch
-        from transformers import AutoTokenizer
-
-        weights = self.gather_weights()
-        if weights is None:
-            return
-        module = self.engine.module
-        module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
-                               safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-
-    # ---- checkpoints --------------------------------------------------------------------
-
-    def save_state(self, ckpt_dir: str) -> None:
-        """Write this rank's training state (weights, optimizer moments, RNG) under
-        `ckpt_dir`; every rank must call it (ZeRO shards the optimizer over them)."""
-        import torch
-
-        self.engine.save_checkpoint(ckpt_dir, tag="learner", save_latest=False,
-                                    client_state={f"torch_rng_{self.rank}": torch.get_rng_state()})
-
-    def load_state(self, ckpt_dir: str) -> None:
-        """Restore what `save_state` wrote (same rank count and ZeRO stage)."""
-        import torch
-
-        path, client = self.engine.load_checkpoint(ckpt_dir, tag="learner", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"no learner state in {ckpt_dir}")
-        torch.set_rng_state(client[f"torch_rng_{self.rank}"])
-
     # ---- batching -----------------------------------------------------------------------
 
     def _plan(self, shard: TrainBatch, num_updates: int) -> list[list[TrainBatch]]:
@@ -358,26 +255,6 @@ class Learner:
         return global_sum(sum(self._count(m, tokens) for m in micros), self.device)
 
 
-def global_sum(value: float, device) -> float:
-    """`value` summed over all ranks (one all-reduce; at least 1, as a loss weight's divisor)."""
-    return max(_all_reduce([float(value)], device, "sum")[0], 1.0)
-
-
-def global_max(values: list[int], device) -> list[int]:
-    """Each of `values`, the largest over all ranks (one all-reduce)."""
-    return [int(v) for v in _all_reduce([float(v) for v in values], device, "max")]
-
-
-def _all_reduce(values: list[float], device, op: str) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1 and len(values):
-        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return total.tolist()
-
-
 class _WeightedMeans:
     """Metrics of micro-batches, kept as weighted sums so the step reports the means the
     optimizer step used: sum(value x weight) / sum(weight) over all micro-batches and ranks."""
@@ -396,42 +273,8 @@ class _WeightedMeans:
     def global_means(self, device) -> dict[str, float]:
         """The means over every rank (one all-reduce; every rank has the same names)."""
         names = sorted(self.sums)
-        flat = _all_reduce([x for name in names for x in self.sums[name]], device, "sum")
+        flat = all_reduce([x for name in names for x in self.sums[name]], device, "sum")
         return {name: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, name in enumerate(names)}
-
-
-def checkpoint_layers(model) -> None:
-    """Make `model`, an HF model, recompute each transformer layer's activations in backward
-    instead of keeping them: HF gradient checkpointing, non-reentrant (torch's recommended mode:
-    the recompute runs inside the same backward, so ZeRO-3's hooks see it as any other forward).
-
-    HF recomputes a layer only in training mode, and the models here train in eval mode, as
-    from_pretrained leaves them: the engines sample without dropout, so the learner scores
-    without it. Only the layers' own flags are set, not their submodules': attention and MLP
-    stay in eval mode, with their dropout off."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise ValueError(f"learner.gradient_checkpointing: {type(model).__name__} has no layers HF recomputes")
-    for layer in layers:
-        layer.training = True
-
-
-def ds_config(cfg: LearnerConfig) -> dict:
-    """The DeepSpeed config of a learner rank. We own accumulation (any number of backward()
-    calls, then step() is the boundary), so DeepSpeed's managed accumulation is off."""
-    return {
-        "managed_gradient_accumulation": False,
-        "train_micro_batch_size_per_gpu": 1,  # nominal; the real sizes are ours
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling,

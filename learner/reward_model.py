@@ -10,7 +10,8 @@ log sigmoid(s(prompt+chosen) - s(prompt+rejected)), the Bradley-Terry likelihood
     train, held_out = split_pairs(pairs, 0.1)
 
 This module holds the pure pieces (the loss, reading and splitting pairs) and
-`RewardTrainer`, one DeepSpeed ZeRO data-parallel rank per Ray actor like learner.Learner.
+`RewardTrainer`, one DeepSpeed ZeRO data-parallel rank per Ray actor (learner/rank.py) like
+the policy's learner.
 The driver is recipes/reward_model.py (`r1ray train-rm`); rewards/preference.py serves it and
 holds the tokenising, padding and score readout that training and serving share.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from learner.config import LearnerConfig
-from learner.learner import checkpoint_layers, ds_config, global_sum, set_rank_env
+from learner.rank import DeepSpeedRank, global_sum
 from rewards.data import DatasetError, read_jsonl
 from rewards.preference import pad_right, sequence_scores, set_pad_token, unpad
 
@@ -90,42 +91,27 @@ def split_pairs(pairs: list[Pair], eval_fraction: float) -> tuple[list[Pair], li
 # ---- the trainer: one DeepSpeed rank ----------------------------------------------------------
 
 
-class RewardTrainer:
+class RewardTrainer(DeepSpeedRank):
     """One data-parallel rank of Bradley-Terry training; create `cfg.num_ranks` of these as Ray
     actors (recipes/reward_model.py). Every ZeRO stage works: under ZeRO-3 every rank must
     call `scores` (with the same data) and `save` together, since both gather the weights.
 
-    Loss normalisation is the learner's: each micro-batch's loss is weighted by its share of
-    the step's pairs over all ranks, so the gradient equals that of the whole batch at once.
+    Loss normalisation is the rank's (learner/rank.py): each micro-batch's loss is weighted by
+    its share of the step's pairs over all ranks.
     """
 
     def __init__(self, model_path: str, cfg: LearnerConfig, seed: int, rank: int, master_addr: str,
                  master_port: int):
-        gpu = cfg.num_gpus > 0  # Ray shows each rank its own GPU, as device 0
-        set_rank_env(cfg, rank, master_addr, master_port)
-        import warnings
-
-        import deepspeed
+        """`seed` makes the new score head start alike on every rank."""
+        super().__init__(cfg, seed, rank, master_addr, master_port)
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        # DeepSpeed calls torch.distributed functions that torch has deprecated; not ours to fix.
-        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(seed)  # the new score head starts alike on every rank
-        self.cfg, self.rank = cfg, rank
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
-        attention = cfg.attention if cfg.attention != "auto" else ("sdpa" if gpu else "eager")
         # From a causal LM folder: the LM head is dropped, the score head [1, hidden] is new.
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=torch.float32, attn_implementation=attention)
+            model_path, num_labels=1, dtype=torch.float32, attn_implementation=self.attention)
         self.pad_id = set_pad_token(model, AutoTokenizer.from_pretrained(model_path))
-        if cfg.gradient_checkpointing:  # pairs of long answers keep a policy's activations
-            checkpoint_layers(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=ds_config(cfg))
+        self._start_engine(model)
 
     def train_step(self, chosen_ids: np.ndarray, chosen_mask: np.ndarray, rejected_ids: np.ndarray,
                    rejected_mask: np.ndarray, lr: float) -> dict[str, float]:
@@ -134,7 +120,7 @@ class RewardTrainer:
         forward pass together. Returns this rank's mean loss and accuracy, and the grad norm."""
         chosen, rejected = unpad(chosen_ids, chosen_mask), unpad(rejected_ids, rejected_mask)
         n, step = len(chosen), self.cfg.micro_batch_size
-        total = global_sum(n, next(self.engine.module.parameters()).device)  # pairs over all ranks
+        total = global_sum(n, self.device)  # pairs over all ranks
         loss_sum = correct = 0.0
         for start in range(0, n, step):
             m = len(chosen[start:start + step])
@@ -143,11 +129,8 @@ class RewardTrainer:
             loss, accuracy = bradley_terry_loss(scores[:m], scores[m:])
             self.engine.backward(loss * (m / total * self.cfg.num_ranks), scale_wrt_gas=False)
             loss_sum, correct = loss_sum + loss.item() * m, correct + accuracy * m
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.engine.step()  # finalises the gradients accumulated since the last step
-        norm = self.engine.get_global_grad_norm()
-        return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": float(norm) if norm is not None else 0.0}
+        grad_norm = self._optimizer_step(lr)
+        return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": grad_norm}
 
     def scores(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Scores [N] (float32) of right-padded sequences [N, L], without gradients."""
@@ -160,22 +143,7 @@ class RewardTrainer:
             with torch.no_grad():
                 parts = [sequence_scores(self.engine, *pad_right(seqs[i:i + step], self.pad_id)).cpu().numpy()
                          for i in range(0, len(seqs), step)]
-        finally:  # each module's own mode back (learner.checkpoint_layers sets only the layers')
+        finally:  # each module's own mode back (rank.checkpoint_layers sets only the layers')
             for module, training in modes.items():
                 module.training = training
         return np.concatenate(parts)
-
-    def save(self, out_dir: str, tokenizer_dir: str) -> None:
-        """Write the model as an HF folder (safetensors + the tokenizer of `tokenizer_dir`) on
-        rank 0; every rank must call it (ZeRO-3 gathers the weights from all of them)."""
-        import torch
-        from transformers import AutoTokenizer
-
-        from common import weight_sync
-
-        weights = weight_sync.gather_weights(self.engine, self.cfg.zero_stage, self.rank)
-        if weights is None:
-            return
-        self.engine.module.save_pretrained(out_dir, state_dict={k: torch.tensor(v) for k, v in weights.items()},
-                                           safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)

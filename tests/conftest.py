@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.learner import extensions_dir
+from learner.rank import extensions_dir
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -27,7 +27,7 @@ def test_a_rank_compiles_deepspeed_ops_with_the_environments_ninja():
     # Whatever PATH started the process (here one where a system ninja comes first): processes
     # that found different ninjas rebuilt DeepSpeed's cached CPU op each time they took turns.
     from learner.config import LearnerConfig
-    from learner.learner import set_rank_env
+    from learner.rank import set_rank_env
 
     with mock.patch.dict(os.environ, {"PATH": "/usr/local/bin:/usr/bin:/bin"}):
         set_rank_env(LearnerConfig(num_ranks=2), 1, "10.0.0.7", 29500)
@@ -41,7 +41,7 @@ def test_a_rank_compiles_deepspeed_ops_with_the_environments_ninja():
 def test_each_python_environment_has_its_own_deepspeed_op_cache(monkeypatch):
     # The op's build command holds the environment's paths: two checkouts' environments
     # sharing one folder rebuilt it (a minute) each time they took turns.
-    from learner.learner import extensions_dir
+    from learner.rank import extensions_dir
 
     here = extensions_dir("~/.cache/r1ray")
     assert extensions_dir("~/.cache/r1ray") == here  # one folder per environment, found again
@@ -170,7 +170,7 @@ def test_old_policy_is_the_engines_sampling_logprobs(ranks):
         batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = lp
     m = ray.get(learner.train_step.remote(batch, 0.0, 2), timeout=300)
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["offpolicy_gap"] < 1e-6
-    # Nothing was compiled on the way (learner.set_rank_env): DeepSpeed's import of its Muon
+    # Nothing was compiled on the way (learner.rank.set_rank_env): DeepSpeed's import of its Muon
     # optimizer no longer pulls in inductor.
     assert not ray.get(learner.__ray_call__.remote(lambda _: "torch._inductor.compile_fx" in sys.modules))
 

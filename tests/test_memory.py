@@ -22,7 +22,8 @@ import torch
 
 from common.records import Sampling
 from learner.batch import collate
-from learner.learner import RAW, _next_token_logprobs, checkpoint_layers
+from learner.learner import RAW, _next_token_logprobs
+from learner.rank import checkpoint_layers
 
 VOCAB = 97  # a size no other dimension has, to find [.., V] tensors by shape
 SAMPLINGS = [RAW, Sampling(n=1, seed=0, temperature=0.7, top_k=20), Sampling(n=1, seed=0, temperature=0.7, top_p=0.9),
