@@ -15,7 +15,7 @@ the partial folder is swept by the next save). `latest` checks each candidate ag
 manifest and never loads one whose files are missing, truncated or changed; it falls back to
 the previous checkpoint and says why. Only the newest `checkpoint.keep` are kept.
 
-Learning-rate schedule: a pure function of the step (`cluster.train.lr_at`), so the step
+Learning-rate schedule: a pure function of the step (`learner.schedule.lr_at`), so the step
 is its whole state. The engines' sampling seeds are derived from the step too.
 """
 

@@ -38,6 +38,7 @@ from cluster.prompts import PromptFormat, prompt_format
 from learner.models import flop_parameters, write_provenance
 from cluster.reward_pool import RewardPool
 from learner.rank import extensions_dir
+from learner.schedule import lr_at
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture
 
 
@@ -167,7 +168,7 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
     if batch:  # else the step learns nothing and the version stays
         advantages = group_advantages(rewards[rows], G, a.normalize_std)  # [b*G]
         # 4. Learn: `updates_per_step` optimizer steps over the batch, sharded over the ranks.
-        lr = lr_at(cfg, step)
+        lr = lr_at(cfg.learner.lr, step, cfg.learner.warmup_steps)
         with _timed(timings, "learn"), actors.rollouts.asleep():  # colocated: the device is the learner's
             metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
         # 5. Sync: every engine takes the new version, once the rollout ahead has finished
@@ -457,12 +458,6 @@ class StopRequest:
 
 
 # ---- small helpers -----------------------------------------------------------------------------
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Constant learning rate after a linear warm-up over `learner.warmup_steps`."""
-    warm = cfg.learner.warmup_steps
-    return cfg.learner.lr * (min(1.0, step / warm) if warm else 1.0)
-
 
 def resolve_model(cfg: Config) -> str:
     """The policy's HF folder: built on first use for "tiny", converted on first use for

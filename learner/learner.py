@@ -65,7 +65,6 @@ class Learner(DeepSpeedRank):
         every rank, whole. Its log-probs are computed once per batch, before the first update
         (`_fixed_logprobs`), in chunks of `logprob_chunk` target tokens."""
         import deepspeed
-        import torch
         from transformers import AutoModelForCausalLM
 
         from common.weight_sync import parameter_shapes

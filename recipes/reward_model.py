@@ -33,6 +33,7 @@ import numpy as np
 from cluster import placement
 from cluster.config import Config, ConfigError
 from learner.reward_model import Pair, load_pairs, split_pairs
+from learner.schedule import lr_at
 from rewards.data import drop_held_out
 from rewards.preference import CALIBRATION_FILE, encode, pad_right, pad_token_id
 from rewards.tasks import HeldOut
@@ -140,9 +141,10 @@ def _train(cfg: Config, trainers: list, chosen: list[np.ndarray], rejected: list
     history = []
     for step, batch in enumerate(bar):
         shards = np.array_split(np.asarray(batch), len(trainers))
+        lr = lr_at(rm.lr, step + 1, max(1, math.ceil(0.1 * steps)))  # warm-up over the first tenth, then constant
         results = ray.get([
             t.train_step.remote(*pad_right([chosen[i] for i in shard], pad_id),
-                                *pad_right([rejected[i] for i in shard], pad_id), warmup_lr(rm.lr, step, steps))
+                                *pad_right([rejected[i] for i in shard], pad_id), lr)
             for t, shard in zip(trainers, shards)], timeout=cfg.cluster.timeout_s)
         sizes = [len(s) for s in shards]
         history.append({k: float(np.average([r[k] for r in results], weights=sizes)) for k in ("loss", "accuracy")})
@@ -161,8 +163,3 @@ def batch_order(n: int, batch_size: int, steps: int, rng: random.Random) -> list
     return [stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
-def warmup_lr(peak: float, step: int, steps: int) -> float:
-    """The learning rate of step `step` (0-based) of `steps`: linear warm-up over the first
-    tenth of the steps, then constant."""
-    warm = max(1, math.ceil(0.1 * steps))
-    return peak * min(1.0, (step + 1) / warm)

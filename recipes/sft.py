@@ -24,6 +24,7 @@ import numpy as np
 from cluster import placement
 from cluster.config import Config
 from cluster.prompts import PromptFormat, prompt_format
+from learner.schedule import lr_at
 from learner.sft import Example, pack
 from rewards.data import drop_held_out, read_jsonl
 from rewards.tasks import HeldOut
@@ -48,15 +49,6 @@ def epoch_examples(main: list[Example], general: list[Example], ratio: float, rn
     epoch = main + extra
     rng.shuffle(epoch)
     return epoch
-
-
-def lr_at(peak: float, step: int, total: int) -> float:
-    """Linear warm-up over the first tenth of the steps, then cosine decay to a tenth of `peak`."""
-    warm = max(1, total // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    done = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, what: str, *,
@@ -92,8 +84,9 @@ def sft(cfg: Config, model_path: str, data: str | Path, out_dir: str | Path, wha
         if len(batch) < len(learners):  # an epoch's last rows, fewer than the ranks: next epoch
             continue
         shards = batch.split(len(learners))
-        first, *_ = ray.get([l.sft_step.remote(s, lr_at(c.lr, step, steps)) for l, s in zip(learners, shards)],
-                            timeout=timeout)
+        # Warm-up over the first tenth of the steps, then cosine decay toward a tenth of the peak.
+        lr = lr_at(c.lr, step + 1, max(1, steps // 10), total=steps)
+        first, *_ = ray.get([l.sft_step.remote(s, lr) for l, s in zip(learners, shards)], timeout=timeout)
         losses.append(first["loss"])
         bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
     bar.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.reward_model import batch_order, read_pairs, train_reward_model, warmup_lr
+from recipes.reward_model import batch_order, read_pairs, train_reward_model
 from learner.reward_model import Pair, bradley_terry_loss, load_pairs, split_pairs
 from rewards.data import DatasetError
 from rewards.preference import CALIBRATION_FILE, PreferenceScorer, normalize
@@ -87,13 +87,11 @@ def test_pairs_on_held_out_prompts_are_dropped_before_the_split(tmp_path, capsys
     assert capsys.readouterr().out == f"r1ray: stage reward_model: dropped {200 - len(kept)} held-out rows of {path}\n"
 
 
-def test_batch_order_and_warmup():
+def test_batch_order():
     batches = batch_order(10, 4, 5, random.Random(0))  # 2 epochs of 10 pairs in 5 batches of 4
     assert [len(b) for b in batches] == [4] * 5
     flat = [i for b in batches for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    # 20 steps: warm-up over the first 2, then the peak.
-    assert [warmup_lr(1.0, s, 20) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]
 
 
 # ---- normalisation ------------------------------------------------------------------------------

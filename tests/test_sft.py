@@ -114,11 +114,3 @@ def test_general_rows_are_mixed_in_at_the_ratio():
     main, general = [_ex([1], [2])] * 30, [_ex([3], [4])]
     epoch = epoch_examples(main, general, 0.2, random.Random(0))
     assert len(epoch) == 36 and sum(int(e.prompt_ids[0]) == 3 for e in epoch) == 6
-
-
-def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from recipes.sft import lr_at
-
-    lrs = [lr_at(1.0, s, 100) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=0.01)
