@@ -46,8 +46,7 @@ def connect(cfg: Config) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"cannot reach a Ray cluster at cluster.address={address!r}: {first}") from None
-    if not cfg.logging.verbose:
-        _session["logs"] = Path(context.address_info["session_dir"]) / "logs"
+    _session["logs"] = None if cfg.logging.verbose else Path(context.address_info["session_dir"]) / "logs"
 
 
 _session: dict[str, Path | None] = {"logs": None}

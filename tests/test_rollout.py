@@ -262,6 +262,7 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
             with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
                 train.rollout_result(cfg, actors, rollout, version=1)
     ray.kill(learners[0])
+    actors.rewarders.shutdown()
 
 
 def test_a_sleeping_engine_refuses_work_until_it_wakes(tiny_model):
