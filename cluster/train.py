@@ -2,13 +2,13 @@
 
     r1ray train [--config configs/default.yaml] [key=value ...]      (r1ray/cli.py calls `train`)
 
-One GRPO step (`grpo_step`, below, in one function): sample B prompts -> the rollout actors return B*G answers ->
-reward workers score them -> group-relative advantages -> the learner ranks take an
-optimizer step -> the new weights go to the rollout actors -> metrics are logged. Finished
-groups are scored while the engines generate the rest, and with `algorithm.max_staleness=1`
-the next step's rollout runs while this step learns (cluster/pipeline.py). The run
-folder (printed at start and end) holds config.yaml, metrics.jsonl, results.json, the W&B
-offline run and the final model.
+One GRPO step (`grpo_step`, below, one function top to bottom): sample B prompts -> the
+rollout actors return B*G answers -> reward workers score them -> group-relative advantages
+-> the learner ranks take an optimizer step -> the new weights go to the rollout actors ->
+metrics are logged. Finished groups are scored while the engines generate the rest, and with
+`algorithm.max_staleness=1` the next step's rollout runs while this step learns
+(cluster/pipeline.py). The run folder (printed at start and end) holds config.yaml,
+metrics.jsonl, results.json, the W&B offline run and the final model.
 """
 
 from __future__ import annotations
@@ -487,9 +487,10 @@ def _short(node_ids: list[str]) -> str:
 
 
 def idle_metrics(metrics: dict[str, float], t0: float, t1: float, rollouts: list) -> dict[str, float]:
-    """The step's wall time [t0, t1] (its own phases: evaluation and checkpoints are not in it) and how much of it the learner and the engines sat idle:
-    the learner works in learn and sync; the engines generate (this step's rollout, and the
-    next one's when it runs ahead) and load weights in sync."""
+    """The step's wall time [t0, t1] (its own phases: evaluation and checkpoints are not in it)
+    and how much of it the learner and the engines sat idle: the learner works in learn and
+    sync; the engines generate (this step's rollout, and the next one's when it runs ahead)
+    and load weights in sync."""
     busy_learner = metrics.get("timing/learn", 0.0) + metrics.get("timing/sync", 0.0)
     busy_engines = sum(r.busy_between(t0, t1) for r in rollouts if r is not None) + metrics.get("timing/sync", 0.0)
     return {"timing/step": t1 - t0, "timing/idle/learner": max(0.0, t1 - t0 - busy_learner),

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser("pipeline", "recipe", "--redo").parse_args(rest)
         return run(lambda: _pipeline(args))
     if command == "train-rm":
-        args = _parser("train-rm", "--data", "--out", "--config", "overrides").parse_args(rest)
+        args = _parser("train-rm", "--data", "--out", "--config", "overrides", required=("--out",)).parse_args(rest)
         return run(lambda: _train_rm(args))
     if command == "distill":
         args = _parser("distill", "--teacher", "--student", "--task", "--out", "--config", "overrides").parse_args(rest)
@@ -154,37 +154,36 @@ def _one_task_config(args: argparse.Namespace, *extra: str):
 
 # ---- arguments -------------------------------------------------------------------------------
 
-ARGUMENTS: dict[str, tuple[tuple, dict]] = {
-    "overrides": ((), dict(nargs="*", metavar="key=value", help="config keys, e.g. learner.lr=1e-5")),
-    "--config": ((), dict(help="YAML config file (default: the built-in default job)")),
-    "--resume": ((), dict(metavar="RUN_DIR", type=Path,
-                          help="continue this run from its newest checkpoint (its config.yaml unless --config)")),
-    "--model": ((), dict(required=True, help="an HF model folder (e.g. runs/<run>/model)")),
-    "--task": ((), dict(required=True, help="one task: arithmetic, countdown, knights, math (with "
-                                            "task.math.path=...), code or general")),
-    "--k": ((), dict(type=int, default=8, help="samples per problem for pass@k and maj@k (1: greedy only)")),
-    "--prompts": ((), dict(type=int, default=200, help="held-out problems")),
-    "run_dir": ((), dict(type=Path, help="a run folder")),
-    "--out": ((), dict(type=Path, help="where to write (plot: RUN_DIR/curves.png; distill: "
-                                       "runs/distill-<time>)")),
-    "--smooth": ((), dict(type=int, default=10, help="trailing-mean window in steps (1: raw)")),
-    "recipe": ((), dict(help="a recipe file, e.g. configs/r1.yaml")),
-    "--redo": ((), dict(metavar="STAGE", help="run this stage and every later one again")),
-    "--data": ((), dict(required=True, help="JSONL of {prompt, chosen, rejected} rows")),
-    "--teacher": ((), dict(required=True, help="the teacher's HF model folder")),
-    "--student": ((), dict(required=True, help="an HF model folder, a YAML config with a model group, "
-                                               "or tiny (with model.* overrides)")),
+ARGUMENTS: dict[str, dict] = {  # name: argparse's keywords
+    "overrides": dict(nargs="*", metavar="key=value", help="config keys, e.g. learner.lr=1e-5"),
+    "--config": dict(help="YAML config file (default: the built-in default job)"),
+    "--resume": dict(metavar="RUN_DIR", type=Path,
+                     help="continue this run from its newest checkpoint (its config.yaml unless --config)"),
+    "--model": dict(required=True, help="an HF model folder (e.g. runs/<run>/model)"),
+    "--task": dict(required=True, help="one task: arithmetic, countdown, knights, math (with "
+                   "task.math.path=...), code or general"),
+    "--k": dict(type=int, default=8, help="samples per problem for pass@k and maj@k (1: greedy only)"),
+    "--prompts": dict(type=int, default=200, help="held-out problems"),
+    "run_dir": dict(type=Path, help="a run folder"),
+    "--out": dict(type=Path, help="where to write: plot's PNG (default RUN_DIR/curves.png), distill's "
+                  "folder (default runs/distill-<time>), train-rm's new reward-model folder"),
+    "--smooth": dict(type=int, default=10, help="trailing-mean window in steps (1: raw)"),
+    "recipe": dict(help="a recipe file, e.g. configs/r1.yaml"),
+    "--redo": dict(metavar="STAGE", help="run this stage and every later one again"),
+    "--data": dict(required=True, help="JSONL of {prompt, chosen, rejected} rows"),
+    "--teacher": dict(required=True, help="the teacher's HF model folder"),
+    "--student": dict(required=True, help="an HF model folder, a YAML config with a model group, "
+                      "or tiny (with model.* overrides)"),
 }
 """Every argument of every subcommand, declared once."""
 
 
-def _parser(command: str, *names: str) -> argparse.ArgumentParser:
+def _parser(command: str, *names: str, required: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The parser of `r1ray command`, with the `ARGUMENTS` of `names` (those in `required` made so)."""
     parser = argparse.ArgumentParser(prog=f"r1ray {command}")
     for name in names:
-        args, kwargs = ARGUMENTS[name]
-        if command == "train-rm" and name == "--out":  # the reward-model folder is required
-            kwargs = dict(kwargs, required=True, help="the reward-model folder to write (must not exist)")
-        parser.add_argument(name, *args, **kwargs)
+        kwargs = ARGUMENTS[name]
+        parser.add_argument(name, **(kwargs | {"required": True} if name in required else kwargs))
     return parser
 
 
@@ -209,6 +208,8 @@ def run(body: Callable[[], object]) -> int:
     from rewards.data import DatasetError
 
     quiet_libraries()
+    ray = sys.modules.get("ray")
+    ours = ray is None or not ray.is_initialized()  # a Ray session this command starts, it stops
     try:
         body()
     except Stopped as err:
@@ -228,7 +229,7 @@ def run(body: Callable[[], object]) -> int:
         return 1
     finally:
         ray = sys.modules.get("ray")  # `r1ray plot` never imports it
-        if ray is not None and ray.is_initialized():
+        if ours and ray is not None and ray.is_initialized():
             ray.shutdown()
     return 0
 

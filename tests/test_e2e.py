@@ -204,7 +204,8 @@ def test_a_run_stopped_and_resumed_is_bit_identical_to_the_same_seeds_run(finish
     # SIGTERM once the first step is logged: the run finishes the step it is in, saves a
     # checkpoint and exits 143; --resume then runs the remaining steps.
     cut_dir = tmp_path / "runs" / "cut"
-    cmd = [sys.executable, "-m", "r1ray", "train", *args, "logging.run_name=cut", f"cluster.runs_dir={tmp_path / 'runs'}",
+    cmd = [sys.executable, "-m", "r1ray", "train", *args, "logging.run_name=cut",
+           f"cluster.runs_dir={tmp_path / 'runs'}",
            f"cluster.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
