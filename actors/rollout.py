@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.records import Sample, Sampling
-from actors.vllm_engine import vllm_env
 from actors.config import RolloutConfig
+from actors.vllm_engine import vllm_env
+from common.records import Sample, Sampling
 from common.weight_sync import agreed, shared_file
 
 

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from actors.config import RolloutConfig
 from actors.reaper import reap_when_gone
 from common.records import Sampling
-from actors.config import RolloutConfig
 
 
 def in_process(cfg: RolloutConfig) -> bool:

@@ -361,8 +361,8 @@ def micro_batch_peak(model, grpo, micro: int, length: int, chunk: int, device: s
 # ---- 4. the bf16 noise a weight-sync check must tolerate --------------------------------
 
 def check_bf16_noise(args) -> dict:
-    from common.records import Sampling
     from cluster.weight_sync import CHECK
+    from common.records import Sampling
 
     model = qwen(args, torch.float32).eval()
     length = 64 if args.small else 1024

@@ -74,8 +74,8 @@ def worker_rates(n: int = 2000) -> list[tuple[int, float]]:
     cost of running every check in a killable process, for the default job's task."""
     import random
 
-    from rewards.config import RewardsConfig
     from rewards.arithmetic import ArithmeticTask
+    from rewards.config import RewardsConfig
     from rewards.tasks import Arithmetic
     from rewards.worker import RewardWorker
 

@@ -108,8 +108,8 @@ def sync(args) -> list[tuple]:
 
     from cluster import placement
     from cluster.train import start_actors
-    from rewards.tasks import build_mixture
     from learner.models import count_parameters
+    from rewards.tasks import build_mixture
 
     rows = []
     for name in ("1M", "10M", "100M"):

@@ -87,8 +87,8 @@ def measure(model_dir: str, dtype: str, threads: int) -> list[tuple[str, float, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.vllm_engine import VLLMEngine
     from actors.config import RolloutConfig
+    from actors.vllm_engine import VLLMEngine
     from cluster.weight_sync import spread
     from common.weight_sync import agreed, model_weights
 

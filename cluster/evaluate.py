@@ -27,9 +27,9 @@ from math import comb
 
 import numpy as np
 
-from common.records import Sampling
 from cluster.config import Config
 from cluster.prompts import PromptFormat, prompt_format
+from common.records import Sampling
 from rewards import arithmetic
 from rewards.format import clean
 from rewards.math import canonical_answer, extract_answer
@@ -133,9 +133,9 @@ def serving(cfg: Config, model_path: str, tasks: dict):
     if this process has none yet."""
     import ray
 
-    from cluster.rollout_pool import RolloutPool
     from cluster import placement
     from cluster.reward_pool import RewardPool
+    from cluster.rollout_pool import RolloutPool
 
     placement.connect(cfg)
     rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from cluster.config import ConfigError, LoggingConfig
-
 from learner.config import AlgorithmConfig
 from rewards.language import reasoning
 

@@ -30,9 +30,8 @@ class RewardPool:
     def _start(self):
         import ray
 
-        from rewards.worker import RewardWorker
-
         from cluster.placement import requests
+        from rewards.worker import RewardWorker
 
         return ray.remote(RewardWorker).options(**requests(self.cfg)["reward"].options()).remote(
             self.cfg.rewards, self.tasks, self.cfg.rollout.max_new_tokens, self.preference)

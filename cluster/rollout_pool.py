@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from common.records import Sample, Sampling
 from cluster.config import Config
+from common.records import Sample, Sampling
 
 
 class EngineDiedError(RuntimeError):
@@ -40,11 +40,9 @@ class RolloutPool:
 
     def _start(self, index: int):
         import ray
-
-        from actors.rollout import RolloutActor, actor_env
-
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from actors.rollout import RolloutActor, actor_env
         from cluster.placement import requests
 
         r = self.cfg.rollout

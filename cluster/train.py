@@ -25,18 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.rollout_pool import EngineDiedError, RolloutPool
-from common.records import Sample, Sampling, check_groups
 from actors.rollout import check_fit
 from cluster import checkpoint, placement
 from cluster.config import Config, ConfigError, to_dict
 from cluster.evaluate import evaluate
-from cluster.pipeline import Produced, Rollout
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
-from cluster.weight_sync import WeightSync
+from cluster.pipeline import Produced, Rollout
 from cluster.prompts import PromptFormat, prompt_format
-from learner.models import flop_parameters, write_provenance
 from cluster.reward_pool import RewardPool
+from cluster.rollout_pool import EngineDiedError, RolloutPool
+from cluster.weight_sync import WeightSync
+from common.records import Sample, Sampling, check_groups
+from learner.models import flop_parameters, write_provenance
 from learner.rank import extensions_dir
 from learner.schedule import lr_at
 from rewards.tasks import HeldOut, Mixture, Problem, build_mixture

@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 
-
 # One entry per parameter, in the order the learner sends them: (HF name, shape, torch dtype name).
 Manifest = list[tuple[str, tuple[int, ...], str]]
 

@@ -25,8 +25,8 @@ import dataclasses
 import numpy as np
 
 from common.records import Sampling
-from learner.config import AlgorithmConfig, LearnerConfig
 from learner.batch import TrainBatch
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.rank import DeepSpeedRank, all_reduce, ds_config, global_max, global_sum
 
 RAW = Sampling(n=1, seed=0)

@@ -49,6 +49,7 @@ import yaml
 from cluster.config import Config, ConfigError, config_from_tree
 from rewards.tasks import HeldOut
 
+
 class StageError(RuntimeError):
     """A stage cannot run: its input is missing or empty; the message names stage and path."""
 

@@ -143,8 +143,8 @@ def _sample(cfg: Config, model_path: str, rollouts, rewarders, problems: list, w
     """[(problem, its k scored samples)] for `problems`, in chunks."""
     from tqdm import tqdm
 
-    from common.records import Sampling
     from cluster.evaluate import CHUNK
+    from common.records import Sampling
 
     fmt, k = prompt_format(cfg, model_path), cfg.rejection.k
     groups = []

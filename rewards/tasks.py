@@ -33,10 +33,9 @@ from functools import cached_property
 from typing import Any, Callable, Protocol
 
 from common.config import ConfigError
-
-from rewards.config import TaskConfig
 from rewards import arithmetic, code, countdown, knights, math
 from rewards.arithmetic import EVAL_BUCKETS, SPLITS
+from rewards.config import TaskConfig
 from rewards.format import clean, final_answer
 
 

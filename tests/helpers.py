@@ -3,10 +3,10 @@
 import numpy as np
 import ray
 
-from common.records import Sampling
-from learner.config import AlgorithmConfig, LearnerConfig
 from common.net import free_port
+from common.records import Sampling
 from learner.batch import collate
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.learner import Learner
 
 
@@ -38,8 +38,8 @@ def run_on_ranks(learners, method, batch, *args):
 
 def start_rollout(model_path, engine="vllm", seed=0, **overrides):
     """A rollout actor on a tiny model: one thread, half a logical CPU, short answers."""
-    from actors.rollout import RolloutActor, actor_env
     from actors.config import RolloutConfig
+    from actors.rollout import RolloutActor, actor_env
 
     cfg = RolloutConfig(**{"engine": engine, "threads": 1, "num_cpus": 0.5, "max_new_tokens": 8, **overrides})
     actor = ray.remote(RolloutActor).options(num_cpus=0.5, runtime_env={"env_vars": actor_env(cfg)}

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from cluster.config import Config, ConfigError, field_docs, load_config
-
 from learner.config import LearnerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

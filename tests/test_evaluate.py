@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.records import Sample
 from cluster.config import load_config
 from cluster.evaluate import evaluate, majority_correct, pass_at_k
 from cluster.prompts import prompt_format
+from common.records import Sample
 from rewards.tasks import build_mixture
 
 REPO = Path(__file__).resolve().parents[1]

@@ -248,9 +248,9 @@ def test_the_kl_reference_is_the_model_it_is_given(ranks, tiny_model, tmp_path):
 def test_mask_truncated_removes_exactly_the_truncated_answers(ranks):
     # The driver zeroes the loss mask of answers cut by the token budget: the loss and the
     # gradient must be those of the batch without them (they still shaped the advantages).
-    from common.records import Sample
     from cluster.config import load_config
     from cluster.train import learn
+    from common.records import Sample
 
     adv = np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.5], dtype=np.float32)
     batch, truncated = fixed_batch(adv), {1, 6}

@@ -265,8 +265,8 @@ def test_reward_model_recomputes_its_layers_with_the_same_gradient(ray_cluster, 
     # norm with its layers recomputed or kept, and scoring in between leaves them recomputed.
     import ray
 
-    from learner.config import LearnerConfig
     from common.net import free_port
+    from learner.config import LearnerConfig
     from learner.reward_model import RewardTrainer
 
     cfg = LearnerConfig(zero_stage=2, dtype="float32", threads=1, num_cpus=0.5, micro_batch_size=2,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.metrics import forward_only_passes, learn_flops, reflects, rollout_metrics, throughput_metrics
 from common.records import Sample
 from learner.config import AlgorithmConfig
-from cluster.metrics import forward_only_passes, learn_flops, reflects, rollout_metrics, throughput_metrics
 from learner.models import flop_parameters
 
 

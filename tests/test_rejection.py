@@ -4,8 +4,8 @@ real `Sample` records; the sampling itself runs in tests/test_recipe.py), and it
 import numpy as np
 import pytest
 
-from common.records import Sample
 from cluster.config import RejectionConfig
+from common.records import Sample
 from recipes.rejection import select, stats_table, verdict
 from rewards.tasks import Problem
 

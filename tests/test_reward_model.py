@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.reward_model import batch_order, read_pairs, train_reward_model
 from learner.reward_model import Pair, bradley_terry_loss, load_pairs, split_pairs
+from recipes.reward_model import batch_order, read_pairs, train_reward_model
 from rewards.data import DatasetError
 from rewards.preference import CALIBRATION_FILE, PreferenceScorer, normalize
 

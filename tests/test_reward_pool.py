@@ -5,9 +5,9 @@ down leaves nothing behind."""
 import numpy as np
 import pytest
 
-from common.records import Sample
 from cluster.config import load_config
 from cluster.reward_pool import RewardPool
+from common.records import Sample
 from rewards.tasks import build_mixture
 
 

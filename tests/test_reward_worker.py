@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from rewards.config import RewardsConfig
 from rewards.arithmetic import ArithmeticTask
+from rewards.config import RewardsConfig
 from rewards.tasks import Arithmetic, Problem
 from rewards.worker import RewardWorker, overlong_penalty
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import ray
 
+from actors.config import RolloutConfig
+from actors.rollout import PromptTooLongError, RolloutActor, fit_prompt
+from cluster.config import load_config
 from cluster.rollout_pool import EngineDiedError, RolloutPool
 from common.records import Sampling
-from actors.rollout import PromptTooLongError, RolloutActor, fit_prompt
-from actors.config import RolloutConfig
-from cluster.config import load_config
 from tests.helpers import make_learners, samples_to_batch, start_rollout
 
 PROMPTS = [f"User: {a}+{b}=?\nAssistant: <think>" for a, b in [(1, 2), (13, 4), (7, 70), (55, 5), (9, 9)]]
@@ -234,8 +234,8 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     from cluster import train
     from cluster.pipeline import Rollout
     from cluster.prompts import prompt_format
-    from cluster.weight_sync import WeightSync
     from cluster.reward_pool import RewardPool
+    from cluster.weight_sync import WeightSync
     from rewards.tasks import build_mixture
     from tests.helpers import fixed_batch, run_on_ranks
 

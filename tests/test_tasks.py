@@ -132,9 +132,8 @@ def test_general_prompts_come_from_jsonl_and_are_checked_only_against_their_refe
     import random
 
     from cluster.config import ConfigError
-
-    from rewards.config import ArithmeticTaskConfig, GeneralTaskConfig, TaskConfig
     from rewards import sorting
+    from rewards.config import ArithmeticTaskConfig, GeneralTaskConfig, TaskConfig
     from rewards.tasks import build_mixture, without_verifier
 
     path = tmp_path / "general.jsonl"

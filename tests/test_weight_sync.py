@@ -16,11 +16,11 @@ import pytest
 import ray
 import torch
 
-from common.records import Sampling
-from actors.rollout import RolloutActor, actor_env
 from actors.config import RolloutConfig
+from actors.rollout import RolloutActor, actor_env
 from cluster.config import SyncConfig
 from cluster.weight_sync import CHECK, WeightSync
+from common.records import Sampling
 from common.weight_sync import WeightReceiver, WeightSyncError, model_weights, plan_buckets
 from learner.models import count_parameters
 from tests.helpers import fixed_batch, make_learners, run_on_ranks
