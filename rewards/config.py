@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from common.config import ConfigError, option
-
-TASKS = ("arithmetic", "countdown", "knights", "math", "code", "general")
-"""The task kinds, in the order a mixture lists them."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,10 @@ class TaskConfig:
         if self.answer == "last_number" and any(getattr(self, n).weight for n in TASKS if n != "arithmetic"):
             raise ConfigError("task.answer=last_number applies to the arithmetic task only; give the other "
                               "tasks weight 0 or use task.answer=marked")
+
+
+TASKS = tuple(f.name for f in dataclasses.fields(TaskConfig) if f.default_factory is not dataclasses.MISSING)
+"""The task kinds (TaskConfig's groups), in the order a mixture lists them."""
 
 
 @dataclass(frozen=True)
