@@ -234,8 +234,8 @@ def run(body: Callable[[], object]) -> int:
     return 0
 
 
-_QUIET = logging.Filter()
-_QUIET.filter = lambda record: "Setting accelerator to CPU" not in record.getMessage()
+def _no_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def quiet_libraries() -> None:
@@ -244,7 +244,7 @@ def quiet_libraries() -> None:
     where no rank runs) and Hugging Face's progress bars for writing and loading weights. The
     actors' own output is kept apart too (cluster.placement.connect, logging.verbose)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub and transformers
-    logging.getLogger("DeepSpeed").addFilter(_QUIET)  # once: a filter added twice is kept once
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_notice)  # once: a filter added twice is kept once
 
 
 def _details() -> str:
