@@ -45,9 +45,10 @@ class RolloutConfig:
     prompt_too_long: str = option("error", choices=("error", "truncate_left", "skip"))
     """What happens to a longer prompt: stop with an error naming it, keep its last tokens,
     or leave it out of the step (counted in `rollout/skipped_prompts`)."""
-    max_restarts: int = option(0, lo=0)
-    """Times a dead rollout actor is replaced (and its prompts sampled again) per run; 0
-    makes an engine failure stop the run with the actor's error."""
+    max_restarts: int = option(3, lo=0)
+    """Times per run a rollout actor that died or hung is replaced, brought to the current
+    weights and its unfinished work redone (cluster/faults.py); 0 makes an engine failure stop
+    the run with the actor's error."""
     kv_cache_gib: int = option(1, lo=1)
     """KV-cache memory of a CPU vLLM engine."""
     gpu_memory_utilization: float = option(0.9, lo=0.0, hi=1.0, lo_open=True)

@@ -35,7 +35,7 @@ PREFIX = "step-"
 PARTIAL = ".partial"
 # Keys a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE = ("algorithm.steps", "logging.", "cluster.", "checkpoint.", "sync.timeout_s",
-             "rollout.max_restarts", "eval.")
+             "rollout.max_restarts", "rewards.max_restarts", "eval.")
 
 
 class CheckpointError(ConfigError):

@@ -161,6 +161,9 @@ class CheckpointConfig:
     SIGTERM / SIGINT, which always save)."""
     keep: int = option(2, lo=1)
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    every_minutes: float = option(10.0, lo=0.0)
+    """Also save after a step that ends this many minutes after the last save (or the start),
+    so a learner's death or a lost driver costs at most this much work (0: off)."""
 
 
 @dataclass(frozen=True)
@@ -175,11 +178,23 @@ class ClusterConfig:
     """Each run writes a folder here (metrics.jsonl, config, final model)."""
     timeout_s: float = option(600.0, lo=0.0, lo_open=True)
     """Longest wait for any remote call before the run fails with a clear error."""
+    deadline_s: float = option(300.0, lo=0.0, lo_open=True)
+    """A rollout engine or reward worker that returns nothing for this long while it has work
+    is hung: it is killed and replaced like a dead one (cluster/faults.py)."""
+    auto_resume: int = option(2, lo=0)
+    """Times per run the driver starts every actor again and resumes from the newest
+    checkpoint after a learner rank dies (ZeRO state lives in the ranks: they cannot be
+    replaced one by one); 0 stops the run with the rank's error."""
     colocate: bool = option(False)
     """Learner rank i and rollout engine i share one device (a GPU, or a node's CPUs), in one
     placement bundle, taking turns: the engine sleeps while the learner trains (vLLM's sleep
     mode on a GPU frees its weights and KV cache; on CPU vLLM has none and its memory stays).
     Needs as many engines as ranks, tensor parallelism 1, no overlap (max_staleness 0)."""
+
+    def __post_init__(self) -> None:
+        if self.deadline_s > self.timeout_s:
+            raise ConfigError(f"cluster.deadline_s={self.deadline_s:g} must be <= cluster.timeout_s="
+                              f"{self.timeout_s:g}: a hang is found before any wait gives up")
 
 
 @dataclass(frozen=True)

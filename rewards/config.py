@@ -146,6 +146,9 @@ class RewardsConfig:
     """Host memory reserved per reward worker in Ray's scheduler (0: none reserved)."""
     processes: int = option(1, lo=1)
     """Checker processes per reward worker (checks run in parallel, each killable)."""
+    max_restarts: int = option(3, lo=0)
+    """Times per run a reward worker or the preference scorer that died or hung is replaced
+    and its samples scored again (cluster/faults.py); 0 stops the run at the first."""
     stream: bool = option(True)
     """Score each group as soon as its answers are finished, while the engines still
     generate the others; false scores the whole step after generation (same rewards)."""

@@ -1,0 +1,144 @@
+"""Faults: what a run counts and says when one of its actors dies or hangs, and how tests and
+bench/chaos.py make one happen at a chosen moment.
+
+Who survives what (the driver's side of each is beside the actor's pool):
+- a rollout engine (cluster/rollout_pool.py): replaced, brought to the current weights, and
+  its unfinished prompts sampled again with the same seeds; in any phase (generating, idle,
+  staging or committing weights, evaluating). Counted against `rollout.max_restarts`.
+- a reward worker or the preference scorer (cluster/reward_pool.py): replaced and its
+  samples scored again. Counted against `rewards.max_restarts`.
+- a learner rank (cluster/train.py, `train`): ZeRO state lives in the ranks, so every actor
+  is stopped and the run resumes from its newest checkpoint, `cluster.auto_resume` times.
+A hang is a fault too: an engine or worker that returns nothing for `cluster.deadline_s` is
+killed and handled as a dead one.
+
+`Faults` is one run's account: `charge` says on the console which actor died, in which phase
+and what is redone, and raises `RestartsExhausted` (naming the actor, its last error and how to
+resume) when the budget is spent; `metrics` are the counts logged each step (`faults/*`).
+
+Injection (`inject`): R1RAY_INJECT_FAULTS lists faults to cause, each once per process, as
+`ROLE[INDEX]@POINT:STEP[:SIGNAL]` separated by commas, e.g.
+    engine0@stage:3,reward0@score:2,learner1@learn:4,engine1@generate:2:SIGSTOP
+ROLE is engine, reward, preference or learner; POINT is where the driver calls `inject`
+(generate, eval, idle, stage, commit, score, learn); STEP is the GRPO step (0: before the
+first). The signal (default SIGKILL, as the OOM killer sends) goes to the actor's process, which
+must run on this machine. Nothing happens when the variable is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+
+KINDS = {"engine": "rollout.max_restarts", "reward": "rewards.max_restarts",
+         "preference": "rewards.max_restarts", "learner": "cluster.auto_resume"}
+"""What dies, and the config key that bounds how often it may in a run."""
+
+
+class RestartsExhausted(RuntimeError):
+    """An actor died once more than its budget allows; the run stops (its newest checkpoint whole)."""
+
+    def __init__(self, kind: str, index: int | None, phase: str, cause: str, limit: int, resume: str = ""):
+        who = kind if index is None else f"{kind} {index}"
+        super().__init__(f"{who} died while {phase}: {cause}; {KINDS[kind]}={limit} used up"
+                         + (f"; {resume}" if resume else ""))
+        self.kind, self.index, self.phase, self.cause, self.limit = kind, index, phase, cause, limit
+
+
+@dataclass
+class Faults:
+    """One run's deaths by kind, against the budgets in `limits` (kind -> restarts allowed)."""
+
+    limits: dict[str, int]
+    counts: Counter = field(default_factory=Counter)
+    resume: str = ""
+    """How to go on after the run stops (the command), once a run folder exists."""
+
+    @classmethod
+    def of(cls, cfg) -> "Faults":
+        r = cfg.rewards.max_restarts
+        return cls({"engine": cfg.rollout.max_restarts, "reward": r, "preference": r,
+                    "learner": cfg.cluster.auto_resume})
+
+    def left(self, kind: str) -> int:
+        used = self.counts["reward"] + self.counts["preference"] if kind in ("reward", "preference") \
+            else self.counts[kind]
+        return self.limits[kind] - used
+
+    def charge(self, kind: str, index: int | None, phase: str, cause: str, redo: str) -> None:
+        """Count one death and say so; raises RestartsExhausted when none is left to count."""
+        if self.left(kind) <= 0:
+            raise RestartsExhausted(kind, index, phase, cause, self.limits[kind], self.resume)
+        self.counts[kind] += 1
+        who = kind if index is None else f"{kind} {index}"
+        print(f"r1ray: fault: {who} died while {phase} ({cause}); {redo} "
+              f"({self.left(kind)} restart(s) left, {KINDS[kind]})", flush=True)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"faults/{kind}": float(self.counts[kind]) for kind in KINDS}
+
+
+NO_FAULTS = Faults({kind: 0 for kind in KINDS})
+"""The account of code run outside a training run (r1ray eval, a pipeline's rejection
+sampling): no restarts, so an actor's death stops it with its error, as before."""
+
+
+# ---- injection (tests, bench/chaos.py) --------------------------------------------------------
+
+_SPEC = re.compile(r"(engine|reward|preference|learner)(\d*)@(\w+):(\d+)(?::(SIG[A-Z]+))?")
+
+
+@dataclass
+class _Injector:
+    planned: list[tuple[str, int, str, int, str]] | None = None
+    step: int = 0
+    """The GRPO step the driver is in (`at_step`)."""
+    fired: list[str] = field(default_factory=list)
+
+    def plan(self) -> list[tuple[str, int, str, int, str]]:
+        if self.planned is None:
+            text = os.environ.get("R1RAY_INJECT_FAULTS", "").replace(" ", "")
+            self.planned = []
+            for item in filter(None, text.split(",")):
+                m = _SPEC.fullmatch(item)
+                if not m:
+                    raise ValueError(f"R1RAY_INJECT_FAULTS: {item!r} is not ROLE[INDEX]@POINT:STEP[:SIGNAL] "
+                                     "(e.g. engine0@stage:3)")
+                self.planned.append((m[1], int(m[2] or 0), m[3], int(m[4]), m[5] or "SIGKILL"))
+        return self.planned
+
+
+_injector = _Injector()
+
+
+def at_step(step: int) -> None:
+    """The driver enters GRPO step `step` (the key of the faults planned)."""
+    _injector.step = step
+
+
+def inject(point: str, role: str, actors: list) -> None:
+    """Cause the faults planned for `role` at `point` in this step, once each: signal the
+    process of `actors[index]`."""
+    plan = _injector.plan()
+    if not plan:
+        return
+    for item in plan:
+        kind, index, where, step, sig = item
+        label = f"{kind}{index}@{where}:{step}:{sig}"
+        if (kind, where, step) != (role, point, _injector.step) or label in _injector.fired or index >= len(actors):
+            continue
+        _injector.fired.append(label)
+        pid = actor_pid(actors[index])
+        print(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {step}", flush=True)
+        os.kill(pid, getattr(signal, sig))
+
+
+def actor_pid(actor) -> int:
+    """The process id of a live actor (read from Ray's actor table; no call on the actor, which
+    may be busy)."""
+    from ray._private.state import actors
+
+    return int(actors(actor._actor_id.hex())["Pid"])
