@@ -81,7 +81,7 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
             runs.append((sampled, Sampling.from_config(cfg.rollout, k, cfg.algorithm.seed, fmt.stop)))
         for into, sampling in runs:
             samples = rollouts.generate([p.id for p in chunk], [fmt.render(p.prompt) for p in chunk], sampling,
-                                        cfg.cluster.timeout_s)
+                                        cfg.cluster.timeout_s, "evaluating")
             rewarders.score(samples, by_id, cfg.cluster.timeout_s)
             for s in samples:
                 into[s.prompt_id].append((s.reward_breakdown["correct"],
@@ -134,11 +134,14 @@ def serving(cfg: Config, model_path: str, tasks: dict):
     import ray
 
     from cluster import placement
+    from cluster.faults import Faults
     from cluster.reward_pool import RewardPool
     from cluster.rollout_pool import RolloutPool
 
     placement.connect(cfg)
-    rollouts, rewarders = RolloutPool(cfg, model_path), RewardPool(cfg, tasks)
+    account = Faults.of(cfg)
+    rollouts, rewarders = RolloutPool(cfg, model_path, account=account), RewardPool(cfg, tasks, account=account)
+    rollouts.revive = lambda: None  # every engine serves the model folder, as a fresh one does
     try:
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
         yield rollouts, rewarders

@@ -53,6 +53,10 @@ class Rollout:
     round: int = 0
     """0 for a step's prompts; 1, 2, ... for the extra rounds of dynamic sampling (each is
     seeded apart)."""
+    ahead: bool = False
+    """Started while the learner is between versions (`algorithm.max_staleness=1`): an engine
+    that dies in it cannot be sent the weights the others serve, so the rollout fails with
+    EngineDiedError and the driver samples it again after the sync."""
     started: float = field(default_factory=time.time)
     generated_at: float | None = None
     _generated: threading.Event = field(default_factory=threading.Event)
@@ -61,8 +65,9 @@ class Rollout:
     _error: BaseException | None = None
 
     @classmethod
-    def start(cls, cfg, actors, problems: list[Problem], step: int, rng_state, round: int = 0) -> "Rollout":
-        rollout = cls(step, problems, rng_state, round)
+    def start(cls, cfg, actors, problems: list[Problem], step: int, rng_state, round: int = 0,
+              ahead: bool = False) -> "Rollout":
+        rollout = cls(step, problems, rng_state, round, ahead)
         threading.Thread(target=rollout._run, args=(cfg, actors), daemon=True,
                          name=f"rollout-step-{step}").start()
         return rollout
@@ -94,7 +99,7 @@ class Rollout:
     def _run(self, cfg, actors) -> None:
         try:
             self._result = generate_and_score(cfg, actors, self.problems, self.step, self._mark_generated,
-                                              self.round)
+                                              self.round, redo=not self.ahead)
         except BaseException as err:  # handed to the driver by result()
             self._error = err
         finally:
@@ -108,15 +113,16 @@ class Rollout:
 
 
 def generate_and_score(cfg, actors, problems: list[Problem], step: int, on_generated=lambda: None,
-                       round: int = 0) -> Produced:
+                       round: int = 0, redo: bool = True) -> Produced:
     """Sample G answers per problem and score them; finished groups go to the reward workers
-    while the engines generate the rest, unless `rewards.stream` is off."""
+    while the engines generate the rest, unless `rewards.stream` is off. An engine that dies
+    is replaced and its prompts sampled again (`redo`; else EngineDiedError, see `Rollout.ahead`)."""
     G, by_id = cfg.algorithm.group_size, {p.id: p for p in problems}
     seed = cfg.algorithm.seed + 1000 * step + 10**7 * round  # prompt i of the round is seeded seed + i
     sampling = Sampling.from_config(cfg.rollout, G, seed, actors.prompts.stop)
     start, done, scoring = time.time(), [], []
     for chunk in actors.rollouts.stream([p.id for p in problems], [actors.prompts.render(p.prompt) for p in problems],
-                                        sampling, cfg.cluster.timeout_s):
+                                        sampling, cfg.cluster.timeout_s, f"generating step {step}", redo):
         done += chunk
         if cfg.rewards.stream:
             scoring.append(actors.rewarders.submit([s for _, group in chunk for s in group], by_id))

@@ -2,30 +2,36 @@
 
 `score` splits a step's samples into contiguous chunks, one per worker, and fills in each
 sample's reward and breakdown. A worker's checker processes are replaced inside it when they
-crash or overrun; a worker actor that dies itself (out of memory, killed) is replaced here
-and its chunk scored again, once per call, so a run does not stop for a lost reward worker.
+crash or overrun. A worker actor that dies itself (out of memory, killed) or hangs (no answer
+for `cluster.deadline_s`) is replaced here and its chunk scored again; the preference model's
+actor likewise (the workers find it by name, so they reach its replacement). Each is charged to
+the run's faults (`rewards.max_restarts`, cluster/faults.py): scores are a pure function of the
+answer, so a run that lost a worker scores exactly as one that did not.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from cluster import faults
 from cluster.config import Config
+from cluster.faults import NO_FAULTS, Faults
 
 
 class RewardPool:
-    def __init__(self, cfg: Config, tasks: dict, render: Callable[[str], str] | None = None):
+    def __init__(self, cfg: Config, tasks: dict, render: Callable[[str], str] | None = None,
+                 account: Faults = NO_FAULTS):
         """`render` turns a question into the prompt text the policy saw, which the preference
         model reads before the answer: a training pool passes it, and then tasks without a
         verifier need `rewards.preference_model`. An evaluation pool (None) scores those tasks
-        by their reference answers only (`correct`)."""
-        self.cfg, self.tasks = cfg, tasks
+        by their reference answers only (`correct`). `account`: the run's faults."""
+        self.cfg, self.tasks, self.faults = cfg, tasks, account
         self.preference = _start_preference(cfg, tasks, render)
         self.workers = [self._start() for _ in range(cfg.rewards.num_workers)]
-        self.restarts = 0
 
     def _start(self):
         import ray
@@ -66,26 +72,50 @@ class RewardPool:
         chunks = [c for c in np.array_split(np.arange(len(samples)), len(self.workers)) if len(c)]
         parts = [(k, w, idx, self._submit(w, samples, problems, idx))
                  for k, (w, idx) in enumerate(zip(self.workers, chunks))]
+        faults.inject("score", "reward", self.workers)
+        faults.inject("score", "preference", [self.preference.actor] if self.preference else [])
         return Scoring(samples, problems, parts)
 
     def collect(self, scoring: "Scoring", timeout_s: float) -> list[str]:
-        """Wait for `scoring`, fill in its samples' rewards and breakdowns; their reasons."""
+        """Wait for `scoring`, fill in its samples' rewards and breakdowns; their reasons. A
+        worker (or the preference scorer) that died or hung is replaced and its part scored
+        again, until `rewards.max_restarts` is spent."""
         import ray
 
         samples, problems, reasons = scoring.samples, scoring.problems, [""] * len(scoring.samples)
+        deadline = min(self.cfg.cluster.deadline_s, timeout_s)
         for k, worker, idx, future in scoring.parts:
-            try:
-                scores = ray.get(future, timeout=timeout_s)
-            except ray.exceptions.RayActorError as err:
-                if self.workers[k] is worker:  # not yet replaced while collecting an earlier part
-                    print(f"r1ray: reward worker {k} died ({type(err).__name__}); replacing it", flush=True)
-                    ray.kill(worker)
-                    self.workers[k] = self._start()
-                    self.restarts += 1
-                scores = ray.get(self._submit(self.workers[k], samples, problems, idx), timeout=timeout_s)
+            while True:
+                try:
+                    scores = ray.get(future, timeout=deadline)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                        ray.exceptions.RayTaskError) as err:
+                    worker = self._recover(k, worker, err, len(idx))
+                    future = self._submit(worker, samples, problems, idx)
             for i, s in zip(idx, scores):
                 samples[i].reward, samples[i].reward_breakdown, reasons[i] = s.reward, s.breakdown, s.reason
         return reasons
+
+    def _recover(self, k: int, worker, err: Exception, n: int):
+        """Worker `k` (`worker`, unless replaced already while an earlier part was collected)
+        failed to score: replace whichever actor died or hung; returns the worker to ask again."""
+        import ray
+
+        redo = f"its {n} sample(s) scored again"
+        if isinstance(err, ray.exceptions.RayTaskError):  # the worker lives; its call failed
+            if self.preference is None or not _lost(self.preference.actor, self.cfg.cluster.deadline_s):
+                raise err  # a checker's own error: not a fault of an actor
+            self.faults.charge("preference", None, "scoring", _cause(err), f"replaced it, {redo}")
+            self.preference.restart()
+            return self.workers[k]
+        if self.workers[k] is worker:  # not yet replaced while collecting an earlier part
+            cause = (f"no answer in {self.cfg.cluster.deadline_s:g}s (cluster.deadline_s)"
+                     if isinstance(err, ray.exceptions.GetTimeoutError) else _cause(err))
+            self.faults.charge("reward", k, "scoring", cause, f"replaced it, {redo}")
+            ray.kill(worker)
+            self.workers[k] = self._start()
+        return self.workers[k]
 
     @staticmethod
     def _submit(worker, samples: list, problems: dict, idx):
@@ -106,17 +136,34 @@ class Scoring:
 class RemotePreference:
     """The reward workers' handle on the preference-model actor (rewards/preference.py): a
     callable that scores (question, answer) pairs; it renders each question as the policy saw
-    it. One actor serves every worker, batching each call's answers."""
+    it. One actor serves every worker, batching each call's answers. The workers look it up by
+    its name, so that after `restart` (in the driver) they reach the new one."""
 
-    actor: object
+    name: str
+    start: Callable[[], object]
     render: Callable[[str], str]
     timeout_s: float
+    actor: object = None
+
+    def __post_init__(self):
+        self.actor = self.actor or self.start()
+
+    def restart(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+        self.actor = self.start()
+        ray.get(self.actor.__ray_ready__.remote(), timeout=self.timeout_s)
+
+    def __getstate__(self) -> dict:  # what a worker gets: the name, not the driver's way to start one
+        return {"name": self.name, "start": None, "render": self.render, "timeout_s": self.timeout_s,
+                "actor": None}
 
     def __call__(self, questions: list[str], responses: list[str]) -> list[float]:
         import ray
 
-        return ray.get(self.actor.score.remote([self.render(q) for q in questions], responses),
-                       timeout=self.timeout_s)
+        actor = ray.get_actor(self.name)
+        return ray.get(actor.score.remote([self.render(q) for q in questions], responses), timeout=self.timeout_s)
 
 
 def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | None) -> RemotePreference | None:
@@ -136,6 +183,25 @@ def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | N
                           "to a reward-model folder (r1ray train-rm) to score them")
     # No CPU of its own: the workers wait on it while it scores, so it runs in their share
     # (a reservation here would not fit the default 2-CPU layout).
-    actor = ray.remote(PreferenceScorer).options(num_cpus=0).remote(
+    name = f"r1ray-preference-{uuid.uuid4().hex[:12]}"
+    start = lambda: ray.remote(PreferenceScorer).options(num_cpus=0, name=name).remote(  # noqa: E731
         r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len)
-    return RemotePreference(actor, render, cfg.cluster.timeout_s)
+    return RemotePreference(name, start, render, cfg.cluster.timeout_s)
+
+
+def _lost(actor, deadline_s: float) -> bool:
+    """Whether `actor` is dead or does not answer within `deadline_s`."""
+    import ray
+
+    ping = actor.__ray_ready__.remote()
+    try:
+        ray.get(ping, timeout=deadline_s)
+        return False
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
+
+
+def _cause(err: Exception) -> str:
+    """The last line of a remote error: what went wrong, without the traceback."""
+    text = str(getattr(err, "cause", None) or err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__

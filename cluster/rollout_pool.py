@@ -6,19 +6,27 @@ a group of G answers is never split, so each comes from one engine and one weigh
 Prompt i of the step is seeded `seed + i` whichever engine samples it, so vLLM engines
 return the same answers however many there are.
 
-When an actor dies mid-generate the call raises `EngineDiedError` with the actor's own
-error; the driver may `restart` it (a fresh actor on the initial weights, which the weight
-sync then brings to the current version) and try the step again.
+An actor that dies or hangs is replaced in any phase (cluster/faults.py): `replace` starts a
+fresh one (the model folder's weights, version 0) and charges the run's `Faults`. In a generate
+call the pool's `revive` (set by the driver: bring the replaced engine to the weights the
+others serve) is called and the dead engine's prompts are sampled again by the new one with
+the same seeds, so the call returns what it would have; groups it had finished are not handed
+on twice. Without `revive` (or with `redo=False`: the rollout that runs ahead while the learner
+is between versions, whose weights cannot be sent then) the call raises `EngineDiedError`
+after the replacement, and the driver redoes the work later.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from cluster import faults
 from cluster.config import Config
+from cluster.faults import NO_FAULTS, Faults
 from common.records import Sample, Sampling
 
 
@@ -31,12 +39,14 @@ class EngineDiedError(RuntimeError):
 
 
 class RolloutPool:
-    def __init__(self, cfg: Config, model_path: str, placement_group=None):
+    def __init__(self, cfg: Config, model_path: str, placement_group=None, account: Faults = NO_FAULTS):
         """`placement_group`: one bundle per actor (cluster.placement.rollout_group), or None
-        to let Ray place them."""
-        self.cfg, self.model_path, self.pg = cfg, model_path, placement_group
-        self.restarts_left = cfg.rollout.max_restarts
+        to let Ray place them. `account`: the run's faults, which bounds the replacements."""
+        self.cfg, self.model_path, self.pg, self.faults = cfg, model_path, placement_group, account
         self.actors = [self._start(i) for i in range(cfg.rollout.num_engines)]
+        self.revive: Callable[[], None] | None = None
+        """Brings every engine to the weights they serve together (after a replacement the
+        new one serves version 0); None where that cannot be done (see the module)."""
 
     def _start(self, index: int):
         import ray
@@ -57,41 +67,70 @@ class RolloutPool:
         return [a.__ray_ready__.remote() for a in self.actors]
 
     def generate(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling,
-                 timeout_s: float) -> list[Sample]:
+                 timeout_s: float, phase: str = "generating") -> list[Sample]:
         """`sampling.n` samples per prompt over all engines, in prompt order."""
-        done = sorted((pair for chunk in self.stream(prompt_ids, prompts, sampling, timeout_s) for pair in chunk),
-                      key=lambda pair: pair[0])
+        done = sorted((pair for chunk in self.stream(prompt_ids, prompts, sampling, timeout_s, phase)
+                       for pair in chunk), key=lambda pair: pair[0])
         return [s for _, group in done for s in group]
 
-    def stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling,
-               timeout_s: float) -> Iterator[list[tuple[int, list[Sample]]]]:
+    def stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling, timeout_s: float,
+               phase: str = "generating", redo: bool = True) -> Iterator[list[tuple[int, list[Sample]]]]:
         """`generate`'s groups as the engines finish them: lists of (the prompt's index in
-        `prompts`, its samples), in finishing order; `timeout_s` bounds each wait."""
+        `prompts`, its samples), in finishing order. An engine that returns nothing for
+        `cluster.deadline_s` is hung; one that died or hung is replaced and its shard sampled
+        again (see the module); `timeout_s` bounds the call as a whole's silence."""
         import ray
 
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
         shards = [s for s in np.array_split(np.arange(len(prompts)), len(self.actors)) if len(s)]
-        streams = [  # (the actor's stream of finished groups, its index, its shard's first prompt)
-            (actor.generate_stream.options(num_returns="streaming").remote(
-                [prompt_ids[i] for i in idx], [prompts[i] for i in idx], _shifted(sampling, int(idx[0]))),
-             index, int(idx[0]))
-            for index, (actor, idx) in enumerate(zip(self.actors, shards))
-        ]
+
+        def call(index: int) -> ray.ObjectRefGenerator:
+            idx = shards[index]
+            return self.actors[index].generate_stream.options(num_returns="streaming").remote(
+                [prompt_ids[i] for i in idx], [prompts[i] for i in idx], _shifted(sampling, int(idx[0])))
+
+        streams = {index: call(index) for index in range(len(shards))}  # engine i samples shard i
+        faults.inject("eval" if phase.startswith("evaluating") else "generate", "engine", self.actors)
+        heard = dict.fromkeys(streams, time.monotonic())  # when each engine last returned a group
+        done: set[int] = set()  # prompts whose group was handed on
+        deadline = min(self.cfg.cluster.deadline_s, timeout_s)
         while streams:
-            ready, _ = ray.wait([s for s, _, _ in streams], num_returns=1, timeout=timeout_s)
-            if not ready:
-                raise ray.exceptions.GetTimeoutError(f"no rollout engine returned anything in {timeout_s}s")
-            k = next(k for k, (s, _, _) in enumerate(streams) if s is ready[0])
-            stream, index, offset = streams[k]
+            ready, _ = ray.wait(list(streams.values()), num_returns=1,
+                                timeout=max(0.0, min(heard.values()) + deadline - time.monotonic()))
+            if not ready:  # the engine silent the longest is hung
+                index = min(heard, key=heard.get)
+                self._lost(index, f"returned nothing for {deadline:g}s (cluster.deadline_s)", phase,
+                                  shards[index], done, redo)
+                streams[index], heard[index] = call(index), time.monotonic()
+                continue
+            index = next(i for i, s in streams.items() if s is ready[0])
             try:
-                done = ray.get(next(stream), timeout=timeout_s)
+                finished = ray.get(next(streams[index]), timeout=timeout_s)
             except StopIteration:
-                streams.pop(k)
+                del streams[index], heard[index]
                 continue
             except ray.exceptions.RayActorError as err:
-                raise EngineDiedError(index, _cause(err)) from None
-            yield [(offset + i, samples) for i, samples in done]
+                self._lost(index, _cause(err), phase, shards[index], done, redo)
+                streams[index], heard[index] = call(index), time.monotonic()
+                continue
+            heard[index] = time.monotonic()
+            fresh = [(int(shards[index][0]) + i, samples) for i, samples in finished
+                     if int(shards[index][0]) + i not in done]
+            done.update(i for i, _ in fresh)
+            if fresh:
+                yield fresh
+
+    def _lost(self, index: int, cause: str, phase: str, shard: np.ndarray, done: set[int], redo: bool) -> None:
+        """Engine `index` died or hung in a generate call: replace it; bring it to the weights
+        the others serve so that its shard can be sampled again, else raise EngineDiedError."""
+        left = [i for i in shard.tolist() if i not in done]
+        can_redo = redo and self.revive is not None
+        what = f"its {len(left)} unfinished prompt(s) sampled again" if can_redo else "the work is redone later"
+        self.replace(index, phase, cause, what)
+        if not can_redo:
+            raise EngineDiedError(index, cause)
+        self.revive()
 
     @contextlib.contextmanager
     def asleep(self):
@@ -115,16 +154,34 @@ class RolloutPool:
 
         release(self.actors, None if self.cfg.cluster.colocate else self.pg)
 
-    def restart(self, index: int) -> None:
-        """Replace actor `index` with a fresh one (initial weights, version 0)."""
+    def replace(self, index: int, phase: str, cause: str, redo: str) -> None:
+        """Replace actor `index`, which died or hung while `phase`, with a fresh one (initial
+        weights, version 0), charged to the run's faults (which say on the console what
+        happened, and stop the run when `rollout.max_restarts` is spent)."""
         import ray
 
-        if self.restarts_left <= 0:
-            raise RuntimeError("no restarts left (rollout.max_restarts)")
-        self.restarts_left -= 1
-        ray.kill(self.actors[index])
+        self.faults.charge("engine", index, phase, cause, f"replaced it, {redo}")  # or RestartsExhausted
+        ray.kill(self.actors[index])  # a hung one too
         self.actors[index] = self._start(index)
         ray.get(self.actors[index].__ray_ready__.remote(), timeout=self.cfg.cluster.timeout_s)
+
+    def unresponsive(self) -> dict[int, str]:
+        """The actors that are dead, or do not answer a call within `cluster.deadline_s`
+        (index -> why). Asked when nothing else is in flight on them (after a failed sync)."""
+        import ray
+
+        pings = [a.__ray_ready__.remote() for a in self.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=self.cfg.cluster.deadline_s)
+        found = {}
+        for i, ping in enumerate(pings):
+            if ping not in ready:
+                found[i] = f"no answer in {self.cfg.cluster.deadline_s:g}s (cluster.deadline_s)"
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError as err:
+                found[i] = _cause(err)
+        return found
 
 
 def _shifted(sampling: Sampling, offset: int) -> Sampling:

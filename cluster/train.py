@@ -20,22 +20,24 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from actors.rollout import check_fit
-from cluster import checkpoint, placement
+from cluster import checkpoint, faults, placement
 from cluster.config import Config, ConfigError, to_dict
 from cluster.evaluate import evaluate
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.pipeline import Produced, Rollout
 from cluster.prompts import PromptFormat, prompt_format
 from cluster.reward_pool import RewardPool
+from cluster.faults import NO_FAULTS, Faults
 from cluster.rollout_pool import EngineDiedError, RolloutPool
 from cluster.weight_sync import WeightSync
 from common.records import Sample, Sampling, check_groups
+from common.weight_sync import WeightSyncError
 from learner.models import flop_parameters, write_provenance
 from learner.rank import extensions_dir
 from learner.schedule import lr_at
@@ -55,6 +57,8 @@ class Actors:
     params: tuple[int, int]
     """The policy's (body, LM head) parameters, for the learner's FLOP/s (learner/models.py,
     `flop_parameters`)."""
+    faults: Faults = field(default_factory=lambda: NO_FAULTS)
+    """The run's account of actors that died (cluster/faults.py)."""
 
     def release(self) -> None:
         """Stop every actor and free its reservation (the Ray session may go on: a pipeline's)."""
@@ -91,7 +95,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps, state)
     print(f"r1ray: starting {cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_engines} "
           f"{cfg.rollout.engine} engine(s), {cfg.rewards.num_workers} reward worker(s)...", flush=True)
-    actors = start_actors(cfg, model_path, tasks)
+    actors = start_actors(cfg, model_path, tasks, Faults.of(cfg))
     print(f"r1ray: actors ready after {time.time() - started:.0f}s", flush=True)
     rng = random.Random(cfg.algorithm.seed)
     probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
@@ -138,6 +142,7 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
     from learner.grpo import group_advantages, groups_with_signal
 
     a, G, start = cfg.algorithm, cfg.algorithm.group_size, time.time()
+    faults.at_step(step)
     # 1. Rollout: B prompts, G answers each, scored as groups finish (more rounds of prompts with
     #    dynamic sampling). An engine that dies is replaced and its prompts are sampled again.
     produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
@@ -145,7 +150,8 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
     check_groups(samples, G)
     # 2. Overlap: the next step's rollout starts now and generates while this step learns, with
     #    the weights of this step's samples (one version behind; learner/grpo.py, point 6).
-    ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger) if a.max_staleness and step < a.steps else None
+    ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger, ahead=True) \
+        if a.max_staleness and step < a.steps else None
     timings = {"generate": produced.generate_end - produced.generate_start,
                "reward": max(0.0, produced.scored - produced.generate_end)}  # what scoring adds after generation
     metrics = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
@@ -156,6 +162,7 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
         raise RuntimeError(f"step {step} sampled by weight version {version - max(lag)}, more than "
                            f"algorithm.max_staleness={a.max_staleness} behind the learner's {version}")
     logger.log_samples(step, problems, samples, produced.reasons)
+    faults.inject("idle", "engine", actors.rollouts.actors)  # between generating and the sync
     # 3. Advantages, within each group; groups whose answers all scored the same carry no
     #    signal and stay out of the batch (learner/grpo.py, 8).
     rewards = torch.tensor([s.reward for s in samples])  # [N]
@@ -172,31 +179,29 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
         with _timed(timings, "learn"), actors.rollouts.asleep():  # colocated: the device is the learner's
             metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
         # 5. Sync: every engine takes the new version, once the rollout ahead has finished
-        #    generating (no engine loads weights while it samples). An engine that died in it is
-        #    replaced first, and the next step's prompts are sampled again by the new weights.
+        #    generating (no engine loads weights while it samples). An engine that died in it
+        #    was replaced (version 0), and the next step's prompts are sampled again by the
+        #    new weights; one that dies in the sync is replaced and the sync done again.
         with _timed(timings, "sync"):
-            died = None
             if ahead is not None:
                 ahead.wait_generated(cfg.cluster.timeout_s)
-                died = ahead.engine_died()
-                if died:
-                    replace_engine(cfg, actors, died)
             version += 1
-            metrics |= actors.sync.push(version)
+            metrics |= sync_weights(cfg, actors, version)
             if cfg.sync.check:
                 metrics |= actors.sync.check(probe)
-            if died:
+            if ahead is not None and ahead.engine_died():
                 ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
         metrics |= throughput_metrics(batch, timings, *actors.params, forward_only_passes(a), a.mask_truncated,
                                       generated=samples)
-    metrics |= {f"timing/{k}": v for k, v in timings.items()}
+    metrics |= {f"timing/{k}": v for k, v in timings.items()} | actors.faults.metrics()
     return metrics | idle_metrics(metrics, start, time.time(), [*rollouts, ahead]), version, ahead
 
 
 # ---- the phases the loop calls ---------------------------------------------------------------
 
-def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
-    """Create the learner ranks (packed in a placement group), rollout actors, reward workers."""
+def start_actors(cfg: Config, model_path: str, tasks: Mixture, account: Faults = NO_FAULTS) -> Actors:
+    """Create the learner ranks (packed in a placement group), rollout actors, reward workers;
+    `account` counts those that die."""
     import ray
 
     from learner.learner import Learner
@@ -205,9 +210,9 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
                                           Sampling.from_config(cfg.rollout, n=1, seed=cfg.algorithm.seed))
     nodes = placement.nodes_of(learner_pg)
     rollout_pg = learner_pg if cfg.cluster.colocate else placement.rollout_group(cfg)  # engine i beside rank i
-    rollouts = RolloutPool(cfg, model_path, rollout_pg)  # engines in the learner's precision
+    rollouts = RolloutPool(cfg, model_path, rollout_pg, account)  # engines in the learner's precision
     fmt = prompt_format(cfg, model_path)
-    rewarders = RewardPool(cfg, tasks.tasks, fmt.render)
+    rewarders = RewardPool(cfg, tasks.tasks, fmt.render, account)
     if cfg.cluster.colocate:
         print(f"r1ray: placement: {len(nodes)} learner rank(s), each with its rollout actor (colocated), "
               f"on node(s) {_short(nodes)}", flush=True)
@@ -221,7 +226,9 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture) -> Actors:
     on_gpus = cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0  # an NCCL group needs GPUs at both ends
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype, "cuda" if on_gpus else "cpu")
     sync.connect()
-    return Actors(learners, learner_pg, rollouts, rewarders, sync, fmt, flop_parameters(model_path))
+    actors = Actors(learners, learner_pg, rollouts, rewarders, sync, fmt, flop_parameters(model_path), account)
+    rollouts.revive = lambda: sync_weights(cfg, actors, sync.version)  # a replaced engine catches up
+    return actors
 
 
 def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
@@ -251,25 +258,24 @@ def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
 
 
 def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int,
-                  logger: MetricsLogger, round: int = 0) -> Rollout:
+                  logger: MetricsLogger, round: int = 0, ahead: bool = False) -> Rollout:
     """Draw step `step`'s prompts (or a dynamic-sampling round's); start generating and
-    scoring them in the background."""
+    scoring them in the background (`ahead`: while the learner learns, see `Rollout.ahead`)."""
     rng_state = rng.getstate()
     problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
     logger.log_prompts(step, problems)
-    return Rollout.start(cfg, actors, problems, step, rng_state, round)
+    return Rollout.start(cfg, actors, problems, step, rng_state, round, ahead)
 
 
 def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) -> Produced:
-    """The rollout's scored samples. An engine that died is replaced, brought to `version`,
-    and the step sampled again, up to `rollout.max_restarts` times in a run."""
+    """The rollout's scored samples. An engine that died in it was replaced by the pool; when the
+    pool could not redo its work then (a rollout run ahead), the step is sampled again here, by
+    `version` (the engines serve it after `sync_weights`)."""
     while True:
         try:
             return rollout.result(cfg.cluster.timeout_s)
-        except EngineDiedError as err:
-            replace_engine(cfg, actors, err)
-            if version > 0:  # a fresh engine holds the initial weights
-                actors.sync.push(version)
+        except EngineDiedError:
+            sync_weights(cfg, actors, version)
             rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, rollout.rng_state, rollout.round)
 
 
@@ -294,14 +300,22 @@ def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step
     return produced, rollouts
 
 
-def replace_engine(cfg: Config, actors: Actors, err: EngineDiedError) -> None:
-    """Start a fresh engine (initial weights) in place of the one that died."""
-    if actors.rollouts.restarts_left == 0:
-        raise EngineDiedError(err.index, f"{err.reason} (rollout.max_restarts="
-                              f"{cfg.rollout.max_restarts} used up)") from None
-    print(f"r1ray: {err}; replacing it ({actors.rollouts.restarts_left} restart(s) left)", flush=True)
-    actors.rollouts.restart(err.index)
-    actors.sync.replace(actors.rollouts.actors)
+def sync_weights(cfg: Config, actors: Actors, version: int) -> dict[str, float]:
+    """Every engine serves `version` (0: the model folder's weights, which a fresh engine has).
+    An engine found dead or hung when a sync fails (it died while staging, committing, or idle
+    before) is replaced and the sync done again, within `rollout.max_restarts`."""
+    if version == 0:
+        return {}
+    while True:
+        try:
+            return actors.sync.push(version)
+        except WeightSyncError as err:
+            lost = actors.rollouts.unresponsive()
+            if not lost:  # the engines are well: the sync itself failed
+                raise
+            for index, cause in lost.items():
+                actors.rollouts.replace(index, err.stage, cause, f"weights version {version} sent again")
+            actors.sync.replace(actors.rollouts.actors)
 
 
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
@@ -370,7 +384,7 @@ def cold_start(cfg: Config, actors: Actors, tasks: Mixture, model_path: str,
                                   timeout=cfg.cluster.timeout_s)
             bar.set_postfix(loss=f"{first['loss']:.3f}", refresh=False)
     ray.get([l.reset_optimizer.remote() for l in actors.learners], timeout=cfg.cluster.timeout_s)
-    actors.sync.push(1)
+    sync_weights(cfg, actors, 1)
     actors.sync.check(probe)  # the engines must now score a trace exactly as the learner does
     return 1
 
@@ -429,7 +443,7 @@ def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Ra
     import ray
 
     ray.get([l.load_state.remote(str(ckpt / "learner")) for l in actors.learners], timeout=cfg.cluster.timeout_s)
-    actors.sync.push(state["version"])
+    sync_weights(cfg, actors, state["version"])
     actors.sync.check(probe)
     form, internal, gauss = state["rng"]  # random.getstate(), with its tuple turned into a list by JSON
     rng.setstate((form, tuple(internal), gauss))

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import faults
 from cluster.config import SyncConfig
 from common.weight_sync import Manifest, WeightSyncError
 
@@ -79,6 +80,8 @@ class WeightSync:
         self.learners, self.rollouts, self.cfg, self.dtype, self.device = learners, rollouts, cfg, dtype, device
         self.manifest: Manifest | None = None
         self.connected = False
+        self.version = 0
+        """The version every engine serves after the last push that completed."""
 
     def connect(self) -> None:
         """Broadcast transport: form the sync group. Learner rank 0 is its rank 0, then come the
@@ -107,7 +110,9 @@ class WeightSync:
         failure, every live engine serves the version it served before (see the module)."""
         start = time.perf_counter()
         staged = self._send(version)  # per engine: (bytes staged, version it serves)
+        faults.inject("commit", "engine", self.rollouts)
         self._commit(version, [served for _, served in staged])
+        self.version = version
         seconds = time.perf_counter() - start
         nbytes = staged[0][0]
         return {"timing/sync": seconds, "sync/bytes": float(nbytes), "sync/version": float(version),
@@ -122,20 +127,26 @@ class WeightSync:
             sends = [l.send_weights.remote(bucket, self.cfg.timeout_s) for l in self.learners]
             receives = [r.receive_weights.remote(version, self.manifest, bucket, self.cfg.timeout_s)
                         for r in self.rollouts]
+            faults.inject("stage", "engine", self.rollouts)
             try:
-                return self._get(receives + sends, f"broadcasting weights version {version}")[:len(receives)]
+                return self._get(receives + sends, f"broadcasting weights version {version}",
+                                 f"staging weights version {version}")[:len(receives)]
             except WeightSyncError:
                 self.connected = False  # a broken collective leaves the group unusable
                 raise
         if self.cfg.transport == "cuda_ipc":  # engine i beside rank i (cluster.colocate)
             handles = [l.share_weights.remote() for l in self.learners]
-            return self._get([r.stage_shared.remote(h, version) for r, h in zip(self.rollouts, handles)],
-                             f"handing weights version {version} to the engines beside the learner ranks")
+            staging = [r.stage_shared.remote(h, version) for r, h in zip(self.rollouts, handles)]
+            faults.inject("stage", "engine", self.rollouts)
+            return self._get(staging, f"handing weights version {version} to the engines beside the learner ranks",
+                             f"staging weights version {version}")
         refs = [l.gather_weights.remote(int(self.cfg.bucket_mb * 2**20)) for l in self.learners]
         self._get(refs, "gathering weights from the learner", fetch=False)
         self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors
-        return self._get([r.stage_weights.remote(refs[0], version) for r in self.rollouts],
-                         f"sending weights version {version} to the engines")
+        staging = [r.stage_weights.remote(refs[0], version) for r in self.rollouts]
+        faults.inject("stage", "engine", self.rollouts)
+        return self._get(staging, f"sending weights version {version} to the engines",
+                         f"staging weights version {version}")
 
     def _commit(self, version: int, before: list[int]) -> None:
         """Every engine loads `version`; if one does not, every live engine goes back to the
@@ -160,7 +171,7 @@ class WeightSync:
             notes.append(f"engines {dead} died and must be replaced")
         what = "; ".join(f"engine {i}: {why}" for i, why in failed.items())
         raise WeightSyncError(f"weight sync: loading weights version {version} failed on {what}. "
-                              + "; ".join(notes))
+                              + "; ".join(notes), f"committing weights version {version}")
 
     def check(self, token_ids: np.ndarray) -> dict[str, float]:
         """Score a fixed sequence on the learner and every engine; returns the worst engine's
@@ -186,8 +197,9 @@ class WeightSync:
         mean, p99, worst = (max(column) for column in zip(*stats))
         return {"sync/logprob_diff_mean": mean, "sync/logprob_diff_p99": p99, "sync/logprob_diff_max": worst}
 
-    def _get(self, refs, stage: str, fetch: bool = True):
-        """Wait for remote calls within the sync timeout; any failure is one `WeightSyncError`."""
+    def _get(self, refs, stage: str, phase: str = "syncing weights", fetch: bool = True):
+        """Wait for remote calls within the sync timeout; any failure is one `WeightSyncError`
+        (`phase`: what the sync was doing, for the fault it may be)."""
         import ray
 
         single = not isinstance(refs, list)
@@ -195,13 +207,13 @@ class WeightSync:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s, fetch_local=False)
         if len(ready) < len(refs):
             raise WeightSyncError(f"weight sync: {stage} took longer than {self.cfg.timeout_s:g}s "
-                                  "(sync.timeout_s); the engines keep their previous weights")
+                                  "(sync.timeout_s); the engines keep their previous weights", phase)
         if not fetch:
             return None
         try:
             values = ray.get(refs)
         except ray.exceptions.RayError as err:
-            raise WeightSyncError(f"weight sync: {stage} failed: {_reason(err)}") from err
+            raise WeightSyncError(f"weight sync: {stage} failed: {_reason(err)}", phase) from err
         return values[0] if single else values
 
     def _each(self, refs: list) -> list[tuple[Any, str | None, bool]]:

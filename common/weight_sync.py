@@ -61,6 +61,11 @@ Manifest = list[tuple[str, tuple[int, ...], str]]
 class WeightSyncError(RuntimeError):
     """A weight sync did not complete, or an engine disagrees with the learner after one."""
 
+    def __init__(self, message: str, stage: str = "syncing weights"):
+        super().__init__(message)
+        self.stage = stage
+        """What the sync was doing (e.g. "staging weights version 3"): the phase a fault names."""
+
 
 def plan_buckets(manifest: Manifest, bucket_bytes: int) -> list[list[int]]:
     """Consecutive parameter indices packed into buckets of at most `bucket_bytes` (a larger

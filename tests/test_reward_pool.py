@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cluster.config import load_config
+from cluster.faults import Faults, RestartsExhausted, actor_pid
 from cluster.reward_pool import RewardPool
 from common.records import Sample
 from rewards.tasks import build_mixture
@@ -18,8 +19,9 @@ def sample(prompt_id: str, text: str) -> Sample:
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
-    cfg = load_config(None, ["rewards.num_workers=2", "task.knights.weight=1"])
-    pool = RewardPool(cfg, build_mixture(cfg.task).tasks)
+    cfg = load_config(None, ["rewards.num_workers=2", "task.knights.weight=1", "rewards.max_restarts=3",
+                             "cluster.deadline_s=20"])
+    pool = RewardPool(cfg, build_mixture(cfg.task).tasks, account=Faults.of(cfg))
     yield pool
     pool.shutdown()
 
@@ -45,7 +47,7 @@ def test_a_dead_worker_is_replaced_and_its_share_scored(pool):
     ray.kill(pool.workers[1])
     samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(4)]
     pool.score(samples, problems, timeout_s=60)
-    assert [s.reward_breakdown["correct"] for s in samples] == [1.0] * 4 and pool.restarts == 1
+    assert [s.reward_breakdown["correct"] for s in samples] == [1.0] * 4 and pool.faults.counts["reward"] == 1
 
 
 def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
@@ -55,13 +57,34 @@ def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
 
     problems = {p.id: p for p in build_mixture(pool.cfg.task).eval_problems(0, 2)}
     add = next(p for p in problems.values() if p.task == "arithmetic")
-    restarts, victim = pool.restarts, pool.workers[0]
+    restarts, victim = pool.faults.counts["reward"], pool.workers[0]
     ray.kill(victim)
     parts = [[sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(2)] for _ in range(2)]
     pending = [pool.submit(p, problems) for p in parts]
     assert [pool.collect(p, timeout_s=60) for p in pending] == [["correct"] * 2] * 2
     assert all(s.reward_breakdown["correct"] == 1.0 for p in parts for s in p)
-    assert pool.restarts == restarts + 1 and pool.workers[0] is not victim
+    assert pool.faults.counts["reward"] == restarts + 1 and pool.workers[0] is not victim
+
+
+def test_a_hung_worker_is_found_by_its_deadline_and_replaced_until_the_budget_is_spent(pool):
+    import os
+    import signal
+    import time
+
+    problems = {p.id: p for p in build_mixture(pool.cfg.task).eval_problems(0, 2)}
+    add = next(p for p in problems.values() if p.task == "arithmetic")
+    assert pool.faults.counts["reward"] == 2  # the two tests above
+    os.kill(actor_pid(pool.workers[0]), signal.SIGSTOP)  # stuck, not dead
+    samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(4)]
+    start = time.monotonic()
+    assert pool.score(samples, problems, timeout_s=60) == ["correct"] * 4
+    assert pool.faults.counts["reward"] == 3 and time.monotonic() - start < 60  # cluster.deadline_s=20
+    import ray
+
+    ray.kill(pool.workers[1])  # one more than rewards.max_restarts=3
+    with pytest.raises(RestartsExhausted, match=r"^reward 1 died while scoring: .+; rewards.max_restarts=3 used up"):
+        pool.score(samples, problems, timeout_s=60)
+    pool.workers[1] = pool._start()  # for the tests after
 
 
 @pytest.mark.slow

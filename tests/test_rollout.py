@@ -14,6 +14,7 @@ import ray
 from actors.config import RolloutConfig
 from actors.rollout import PromptTooLongError, RolloutActor, fit_prompt
 from cluster.config import load_config
+from cluster.faults import RestartsExhausted
 from cluster.rollout_pool import EngineDiedError, RolloutPool
 from common.records import Sampling
 from tests.helpers import make_learners, samples_to_batch, start_rollout
@@ -205,33 +206,53 @@ def test_two_engines_return_groups_in_prompt_order(ray_cluster, tiny_model, tmp_
 
 
 @pytest.mark.slow
-def test_an_engine_dying_mid_generate_surfaces_and_can_be_replaced(ray_cluster, tiny_model, tmp_path):
-    pool = RolloutPool(_pool_config(tmp_path, engine="transformers", max_restarts=1, max_model_len=256),
-                       tiny_model)
+def test_an_engine_dying_mid_generate_is_replaced_and_its_prompts_sampled_again(ray_cluster, tiny_model, tmp_path):
+    from cluster.faults import Faults
+
+    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=2, max_model_len=256)
+    account = Faults.of(cfg)
+    pool = RolloutPool(cfg, tiny_model, account=account)
     ray.get(pool.ready_refs(), timeout=120)
-    victim = pool.actors[0]
-    killer = threading.Timer(1.0, lambda: ray.kill(victim))
-    killer.start()
+    ids, prompts, sampling = IDS * 8, PROMPTS * 8, Sampling(n=4, seed=0, max_new_tokens=100)  # seconds of work
+    expected = pool.generate(ids, prompts, sampling, timeout_s=300)
+
+    def kill_soon():
+        victim = pool.actors[0]
+        threading.Timer(1.0, lambda: ray.kill(victim)).start()
+        return victim
+
+    # The pool can bring a new engine to the others' weights (here: the model folder's, as it
+    # starts with): the call returns what it would have, sampled again with the same seed.
+    pool.revive = lambda: None
+    victim = kill_soon()
+    again = pool.generate(ids, prompts, sampling, timeout_s=300)
+    assert [list(s.response_ids) for s in again] == [list(s.response_ids) for s in expected]
+    assert account.counts["engine"] == 1 and pool.actors[0] is not victim
+    # It cannot (the learner is between versions): replaced, and the caller told, at once.
+    pool.revive = None
+    victim = kill_soon()
     start = time.monotonic()
     with pytest.raises(EngineDiedError, match="rollout engine 0 died") as info:
-        pool.generate(IDS * 8, PROMPTS * 8, Sampling(n=8, seed=0, max_new_tokens=200), timeout_s=300)
-    assert time.monotonic() - start < 60  # surfaces when it dies, not at the timeout
-    assert info.value.index == 0
-    pool.restart(0)
-    assert pool.restarts_left == 0 and pool.actors[0] is not victim
+        pool.generate(ids, prompts, sampling, timeout_s=300)
+    assert time.monotonic() - start < 60 and info.value.index == 0  # when it dies, not at the timeout
+    assert account.counts["engine"] == 2 and pool.actors[0] is not victim
     samples = pool.generate(IDS, PROMPTS, Sampling(n=2, seed=0, max_new_tokens=4), timeout_s=120)
     assert len(samples) == 10 and {s.weight_version for s in samples} == {0}
-    with pytest.raises(RuntimeError, match="no restarts left"):
-        pool.restart(0)
-    ray.kill(pool.actors[0])
+    kill_soon()  # the third death is one more than rollout.max_restarts=2 allows
+    with pytest.raises(RestartsExhausted, match=r"engine 0 died while generating: .+; rollout.max_restarts=2 used up"):
+        pool.generate(ids, prompts, sampling, timeout_s=300)
+    pool.shutdown()
 
 
 @pytest.mark.slow
-def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
+def test_the_driver_replaces_a_dead_or_hung_engine_in_any_phase_and_brings_it_to_the_current_weights(
         ray_cluster, tiny_model, tmp_path):
+    import os
     import random
+    import signal
 
     from cluster import train
+    from cluster.faults import Faults, actor_pid
     from cluster.pipeline import Rollout
     from cluster.prompts import prompt_format
     from cluster.reward_pool import RewardPool
@@ -239,29 +260,47 @@ def test_the_driver_replaces_a_dead_engine_and_brings_it_to_the_current_weights(
     from rewards.tasks import build_mixture
     from tests.helpers import fixed_batch, run_on_ranks
 
-    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=1, max_new_tokens=100)  # seconds of work
+    cfg = load_config(None, [f"rollout.{k}={v}" for k, v in {"engine": "transformers", "threads": 1, "num_cpus": 0.5,
+                                                             "max_restarts": 3, "max_new_tokens": 100}.items()]
+                      + [f"cluster.cache_dir={tmp_path}", "cluster.deadline_s=10", "sync.timeout_s=10"])
     learners = make_learners(tiny_model, 1, 2)
-    pool, tasks = RolloutPool(cfg, tiny_model), build_mixture(cfg.task)
-    actors = train.Actors(learners, None, pool, RewardPool(cfg, tasks.tasks),
-                          WeightSync(learners, pool.actors, cfg.sync, "float32"), prompt_format(cfg, tiny_model), (0, 0))
+    account = Faults.of(cfg)
+    pool, tasks = RolloutPool(cfg, tiny_model, account=account), build_mixture(cfg.task)
+    actors = train.Actors(learners, None, pool, RewardPool(cfg, tasks.tasks), WeightSync(learners, pool.actors, cfg.sync,
+                          "float32"), prompt_format(cfg, tiny_model), (0, 0), account)
+    pool.revive = lambda: train.sync_weights(cfg, actors, actors.sync.version)
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
-    actors.sync.push(1)
+    train.sync_weights(cfg, actors, 1)
     problems = tasks.sample(random.Random(0), 16)
-    for attempt in range(2):
-        victim = pool.actors[0]
-        threading.Timer(1.0, lambda: ray.kill(victim)).start()
-        rollout = Rollout.start(cfg, actors, problems, step=1, rng_state=None)
-        if attempt == 0:  # replaced, given version 1, and the step sampled and scored again
-            produced = train.rollout_result(cfg, actors, rollout, version=1)
-            samples = produced.samples
-            assert len(samples) == 16 * 8 and {s.weight_version for s in samples} == {1}
-            assert [s.prompt_id for s in samples] == [p.id for p in problems for _ in range(8)]
-            assert len(produced.reasons) == len(samples) and all(produced.reasons)
-            assert actors.sync.check(np.arange(1, 30))["sync/logprob_diff_max"] < 1e-4
-        else:  # the one restart is used up: the run stops with the engine's error
-            with pytest.raises(EngineDiedError, match=r"rollout engine 0 died: .*max_restarts=1 used up"):
-                train.rollout_result(cfg, actors, rollout, version=1)
+
+    # Generating: replaced, given version 1, and its prompts sampled and scored again.
+    victim = pool.actors[0]
+    threading.Timer(1.0, lambda: ray.kill(victim)).start()
+    produced = train.rollout_result(cfg, actors, Rollout.start(cfg, actors, problems, step=1, rng_state=None),
+                                    version=1)
+    samples = produced.samples
+    assert len(samples) == 16 * 8 and {s.weight_version for s in samples} == {1}
+    assert [s.prompt_id for s in samples] == [p.id for p in problems for _ in range(8)]
+    assert len(produced.reasons) == len(samples) and all(produced.reasons)
+    assert account.counts["engine"] == 1
+
+    # Idle, then found by the next sync: replaced and the sync done again. Hung (SIGSTOP) at
+    # a sync: found by its deadline, killed and replaced alike.
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([-1, 1] * 4, dtype=np.float32)), 5e-2, 1)
+    ray.kill(pool.actors[0])
+    assert train.sync_weights(cfg, actors, 2)["sync/version"] == 2.0
+    os.kill(actor_pid(pool.actors[0]), signal.SIGSTOP)
+    start = time.monotonic()
+    assert train.sync_weights(cfg, actors, 2)["sync/version"] == 2.0
+    assert account.counts["engine"] == 3 and time.monotonic() - start < 60
+    assert actors.sync.check(np.arange(1, 30))["sync/logprob_diff_max"] < 1e-4  # the learner's weights
+    # The budget spent: the run stops naming the engine, the phase and the cause.
+    ray.kill(pool.actors[0])
+    with pytest.raises(RestartsExhausted, match=r"^engine 0 died while staging weights version 3: .+; "
+                                                r"rollout.max_restarts=3 used up$"):
+        train.sync_weights(cfg, actors, 3)
     ray.kill(learners[0])
+    pool.shutdown()
     actors.rewarders.shutdown()
 
 
