@@ -37,7 +37,7 @@ class AnswerKey:
     def __init__(self, key):
         self.key = key
 
-    def generate(self, prompt_ids, prompts, sampling, timeout_s):
+    def generate(self, prompt_ids, prompts, sampling, timeout_s, phase="generating"):
         out = []
         for pid in prompt_ids:
             texts = [self.key[pid][0]] if sampling.greedy else self.key[pid][1]
