@@ -20,8 +20,9 @@ Injection (`inject`): R1RAY_INJECT_FAULTS lists faults to cause, each once per p
 `ROLE[INDEX]@POINT:STEP[:SIGNAL]` separated by commas, e.g.
     engine0@stage:3,reward0@score:2,learner1@learn:4,engine1@generate:2:SIGSTOP
 ROLE is engine, reward, preference or learner; POINT is where the driver calls `inject`
-(generate, eval, idle, stage, commit, score, learn); STEP is the GRPO step (0: before the
-first). The signal (default SIGKILL, as the OOM killer sends) goes to the actor's process, which
+(generate, eval, idle, stage, commit, score, learn); the fault happens the first time the
+driver reaches POINT in GRPO step STEP or later (0: from the start; a step may have no sync,
+when no group had a signal). Each is announced on the console. The signal (default SIGKILL, as the OOM killer sends) goes to the actor's process, which
 must run on this machine. Nothing happens when the variable is unset.
 """
 
@@ -81,6 +82,20 @@ class Faults:
         return {f"faults/{kind}": float(self.counts[kind]) for kind in KINDS}
 
 
+def cause_of(err: Exception) -> str:
+    """What ended an actor's call, in one short line: the remote error's last line, or for a
+    process that died, Ray's exit type and the first sentence of its detail (Ray's own notice
+    runs to a paragraph of possible causes)."""
+    text = str(getattr(err, "cause", None) or err).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else type(err).__name__
+    kind = re.search(r"Worker exit type: (\w+)", line)
+    if kind:
+        detail = re.search(r"Worker exit detail: ([^.]*)", line)
+        return f"its process died ({kind[1]}{': ' + detail[1] if detail else ''})"
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
 NO_FAULTS = Faults({kind: 0 for kind in KINDS})
 """The account of code run outside a training run (r1ray eval, a pipeline's rejection
 sampling): no restarts, so an actor's death stops it with its error, as before."""
@@ -128,11 +143,13 @@ def inject(point: str, role: str, actors: list) -> None:
     for item in plan:
         kind, index, where, step, sig = item
         label = f"{kind}{index}@{where}:{step}:{sig}"
-        if (kind, where, step) != (role, point, _injector.step) or label in _injector.fired or index >= len(actors):
+        if (kind, where) != (role, point) or step > _injector.step or label in _injector.fired \
+                or index >= len(actors):
             continue
         _injector.fired.append(label)
         pid = actor_pid(actors[index])
-        print(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {step}", flush=True)
+        print(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {_injector.step}",
+              flush=True)
         os.kill(pid, getattr(signal, sig))
 
 

@@ -106,12 +106,12 @@ class RewardPool:
         if isinstance(err, ray.exceptions.RayTaskError):  # the worker lives; its call failed
             if self.preference is None or not _lost(self.preference.actor, self.cfg.cluster.deadline_s):
                 raise err  # a checker's own error: not a fault of an actor
-            self.faults.charge("preference", None, "scoring", _cause(err), f"replaced it, {redo}")
+            self.faults.charge("preference", None, "scoring", faults.cause_of(err), f"replaced it, {redo}")
             self.preference.restart()
             return self.workers[k]
         if self.workers[k] is worker:  # not yet replaced while collecting an earlier part
             cause = (f"no answer in {self.cfg.cluster.deadline_s:g}s (cluster.deadline_s)"
-                     if isinstance(err, ray.exceptions.GetTimeoutError) else _cause(err))
+                     if isinstance(err, ray.exceptions.GetTimeoutError) else faults.cause_of(err))
             self.faults.charge("reward", k, "scoring", cause, f"replaced it, {redo}")
             ray.kill(worker)
             self.workers[k] = self._start()
@@ -199,9 +199,3 @@ def _lost(actor, deadline_s: float) -> bool:
         return False
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return True
-
-
-def _cause(err: Exception) -> str:
-    """The last line of a remote error: what went wrong, without the traceback."""
-    text = str(getattr(err, "cause", None) or err).strip()
-    return text.splitlines()[-1] if text else type(err).__name__

@@ -100,7 +100,7 @@ class RolloutPool:
                                 timeout=max(0.0, min(heard.values()) + deadline - time.monotonic()))
             if not ready:  # the engine silent the longest is hung
                 index = min(heard, key=heard.get)
-                self._lost(index, f"returned nothing for {deadline:g}s (cluster.deadline_s)", phase,
+                self._lost(index, f"no answer in {deadline:g}s (cluster.deadline_s)", phase,
                                   shards[index], done, redo)
                 streams[index], heard[index] = call(index), time.monotonic()
                 continue
@@ -111,7 +111,7 @@ class RolloutPool:
                 del streams[index], heard[index]
                 continue
             except ray.exceptions.RayActorError as err:
-                self._lost(index, _cause(err), phase, shards[index], done, redo)
+                self._lost(index, faults.cause_of(err), phase, shards[index], done, redo)
                 streams[index], heard[index] = call(index), time.monotonic()
                 continue
             heard[index] = time.monotonic()
@@ -180,7 +180,7 @@ class RolloutPool:
             try:
                 ray.get(ping)
             except ray.exceptions.RayActorError as err:
-                found[i] = _cause(err)
+                found[i] = faults.cause_of(err)
         return found
 
 
@@ -189,9 +189,3 @@ def _shifted(sampling: Sampling, offset: int) -> Sampling:
     from dataclasses import replace
 
     return replace(sampling, seed=sampling.seed + offset)
-
-
-def _cause(err: Exception) -> str:
-    text = str(err).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__

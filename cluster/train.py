@@ -313,9 +313,8 @@ def sync_weights(cfg: Config, actors: Actors, version: int) -> dict[str, float]:
             lost = actors.rollouts.unresponsive()
             if not lost:  # the engines are well: the sync itself failed
                 raise
-            for index, cause in lost.items():
+            for index, cause in lost.items():  # the sync holds the pool's list: it sees the new ones
                 actors.rollouts.replace(index, err.stage, cause, f"weights version {version} sent again")
-            actors.sync.replace(actors.rollouts.actors)
 
 
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,

@@ -80,6 +80,8 @@ class WeightSync:
         self.learners, self.rollouts, self.cfg, self.dtype, self.device = learners, rollouts, cfg, dtype, device
         self.manifest: Manifest | None = None
         self.connected = False
+        self.members: list = []
+        """The rollout actors the broadcast group was formed with (an engine replaced since is not in it)."""
         self.version = 0
         """The version every engine serves after the last push that completed."""
 
@@ -98,10 +100,11 @@ class WeightSync:
         refs += [r.join_sync_group.remote(host, port, 1 + sum(workers[:i]), world, self.cfg.timeout_s, self.device)
                  for i, r in enumerate(self.rollouts)]
         self._get(refs, f"forming the sync group of {world} processes at {host}:{port}")
-        self.connected = True
+        self.connected, self.members = True, list(self.rollouts)
 
     def replace(self, rollouts: list) -> None:
-        """New rollout actors (after a restart): the next push re-forms the group with them."""
+        """New rollout actors: the next push re-forms the group with them. (The pool's own list
+        of actors is this one: an engine it replaces in place is seen by the next push too.)"""
         self.rollouts = rollouts
         self.connected = False
 
@@ -121,8 +124,8 @@ class WeightSync:
     def _send(self, version: int) -> list[tuple[int, int]]:
         """Send + stage: every engine holds the whole new version beside the served one."""
         if self.cfg.transport == "broadcast":
-            if not self.connected:
-                self.connect()
+            if not self.connected or any(a is not b for a, b in zip(self.members, self.rollouts)):
+                self.connect()  # first, after a failed broadcast, or with an engine replaced since
             bucket = int(self.cfg.bucket_mb * 2**20)
             sends = [l.send_weights.remote(bucket, self.cfg.timeout_s) for l in self.learners]
             receives = [r.receive_weights.remote(version, self.manifest, bucket, self.cfg.timeout_s)
@@ -204,14 +207,14 @@ class WeightSync:
 
         single = not isinstance(refs, list)
         refs = [refs] if single else refs
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s, fetch_local=False)
-        if len(ready) < len(refs):
+        done, failed = _wait_or_fail(refs, self.cfg.timeout_s, check=fetch)
+        if not done and failed is None:
             raise WeightSyncError(f"weight sync: {stage} took longer than {self.cfg.timeout_s:g}s "
                                   "(sync.timeout_s); the engines keep their previous weights", phase)
-        if not fetch:
+        if not fetch and failed is None:
             return None
         try:
-            values = ray.get(refs)
+            values = ray.get(refs if failed is None else [failed])
         except ray.exceptions.RayError as err:
             raise WeightSyncError(f"weight sync: {stage} failed: {_reason(err)}", phase) from err
         return values[0] if single else values
@@ -235,6 +238,28 @@ class WeightSync:
             except ray.exceptions.RayError as err:
                 results.append((None, _reason(err), False))
         return results
+
+
+def _wait_or_fail(refs: list, timeout_s: float, check: bool = True) -> tuple[bool, object]:
+    """Wait for `refs` within `timeout_s`: (all done, the first that failed or None). With
+    `check`, returns as soon as one fails (an actor that died), rather than wait on the others
+    (a broadcast stuck on its dead member) until the timeout; without, nothing is fetched (the
+    weights themselves, which stay where they are)."""
+    import ray
+
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()),
+                                 fetch_local=False)
+        if not done:
+            return False, None
+        if not check:
+            continue
+        try:
+            ray.get(done[0], timeout=0)
+        except ray.exceptions.RayError:
+            return False, done[0]
+    return True, None
 
 
 def spread(diff: np.ndarray) -> tuple[float, float, float]:
