@@ -169,11 +169,13 @@ class DeepSpeedRank:
 
     def save_state(self, ckpt_dir: str) -> None:
         """Write this rank's training state (weights, optimizer moments, RNG) under
-        `ckpt_dir`; every rank must call it (ZeRO shards the optimizer over them)."""
+        `ckpt_dir`; every rank must call it (ZeRO shards the optimizer over them). The torch
+        RNG goes to a file of the rank's own: under ZeRO-1/2 DeepSpeed writes one model-states
+        file, rank 0's, for all ranks, and with it only rank 0's client state."""
         import torch
 
-        self.engine.save_checkpoint(ckpt_dir, tag="learner", save_latest=False,
-                                    client_state={f"torch_rng_{self.rank}": torch.get_rng_state()})
+        self.engine.save_checkpoint(ckpt_dir, tag="learner", save_latest=False)
+        torch.save(torch.get_rng_state(), Path(ckpt_dir) / f"torch_rng_{self.rank}.pt")
 
     def load_state(self, ckpt_dir: str) -> None:
         """Restore what `save_state` wrote (same rank count and ZeRO stage)."""
@@ -183,7 +185,8 @@ class DeepSpeedRank:
                                                    load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no learner state in {ckpt_dir}")
-        torch.set_rng_state(client[f"torch_rng_{self.rank}"])
+        rng = Path(ckpt_dir) / f"torch_rng_{self.rank}.pt"  # checkpoints written before kept it in `client`
+        torch.set_rng_state(torch.load(rng) if rng.exists() else client[f"torch_rng_{self.rank}"])
 
 
 # ---- collectives over the ranks -------------------------------------------------------------

@@ -61,7 +61,7 @@ def ranks(ray_cluster, tiny_model, tmp_path_factory):
     """ranks(num_ranks, zero_stage, micro_batch_size=4, copy=0, **algorithm) -> float32 learner
     ranks as if just started with these settings: each shape is started once per module (~12 s)
     and brought back to its state at start (weights, Adam's moments, RNG, no reference; that
-    the restore is exact is test_zero3_bf16_state_restores_exactly_on_two_ranks's point).
+    the restore is exact is test_state_restores_exactly_on_two_ranks's point).
     `copy=1` is a second group of the same shape, for a test that needs two at once."""
     from learner.config import AlgorithmConfig
 
@@ -270,16 +270,18 @@ def test_mask_truncated_removes_exactly_the_truncated_answers(ranks):
     assert masked["learner/entropy"] == pytest.approx(without["learner/entropy"], rel=1e-5)
 
 
-def test_zero3_bf16_state_restores_exactly_on_two_ranks(ray_cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("zero_stage, dtype", [(3, "bfloat16"), (2, "float32")])
+def test_state_restores_exactly_on_two_ranks(ray_cluster, tiny_model, tmp_path, zero_stage, dtype):
     # Weights, Adam's moments and the RNG: the step after a restore is the step after the save.
+    # ZeRO-2 writes one model-states file for both ranks: rank 1's RNG must still come back.
     batch = fixed_batch(np.array([1, -1, 2, -2, 1, -1, 2, -2], dtype=np.float32))
-    learners = make_learners(tiny_model, 2, 3, "bfloat16")
+    learners = make_learners(tiny_model, 2, zero_stage, dtype)
     run_on_ranks(learners, "train_step", batch, 1e-2, 1)
     ray.get([l.save_state.remote(str(tmp_path)) for l in learners], timeout=300)
     after = run_on_ranks(learners, "train_step", batch, 1e-2, 2)[0]
     scores = token_logprobs(learners, batch, 3)
     kill(learners)
-    fresh = make_learners(tiny_model, 2, 3, "bfloat16")
+    fresh = make_learners(tiny_model, 2, zero_stage, dtype)
     ray.get([l.load_state.remote(str(tmp_path)) for l in fresh], timeout=300)
     assert run_on_ranks(fresh, "train_step", batch, 1e-2, 2)[0] == after
     np.testing.assert_array_equal(token_logprobs(fresh, batch, 3), scores)
