@@ -111,15 +111,18 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
         save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
     stop.exit_if_asked(state["step"], run_dir, actors)
     ahead = None  # the next step's rollout, when it was started while this step learned
+    saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
     for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
         metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
         if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
             metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
         logger.log({"step": step, **metrics})
-        if step == cfg.algorithm.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) \
-                or stop.signum:  # an in-flight rollout is dropped: resume draws its prompts again
+        if step == cfg.algorithm.steps or stop.signum or checkpoint.due(cfg.checkpoint, step,
+                                                                         time.monotonic() - saved_at):
+            # an in-flight rollout is dropped: resume draws its prompts again
             save(cfg, actors, run_dir, model_path, step, version, ahead.rng_state if ahead else rng.getstate(),
                  results, reference, logger)
+            saved_at = time.monotonic()
         stop.exit_if_asked(step, run_dir, actors)
     results |= accuracy(cfg, actors, eval_set, "after_rl")
     ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],

@@ -86,3 +86,16 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert set(manifest) == {"model/model.safetensors", "config.yaml", "state.json"}
     assert manifest["model/model.safetensors"][0] == 3
+
+
+def test_a_save_is_due_every_n_steps_and_after_every_minutes():
+    # every=50, every_minutes=10: step 50 by count; step 3 once 600 s have passed since the
+    # last save (or RL's start), not at 599 s; 0 turns either off.
+    cfg = load_config(None, ["checkpoint.every=50", "checkpoint.every_minutes=10"]).checkpoint
+    assert checkpoint.due(cfg, 50, 0.0) and checkpoint.due(cfg, 3, 600.0)
+    assert not checkpoint.due(cfg, 3, 599.0) and not checkpoint.due(cfg, 49, 0.0)
+    off = load_config(None, ["checkpoint.every=0", "checkpoint.every_minutes=0"]).checkpoint
+    assert not any(checkpoint.due(off, step, 1e9) for step in (1, 50, 100))
+    tiny = load_config(None, ["checkpoint.every=0", "checkpoint.every_minutes=0.5"]).checkpoint
+    assert [checkpoint.due(tiny, 7, s) for s in (29.9, 30.0)] == [False, True]
+
