@@ -126,11 +126,14 @@ def problem(ckpt: Path) -> str | None:
     return None
 
 
-def latest(run_dir: Path) -> Path:
-    """The newest sound checkpoint of a run; CheckpointError if there is none."""
+def latest(run_dir: Path, missing_ok: bool = False) -> Path | None:
+    """The newest sound checkpoint of a run; CheckpointError if there is none (None with
+    `missing_ok` when the run has saved none yet: one that saved only broken ones still fails)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    if missing_ok and not complete(run_dir):
+        return None
     rejected = []
     for ckpt in reversed(complete(run_dir)):
         why = problem(ckpt)

@@ -9,6 +9,10 @@ metrics are logged. Finished groups are scored while the engines generate the re
 `algorithm.max_staleness=1` the next step's rollout runs while this step learns
 (cluster/pipeline.py). The run folder (printed at start and end) holds config.yaml,
 metrics.jsonl, results.json, the W&B offline run and the final model.
+
+What survives which death (cluster/faults.py has the whole list): a rollout engine or reward
+worker is replaced in place by its pool; a learner rank cannot be (the ZeRO state lives in the
+ranks), so `train` stops every actor and runs the attempt again from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from actors.rollout import check_fit
 from cluster import checkpoint, faults, placement
 from cluster.config import Config, ConfigError, to_dict
 from cluster.evaluate import evaluate
+from cluster.faults import NO_FAULTS, Faults
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.pipeline import Produced, Rollout
 from cluster.prompts import PromptFormat, prompt_format
@@ -67,17 +73,43 @@ class Actors:
         self.rewarders.shutdown()
 
 
+class LearnerDied(Exception):
+    """A learner rank died during an attempt at a run; the attempt stopped every actor."""
+
+    def __init__(self, run_dir: Path, rank: int, phase: str, cause: str):
+        super().__init__(f"learner {rank} died while {phase}: {cause}")
+        self.run_dir, self.rank, self.phase, self.cause = run_dir, rank, phase, cause
+
+
 def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
     """Run cold-start SFT then `algorithm.steps` GRPO steps, or continue the run in `resume`
-    from its newest checkpoint; returns the run's results."""
+    from its newest checkpoint; returns the run's results. When a learner rank dies, every actor is stopped and the run
+    goes on from its newest checkpoint (from the start, in the same folder, before the first
+    one) in the same Ray session, run folder and W&B run, `cluster.auto_resume` times."""
+    account, started = Faults.of(cfg), time.time()
+    start_over = False  # `--resume` needs a checkpoint
+    while True:
+        try:
+            return attempt(cfg, resume, held_out, account, started, start_over)
+        except LearnerDied as died:
+            saved = checkpoint.complete(died.run_dir)
+            account.charge("learner", died.rank, died.phase, died.cause,
+                           f"resuming from {saved[-1].name}" if saved else "starting the run over")
+            resume, start_over = died.run_dir, True
+
+
+def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account: Faults, started: float,
+            start_over: bool = False) -> dict[str, float]:
+    """One attempt at the run (`train`'s arguments; `start_over`: a `resume` folder without a
+    checkpoint starts from the beginning). Raises `LearnerDied`, every actor stopped, when a
+    learner rank has died, whatever error its death caused here."""
     import ray
 
-    started = time.time()
     placement.check_fits(cfg)  # a local cluster's CPUs, before anything is built
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task, held_out, cfg.logging.run_name or "train")  # a bad dataset stops the run here
     eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
-    ckpt = checkpoint.latest(resume) if resume else None
+    ckpt = checkpoint.latest(resume, missing_ok=start_over) if resume else None
     state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}
     if ckpt:
         checkpoint.check_compatible(ckpt, cfg)
@@ -87,6 +119,7 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     placement.check_fits(cfg)
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit
     run_dir = resume or _make_run_dir(cfg)
+    account.resume = f"continue with: r1ray train --resume {run_dir}"
     print(f"r1ray: run folder {run_dir}" + (f", resuming from {ckpt.name}" if ckpt else ""), flush=True)
     logs = placement.link_actor_logs(run_dir)
     if logs:
@@ -95,38 +128,50 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
     logger = MetricsLogger(cfg.logging, run_dir, to_dict(cfg), cfg.algorithm.steps, state)
     print(f"r1ray: starting {cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_engines} "
           f"{cfg.rollout.engine} engine(s), {cfg.rewards.num_workers} reward worker(s)...", flush=True)
-    actors = start_actors(cfg, model_path, tasks, Faults.of(cfg))
+    actors = start_actors(cfg, model_path, tasks, account)
     print(f"r1ray: actors ready after {time.time() - started:.0f}s", flush=True)
-    rng = random.Random(cfg.algorithm.seed)
-    probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
-    version, results = state["version"], state["results"]
-    if ckpt:  # the learner's state, the engines' weights, the prompt sampler's position
-        restore(cfg, actors, ckpt, state, rng, probe)
-    else:
-        results = accuracy(cfg, actors, eval_set, "initial")
-        version = cold_start(cfg, actors, tasks, model_path, rng, probe)
-        results |= accuracy(cfg, actors, eval_set, "before_rl")
-    reference = set_reference(cfg, actors, run_dir, model_path, version, state if ckpt else None)
-    if not ckpt and stop.signum:
-        save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
-    stop.exit_if_asked(state["step"], run_dir, actors)
-    ahead = None  # the next step's rollout, when it was started while this step learned
-    saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
-    for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
-        metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
-        if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
-            metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
-        logger.log({"step": step, **metrics})
-        if step == cfg.algorithm.steps or stop.signum or checkpoint.due(cfg.checkpoint, step,
-                                                                         time.monotonic() - saved_at):
-            # an in-flight rollout is dropped: resume draws its prompts again
-            save(cfg, actors, run_dir, model_path, step, version, ahead.rng_state if ahead else rng.getstate(),
-                 results, reference, logger)
-            saved_at = time.monotonic()
-        stop.exit_if_asked(step, run_dir, actors)
-    results |= accuracy(cfg, actors, eval_set, "after_rl")
-    ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
-            timeout=cfg.cluster.timeout_s)
+    step = None  # the GRPO step a learner's death is reported in
+    try:
+        rng = random.Random(cfg.algorithm.seed)
+        probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
+        version, results = state["version"], state["results"]
+        if ckpt:  # the learner's state, the engines' weights, the prompt sampler's position
+            restore(cfg, actors, ckpt, state, rng, probe)
+        else:
+            results = accuracy(cfg, actors, eval_set, "initial")
+            version = cold_start(cfg, actors, tasks, model_path, rng, probe)
+            results |= accuracy(cfg, actors, eval_set, "before_rl")
+        reference = set_reference(cfg, actors, run_dir, model_path, version, state if ckpt else None)
+        if not ckpt and stop.signum:
+            save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
+        stop.exit_if_asked(state["step"], run_dir, actors)
+        ahead = None  # the next step's rollout, when it was started while this step learned
+        saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
+        for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
+            faults.at_step(step)
+            metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
+            if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
+                metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
+            logger.log({"step": step, **metrics, **account.metrics()})
+            if step == cfg.algorithm.steps or stop.signum or checkpoint.due(cfg.checkpoint, step,
+                                                                             time.monotonic() - saved_at):
+                # an in-flight rollout is dropped: resume draws its prompts again
+                save(cfg, actors, run_dir, model_path, step, version,
+                     ahead.rng_state if ahead else rng.getstate(), results, reference, logger)
+                saved_at = time.monotonic()
+            stop.exit_if_asked(step, run_dir, actors)
+        results |= accuracy(cfg, actors, eval_set, "after_rl")
+        ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
+                timeout=cfg.cluster.timeout_s)
+    except checkpoint.Stopped:
+        raise
+    except Exception as err:
+        died = dead_learner(actors.learners)
+        if died is None:
+            raise
+        actors.release()
+        logger.close()
+        raise LearnerDied(run_dir, died[0], _phase(err, step), died[1]) from err
     write_provenance(run_dir / "model", kind="rl", step=cfg.algorithm.steps, base=model_path, run=str(run_dir))
     actors.release()  # in a pipeline the next stage's actors need the CPUs (an error ends the session)
     _finish(run_dir, logger, results, started)
@@ -145,7 +190,6 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
     from learner.grpo import group_advantages, groups_with_signal
 
     a, G, start = cfg.algorithm, cfg.algorithm.group_size, time.time()
-    faults.at_step(step)
     # 1. Rollout: B prompts, G answers each, scored as groups finish (more rounds of prompts with
     #    dynamic sampling). An engine that dies is replaced and its prompts are sampled again.
     produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
@@ -196,7 +240,7 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
                 ahead = Rollout.start(cfg, actors, ahead.problems, ahead.step, ahead.rng_state)
         metrics |= throughput_metrics(batch, timings, *actors.params, forward_only_passes(a), a.mask_truncated,
                                       generated=samples)
-    metrics |= {f"timing/{k}": v for k, v in timings.items()} | actors.faults.metrics()
+    metrics |= {f"timing/{k}": v for k, v in timings.items()}
     return metrics | idle_metrics(metrics, start, time.time(), [*rollouts, ahead]), version, ahead
 
 
@@ -333,8 +377,11 @@ def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.nda
     if cfg.algorithm.mask_truncated:
         batch.loss_mask[[s.truncated for s in samples]] = 0.0
     shards = batch.split(len(learners))
-    first, *_ = ray.get([l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step)
-                         for l, shard in zip(learners, shards)], timeout=cfg.cluster.timeout_s)
+    steps = [l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step) for l, shard in zip(learners, shards)]
+    faults.inject("learn", "learner", learners)
+    # A rank that dies fails its call at once, and ray.get raises then: it does not wait for the
+    # other ranks, which wait for the dead one in a collective until they are killed.
+    first, *_ = ray.get(steps, timeout=cfg.cluster.timeout_s)
     return {f"learner/{k}": v for k, v in first.items()}
 
 
@@ -449,6 +496,53 @@ def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Ra
     actors.sync.check(probe)
     form, internal, gauss = state["rng"]  # random.getstate(), with its tuple turned into a list by JSON
     rng.setstate((form, tuple(internal), gauss))
+
+
+# ---- a learner rank's death -------------------------------------------------------------------
+
+def dead_learner(learners: list, timeout_s: float = 30.0) -> tuple[int, str] | None:
+    """The first learner rank found dead and why (Ray's account of its process), or None.
+    Each rank is asked whether it is alive; one that answers, or is too busy to within
+    `timeout_s` (a survivor waits for the dead one in a collective), is. Who died is asked
+    rather than read from the error, which may come from elsewhere (a sync that timed out
+    waiting for the rank). The timeout leaves Ray the ~15 s it takes to see a node gone."""
+    import ray
+
+    pings = {learner.__ray_ready__.remote(): rank for rank, learner in enumerate(learners)}
+    pending, deadline = list(pings), time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError as err:
+            return pings[ready[0]], _death(err)
+    return None
+
+
+PHASES = {"cold_start": "in cold-start SFT", "restore": "restoring a checkpoint",
+          "set_reference": "loading the KL reference", "probe_sequence": "starting", "accuracy": "evaluating",
+          "learn": "learning", "push": "sending weights", "check": "checking the engines' weights",
+          "save": "saving a checkpoint"}
+"""What the driver was doing, by the function of this module or of the weight sync's that
+was waiting when the error came."""
+
+
+def _phase(err: Exception, step: int | None) -> str:
+    """The phase `err` interrupted, from the innermost function of PHASES on its traceback."""
+    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)]
+    phase = next((PHASES[n] for n in reversed(names) if n in PHASES), "running")
+    return phase if step is None else f"{phase} in step {step}"
+
+
+def _death(err: Exception) -> str:
+    """Ray's reason for an actor's death in one line (its message lists the actor's ids, then
+    the process's exit and a paragraph of possible causes)."""
+    text = " ".join(str(err).split())
+    if "Worker exit detail:" in text:
+        return text.split("Worker exit detail:")[1].split(" Some common causes")[0].strip()
+    return text.split(". ")[0] if text else type(err).__name__
 
 
 class StopRequest:

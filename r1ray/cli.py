@@ -199,6 +199,7 @@ def run(body: Callable[[], object]) -> int:
     1 for what broke while running, 128+signal for a run stopped with a checkpoint, else 0."""
     from actors.rollout import PromptTooLongError
     from cluster.checkpoint import Stopped
+    from cluster.faults import RestartsExhausted
     from cluster.placement import ClusterError
     from cluster.rollout_pool import EngineDiedError
     from common.config import ConfigError
@@ -218,7 +219,7 @@ def run(body: Callable[[], object]) -> int:
     except (ConfigError, ClusterError, PromptTooLongError, DatasetError, StageError, UsageError) as err:
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2
-    except (WeightSyncError, EngineDiedError, NothingKeptError) as err:
+    except (WeightSyncError, EngineDiedError, NothingKeptError, RestartsExhausted) as err:
         print(f"r1ray: error: {_message(err)}{_details()}", file=sys.stderr)
         return 1
     except TimeoutError as err:  # a remote call (Ray's GetTimeoutError), or a step's rollout that never finished

@@ -99,3 +99,12 @@ def test_a_save_is_due_every_n_steps_and_after_every_minutes():
     tiny = load_config(None, ["checkpoint.every=0", "checkpoint.every_minutes=0.5"]).checkpoint
     assert [checkpoint.due(tiny, 7, s) for s in (29.9, 30.0)] == [False, True]
 
+
+def test_a_run_that_saved_nothing_yet_may_start_over_but_not_one_with_only_broken_checkpoints(tmp_path):
+    d = run_dir(tmp_path)
+    assert checkpoint.latest(d, missing_ok=True) is None
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        checkpoint.latest(d)  # `--resume` of such a folder
+    (checkpoint.save(d, 1, write_weights(b"x"), {}, CFG, keep=1) / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="step-000001: no manifest.json"):
+        checkpoint.latest(d, missing_ok=True)

@@ -5,6 +5,7 @@ import types
 
 import pytest
 
+from cluster.faults import RestartsExhausted
 from common.config import ConfigError
 from r1ray import cli
 
@@ -44,8 +45,11 @@ def test_a_command_stops_only_the_ray_session_it_started(monkeypatch):
     assert cli.run(fails) == 2 and ours.shutdowns == 1
 
 
-@pytest.mark.parametrize("error, code", [(ConfigError("bad key"), 2), (cli.UsageError("no metrics"), 2),
-                                         (TimeoutError("rollout never finished"), 1)])
+@pytest.mark.parametrize("error, code", [
+    (ConfigError("bad key"), 2), (cli.UsageError("no metrics"), 2), (TimeoutError("rollout never finished"), 1),
+    # A death past its budget: the actor, its last error, and how to go on, on one line.
+    (RestartsExhausted("learner", 1, "learning in step 3", "Worker unexpectedly exits", 0,
+                       "continue with: r1ray train --resume runs/x"), 1)])
 def test_errors_become_one_line_and_an_exit_code(monkeypatch, capsys, error, code):
     monkeypatch.setitem(sys.modules, "ray", StandInRay(initialized=False))
 

@@ -41,6 +41,9 @@ RUNS = {
                              "task.countdown.weight=1", "task.countdown.num_numbers=3", "task.knights.weight=1",
                              "task.math.weight=1", "task.math.path={data}", "rewards.processes=2",
                              "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_rounds=2"],
+    # Two learner ranks (ZeRO-2 over gloo), a checkpoint every two of four steps: the run
+    # tests/test_resume.py kills rank 1 of, and compares with this one.
+    "learner-x2": ["learner.num_ranks=2", "learner.num_cpus=0.5", "algorithm.steps=4", "checkpoint.every=2"],
 }
 
 
