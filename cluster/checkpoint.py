@@ -154,17 +154,23 @@ def check_compatible(ckpt: Path, cfg: Config) -> None:
     """Refuse to continue `ckpt` with a config that differs in anything but RESUMABLE keys."""
     import yaml
 
-    saved, given = _flat(yaml.safe_load((ckpt / "config.yaml").read_text())), _flat(to_dict(cfg))
-    differ = [k for k in sorted(saved.keys() | given.keys())
-              if saved.get(k) != given.get(k) and not k.startswith(RESUMABLE)]
+    differ = differences(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, "checkpoint")
     if differ:
-        listed = ", ".join(f"{k} (checkpoint: {saved.get(k)!r}, now: {given.get(k)!r})" for k in differ[:5])
-        raise CheckpointError(f"cannot resume {ckpt}: the config differs in {listed}"
-                              f"{' and more' if len(differ) > 5 else ''}; only "
+        raise CheckpointError(f"cannot resume {ckpt}: the config differs in {differ}; only "
                               f"{', '.join(RESUMABLE)} may change on resume")
     if cfg.algorithm.steps < load_state(ckpt)["step"]:
         raise CheckpointError(f"cannot resume {ckpt}: it is at step {load_state(ckpt)['step']}, past "
                               f"algorithm.steps={cfg.algorithm.steps}")
+
+
+def differences(saved: dict, cfg: Config, where: str) -> str:
+    """The keys, besides RESUMABLE ones, in which `cfg` differs from the config tree `saved`
+    (read from `where`), with both values; "" when none do."""
+    saved, given = _flat(saved), _flat(to_dict(cfg))
+    differ = [k for k in sorted(saved.keys() | given.keys())
+              if saved.get(k) != given.get(k) and not k.startswith(RESUMABLE)]
+    listed = ", ".join(f"{k} ({where}: {saved.get(k)!r}, now: {given.get(k)!r})" for k in differ[:5])
+    return listed + (" and more" if len(differ) > 5 else "")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -12,11 +12,14 @@ metrics.jsonl, results.json, the W&B offline run and the final model.
 
 What survives which death (cluster/faults.py has the whole list): a rollout engine or reward
 worker is replaced in place by its pool; a learner rank cannot be (the ZeRO state lives in the
-ranks), so `train` stops every actor and runs the attempt again from the newest checkpoint.
+ranks), so `train` stops every actor and runs the attempt again from the newest checkpoint;
+the driver itself cannot be either, so the same command started again (a job retried) finds
+its run folder and continues it (`_own_run`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -39,7 +42,6 @@ from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics,
 from cluster.pipeline import Produced, Rollout
 from cluster.prompts import PromptFormat, prompt_format
 from cluster.reward_pool import RewardPool
-from cluster.faults import NO_FAULTS, Faults
 from cluster.rollout_pool import EngineDiedError, RolloutPool
 from cluster.weight_sync import WeightSync
 from common.records import Sample, Sampling, check_groups
@@ -83,11 +85,13 @@ class LearnerDied(Exception):
 
 def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
     """Run cold-start SFT then `algorithm.steps` GRPO steps, or continue the run in `resume`
-    from its newest checkpoint; returns the run's results. When a learner rank dies, every actor is stopped and the run
+    (or the unfinished run `logging.run_name` names, `_own_run`) from its newest checkpoint;
+    returns the run's results. When a learner rank dies, every actor is stopped and the run
     goes on from its newest checkpoint (from the start, in the same folder, before the first
     one) in the same Ray session, run folder and W&B run, `cluster.auto_resume` times."""
     account, started = Faults.of(cfg), time.time()
-    start_over = False  # `--resume` needs a checkpoint
+    own = _own_run(cfg) if resume is None else None  # a restarted driver's run folder
+    resume, start_over = resume or own, own is not None  # without a checkpoint it starts from the beginning
     while True:
         try:
             return attempt(cfg, resume, held_out, account, started, start_over)
@@ -119,6 +123,7 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
     placement.check_fits(cfg)
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit
     run_dir = resume or _make_run_dir(cfg)
+    _claim(run_dir)
     account.resume = f"continue with: r1ray train --resume {run_dir}"
     print(f"r1ray: run folder {run_dir}" + (f", resuming from {ckpt.name}" if ckpt else ""), flush=True)
     logs = placement.link_actor_logs(run_dir)
@@ -626,6 +631,50 @@ def _make_run_dir(cfg: Config) -> Path:
                           "choose another name or leave it empty for a timestamp") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return run_dir
+
+
+def _own_run(cfg: Config) -> Path | None:
+    """The run folder `logging.run_name` names, when it holds this command's own run, left
+    unfinished: a driver that died (a Ray job whose submitter retries it) or a command started
+    again continues it, from its newest checkpoint or, before the first, from the start.
+    None when there is no such folder. A folder that is not a run's, a finished run, or a run
+    with another config (any key but checkpoint.RESUMABLE's) is refused as before."""
+    import yaml
+
+    name = cfg.logging.run_name
+    run_dir = Path(cfg.cluster.runs_dir).expanduser().resolve() / name if name else None
+    if run_dir is None or not run_dir.exists():
+        return None
+    taken = f"logging.run_name={name!r}: the run folder {run_dir} already exists"
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{taken} and is not a run's (no config.yaml); choose another name")
+    if (run_dir / "results.json").exists():
+        raise ConfigError(f"{taken} and its run finished; choose another name, or leave it empty for a timestamp")
+    differ = checkpoint.differences(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg, "that run")
+    if differ:
+        raise ConfigError(f"{taken} with another config: {differ}; choose another name, or continue that run "
+                          f"with r1ray train --resume {run_dir}")
+    print(f"r1ray: {taken}, unfinished and with this config: continuing it", flush=True)
+    return run_dir
+
+
+_claimed: dict[Path, object] = {}
+"""The run folders this process drives, each with its lock file held open."""
+
+
+def _claim(run_dir: Path) -> None:
+    """Refuse to drive a run folder another live process drives (the lock goes with the
+    process, however it ends): two drivers would write one run's checkpoints and metrics."""
+    if run_dir in _claimed:
+        return
+    lock = (run_dir / "driver.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"the run folder {run_dir} is being driven by another live process; "
+                          "wait for it to end or stop it") from None
+    _claimed[run_dir] = lock
 
 
 def _finish(run_dir: Path, logger: MetricsLogger, results: dict[str, float], started: float) -> None:
