@@ -243,3 +243,42 @@ def test_zero3_bf16_trains_and_saves_a_float32_folder(ray_cluster, base_model, t
     chosen = np.array(scorer.score(prompts, [p.chosen for p in held_out]))
     rejected = np.array(scorer.score(prompts, [p.rejected for p in held_out]))
     assert np.mean(chosen > rejected) >= 0.95
+
+
+@pytest.mark.slow
+def test_a_dead_preference_scorer_is_replaced_and_the_answers_scored_again(trained):
+    # The reward workers reach the scorer by its name, so after the driver replaces it (killed
+    # as the OOM killer would) they score through the new one: the same scores, one fault.
+    import os
+    import signal
+
+    from cluster.config import load_config
+    from cluster.faults import Faults, RestartsExhausted, actor_pid
+    from cluster.prompts import prompt_format
+    from cluster.reward_pool import RewardPool
+    from common.records import Sample
+    from rewards.tasks import General, Problem
+
+    _, _, out, data = trained
+    cfg = load_config(None, [f"rewards.preference_model={out}", "rewards.preference_normalize=sigmoid",
+                             "rollout.max_model_len=128", "rewards.max_restarts=1", "logging.wandb_mode=disabled"])
+    pairs = load_pairs(data, "test")[:6]
+    problems = {f"g{i}": Problem(f"g{i}", "general", p.prompt, None) for i, p in enumerate(pairs)}
+    pool = RewardPool(cfg, {"general": General(tuple(problems.values()), ())},
+                      prompt_format(cfg, str(out)).render, Faults.of(cfg))
+
+    def scored() -> list[float]:
+        ids = np.arange(4, dtype=np.int32)
+        samples = [Sample(pid, ids, ids, np.zeros(4, np.float32), text, "stop", 0)
+                   for pid, p in zip(problems, pairs) for text in (p.chosen, p.rejected)]
+        pool.score(samples, problems, timeout_s=300)
+        return [s.reward_breakdown["preference"] for s in samples]
+
+    before = scored()
+    os.kill(actor_pid(pool.preference.actor), signal.SIGKILL)
+    assert scored() == before and pool.faults.counts["preference"] == 1
+    assert np.mean(np.array(before[::2]) > np.array(before[1::2])) >= 5 / 6  # chosen above rejected
+    os.kill(actor_pid(pool.preference.actor), signal.SIGKILL)  # one more than rewards.max_restarts=1
+    with pytest.raises(RestartsExhausted, match=r"^preference died while scoring: .+; rewards.max_restarts=1"):
+        scored()
+    pool.shutdown()
