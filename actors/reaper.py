@@ -1,10 +1,14 @@
-"""A watchdog that stops a process's children once that process is gone.
+"""A watchdog: a small process of its own that SIGKILLs what a process leaves behind once that
+process is gone (a process that is SIGKILLed runs nothing, so it cannot clean up after itself).
+It imports nothing of the project (it runs as a script, from any working directory).
 
-When a rollout actor is killed (Ray's `kill`, the OOM killer) nothing in it runs, and vLLM's
-engine core, which does not watch its parent, lives on with its workers, holding their
-memory: on a GPU, the actor started in its place then fails vLLM's free-memory check. The
-watchdog (`reap_when_gone`) is a small process of its own that outlives the actor and kills
-them. It imports nothing of the project (it runs as a script, from any working directory).
+Two kinds of process start one:
+- a rollout actor whose vLLM engine core runs in subprocesses (`reap_when_gone`): when the actor
+  is killed (Ray's `kill`, the OOM killer), vLLM's engine core, which does not watch its parent,
+  lives on with its workers, holding their memory: on a GPU, the actor started in its place then
+  fails vLLM's free-memory check.
+- a driver that starts a private Ray cluster (`reap_session`, from `cluster.placement.connect`,
+  which says what Ray leaves behind).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+
+SESSION_POLL_S = 1.0
+"""How often a session's watchdog records the processes under the head processes: one look at
+every process's parent costs ~5 ms of CPU, and most of them start with the session and live as
+long as it."""
 
 
 def reap_when_gone(pid: int) -> subprocess.Popen | None:
@@ -22,8 +31,32 @@ def reap_when_gone(pid: int) -> subprocess.Popen | None:
     children = psutil.Process(pid).children(recursive=True)
     if not children:
         return None
-    targets = [f"{c.pid}:{c.create_time()!r}" for c in children]
-    return subprocess.Popen([sys.executable, __file__, str(pid), *targets], stdin=subprocess.DEVNULL,
+    return _start([str(pid), *[f"{c.pid}:{c.create_time()!r}" for c in children]])
+
+
+def reap_session(pid: int, heads: list[int]) -> subprocess.Popen | None:
+    """Start a watchdog that SIGKILLs a local Ray cluster's processes once its driver `pid`, or
+    all its `heads` (the processes the driver started: gcs_server, raylet, ...), are gone: the
+    heads, every process started under them (recorded every SESSION_POLL_S), and every process
+    the raylet started (found as it kills, by the RAY_RAYLET_PID that Ray puts in the
+    environment of a worker, which its children inherit): a worker started in the last second,
+    whose raylet died with the driver, was adopted by init before it could be recorded. None
+    when no head is left."""
+    import psutil
+
+    targets = []
+    for head in heads:
+        try:
+            targets.append(f"{head}:{psutil.Process(head).create_time()!r}")
+        except psutil.NoSuchProcess:
+            pass
+    return _start([str(pid), "--session", *targets]) if targets else None
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    # A session of its own: a Ctrl-C in a terminal, or a signal to the caller's process group,
+    # does not reach it.
+    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             start_new_session=True)
 
 
@@ -36,22 +69,79 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def reap(pid: int, targets: list[str], poll_s: float = 0.5) -> None:
-    """Wait for `pid` to go, then SIGKILL every target ("pid:create_time") that is still the
-    process it was (a pid may be reused by a new process)."""
+def _table() -> dict[int, tuple[int, float]]:
+    """Every process running now (a zombie has ended; its parent has not yet waited for it):
+    pid -> (parent pid, create time)."""
     import psutil
 
-    while _alive(pid):
-        time.sleep(poll_s)
-    for target in targets:
-        child, created = target.split(":")
-        try:
-            process = psutil.Process(int(child))
-            if process.create_time() == float(created):
-                process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    return {p.pid: (p.info["ppid"], p.info["create_time"])
+            for p in psutil.process_iter(["ppid", "create_time", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE}
 
+
+def _same(known: dict[int, float], table: dict[int, tuple[int, float]]) -> dict[int, float]:
+    """The `known` processes (pid -> create time) that are still the process they were (a pid
+    may be reused by a new process), with every process now under them."""
+    alive = {pid: created for pid, created in known.items() if pid in table and table[pid][1] == created}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = list(alive)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in alive:
+                alive[child] = table[child][1]
+                todo.append(child)
+    return alive
+
+
+def _started_by(raylets: dict[int, float], table: dict[int, tuple[int, float]]) -> dict[int, float]:
+    """The processes started since the `raylets` (pid -> create time) whose environment names
+    one of them as RAY_RAYLET_PID: what those raylets started, and the children of that."""
+    import psutil
+
+    found = {}
+    for pid, (_, created) in table.items():
+        if created < min(raylets.values()):
+            continue
+        try:
+            raylet = psutil.Process(pid).environ().get("RAY_RAYLET_PID", "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if raylet.isdigit() and int(raylet) in raylets:
+            found[pid] = created
+    return found
+
+
+def reap(pid: int, targets: list[str], session: bool = False, poll_s: float = 0.5) -> None:
+    """Wait for process `pid` to go (or every target to), then SIGKILL every target
+    ("pid:create_time") that is still the process it was (a pid may be reused by a new process),
+    with the processes under it. For a `session` (see `reap_session`), what is started under the
+    targets meanwhile is recorded every `poll_s` too (by the time `pid` is gone, a process may
+    have lost its parent and been adopted by init), and so is what a target started as a raylet."""
+    import psutil
+
+    roots = {int(p): float(t) for p, t in (target.split(":") for target in targets)}
+    known = dict(roots)
+    while _alive(pid):
+        table = _table()
+        if not any(p in table and table[p][1] == t for p, t in roots.items()):
+            break
+        if session:
+            known = _same(known, table)
+        time.sleep(poll_s)
+    for _ in range(3):  # and again, for what was started while the others were being killed
+        table = _table()
+        victims = _same({**known, **(_started_by(roots, table) if session else {})}, table)
+        if not victims:
+            return
+        for victim in victims:
+            try:
+                psutil.Process(victim).kill()
+            except psutil.Error:  # gone already, or not ours to kill
+                pass
+        known = victims
+        time.sleep(0.1)
 
 if __name__ == "__main__":
-    reap(int(sys.argv[1]), sys.argv[2:])
+    session = "--session" in sys.argv[2:]
+    reap(int(sys.argv[1]), [a for a in sys.argv[2:] if a != "--session"], session, SESSION_POLL_S if session else 0.5)

@@ -2,7 +2,8 @@
 
 Failures a user can cause (no cluster at the address, a request larger than the cluster)
 raise `ClusterError` within seconds with one clear message, instead of a pending placement
-group or a wall of Ray tracebacks.
+group or a wall of Ray tracebacks. A local cluster never outlives the process that started
+it, however that process ends (`_watched`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +41,9 @@ def connect(cfg: Config) -> None:
             # on every start (and RAY_AUTH_MODE=token, which would say it is chosen, leaves
             # the new cluster's processes without the token).
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            context = ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                               _system_config=NO_PRESTART, **kwargs)
+            with _watched():
+                context = ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                                   _system_config=NO_PRESTART, **kwargs)
         else:
             context = ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -80,6 +83,47 @@ NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": 
 each r1ray actor asks for a runtime env of its own and gets a new process anyway: the idle
 ones cost about a second of CPU each at start, then 0.5 s of CPU per 30 s each while they wait
 (measured on 2 cores, Ray 2.60)."""
+
+
+@contextmanager
+def _watched():
+    """Give the Ray processes this block starts (a local cluster's) a watchdog that kills them,
+    and every process started under them, once this process is gone, or they are.
+
+    Why: a local cluster must not outlive its driver, however the driver ends, and Ray does not
+    see to that on its own. Its head processes (gcs_server, raylet, the dashboard and monitors)
+    share the driver's fate (PR_SET_PDEATHSIG) and die with it; what the raylet starts does not.
+    Measured with Ray 2.60 on 2 cores, after a SIGKILL of `r1ray train`: the actors exited within
+    ~5 s of the raylet, but ray::DashboardAgent and ray::RuntimeEnvAgent lived on for ~60 s (they
+    report to the dead GCS first), and during start-up a learner's DeepSpeed op build (sh, c++,
+    cc1plus) lived on until it was done; all adopted by init.
+    Considered instead: PR_SET_PDEATHSIG in each actor's constructor (the raylet is its parent)
+    covers neither Ray's agents, nor an actor whose constructor has not started, nor the actors'
+    own children (compilers, checker processes, vLLM's engine core); Ray has no option that ties
+    its agents to the driver. The watchdog (actors/reaper.py, `reap_session`) is a process of its
+    own, in a session of its own (a Ctrl-C, or a signal to the process group, does not reach it).
+    It records the processes under the head processes every second and, once the driver is gone
+    (nothing needs to run in the driver as it dies) or the head processes are (`ray.shutdown`),
+    SIGKILLs them, and every process whose environment names the raylet (a worker started in the
+    last second, adopted by init before it was recorded). It starts in a `finally`: a start cut
+    short leaves its half-started cluster watched too.
+    Where the driver joins a cluster instead, Ray ends the job's actors when the driver is gone."""
+    import psutil
+
+    from actors.reaper import reap_session
+
+    before = {c.pid for c in psutil.Process().children()}
+    try:
+        yield
+    finally:
+        started = [c.pid for c in psutil.Process().children() if c.pid not in before]
+        if started:
+            _watchdogs.append(reap_session(os.getpid(), started))
+
+
+_watchdogs: list = []
+"""The watchdogs of the local clusters this process started (kept, so that Python does not warn
+that a running subprocess was dropped)."""
 
 
 def _address(cfg: Config) -> str:
