@@ -24,6 +24,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -119,9 +120,10 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
         checkpoint.check_compatible(ckpt, cfg)
     fmt = prompt_format(cfg, model_path)  # held-out prompts the engines could not take
     check_fit(model_path, {p.id: fmt.render(p.prompt) for p in eval_set}, cfg.rollout)
-    placement.connect(cfg)
+    stop = StopRequest(resume)  # SIGTERM / SIGINT: at once while the actors start, then after a step
+    with stop.held():
+        placement.connect(cfg)
     placement.check_fits(cfg)
-    stop = StopRequest()  # SIGTERM / SIGINT: finish the step, save a checkpoint, exit
     run_dir = resume or _make_run_dir(cfg)
     _claim(run_dir)
     account.resume = f"continue with: r1ray train --resume {run_dir}"
@@ -134,6 +136,7 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
     print(f"r1ray: starting {cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_engines} "
           f"{cfg.rollout.engine} engine(s), {cfg.rewards.num_workers} reward worker(s)...", flush=True)
     actors = start_actors(cfg, model_path, tasks, account)
+    stop.actors_up(run_dir)  # from here a signal lets the step finish and saves a checkpoint
     print(f"r1ray: actors ready after {time.time() - started:.0f}s", flush=True)
     step = None  # the GRPO step a learner's death is reported in
     try:
@@ -551,20 +554,68 @@ def _death(err: Exception) -> str:
 
 
 class StopRequest:
-    """SIGTERM (what `ray job stop` sends) or SIGINT asks the run to stop after the current
-    step with a checkpoint; a second SIGINT stops at once."""
+    """SIGTERM (what `ray job stop` sends) or SIGINT (Ctrl-C) stops the run after the current
+    step, with a checkpoint; a second signal stops it at once. While the actors start (until
+    `actors_up`) there is no step to finish, and a constructor or a placement can take minutes:
+    the first signal stops the run at once.
 
-    def __init__(self):
-        self.signum = 0
+    At once is `os._exit` in the handler, after one line that says what happened and how to go
+    on: the driver is then mostly blocked in a Ray call, which only a KeyboardInterrupt or a
+    SystemExit cuts short, and Ray replaces either with one of its own on the way out (any other
+    exception it turns into a SystemError, once the call has waited out its timeout), so that
+    what it carried is lost (and with it the exit code). Nothing the run started outlives
+    it: Ray ends a job's actors when its driver is gone, and a local cluster's processes are
+    killed by its watchdog (cluster/placement.py), which is why a cluster is never left
+    half-started (`held`)."""
+
+    def __init__(self, run_dir: Path | None):
+        """`run_dir`: the run's folder, when it is known (a resumed run's)."""
+        self.signum, self.run_dir = 0, run_dir
+        self.starting, self.holding = True, False
+        self._install()
+
+    def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"r1ray: {signal.Signals(signum).name}: stopping after this step, with a checkpoint", flush=True)
+        if self.holding:  # acted on when `held` ends
+            self.signum = self.signum or signum
+        elif self.starting:
+            self._exit(signum, "during start-up")
+        elif self.signum:
+            self._exit(signum, "at once (a second signal)")
+        else:
+            self.signum = signum
+            print(f"r1ray: {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                  "(a second signal stops at once)", flush=True)
+
+    def _exit(self, signum: int, when: str) -> None:
+        saved = checkpoint.complete(self.run_dir) if self.run_dir else []
+        then = (f"continue from its checkpoint {saved[-1].name} with: r1ray train --resume {self.run_dir}"
+                if saved else "no checkpoint was saved, nothing to resume")
+        print(f"r1ray: stopped by {signal.Signals(signum).name} {when}; {then}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    @contextmanager
+    def held(self):
+        """A signal while the block runs acts as it ends: the block is `placement.connect`, where
+        a local cluster starts (with its watchdog, as it returns) and Ray's core worker installs a
+        SIGTERM handler of its own (it prints a stack and aborts the driver), which ours replaces
+        as the block ends."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            self._install()
+            if self.signum:
+                self._exit(self.signum, "during start-up")
+
+    def actors_up(self, run_dir: Path) -> None:
+        """The actors are up: from now on the first signal lets the step finish."""
+        self.starting, self.run_dir = False, run_dir
 
     def exit_if_asked(self, step: int, run_dir: Path, actors: Actors) -> None:
         if self.signum:

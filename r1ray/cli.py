@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -196,7 +197,9 @@ class UsageError(Exception):
 def run(body: Callable[[], object]) -> int:
     """Run a command's body; turn what a user can act on into one line and an exit code:
     2 for what the user can fix (config, cluster size, a prompt too long, a missing file),
-    1 for what broke while running, 128+signal for a run stopped with a checkpoint, else 0."""
+    1 for what broke while running, 128+signal for a run stopped with a checkpoint or by a
+    Ctrl-C, else 0. (A run stopped at once exits in its signal handler: cluster/train.py,
+    `StopRequest`.)"""
     from actors.rollout import PromptTooLongError
     from cluster.checkpoint import Stopped
     from cluster.faults import RestartsExhausted
@@ -216,6 +219,9 @@ def run(body: Callable[[], object]) -> int:
     except Stopped as err:
         print(f"r1ray: {err}", file=sys.stderr)
         return 128 + err.signum
+    except KeyboardInterrupt:  # a Ctrl-C where no handler of r1ray's is installed (before a run's start)
+        print("r1ray: stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ConfigError, ClusterError, PromptTooLongError, DatasetError, StageError, UsageError) as err:
         print(f"r1ray: error: {_message(err)}", file=sys.stderr)
         return 2

@@ -60,6 +60,16 @@ def test_errors_become_one_line_and_an_exit_code(monkeypatch, capsys, error, cod
     assert capsys.readouterr().err == f"r1ray: error: {error}\n"
 
 
+def test_a_ctrl_c_where_r1ray_has_no_handler_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", StandInRay(initialized=False))
+
+    def body():
+        raise KeyboardInterrupt
+
+    assert cli.run(body) == 130
+    assert capsys.readouterr().err == "r1ray: stopped by SIGINT (Ctrl-C)\n"
+
+
 def test_an_unknown_command_names_the_valid_ones(capsys):
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err == ("r1ray: unknown command 'trian'; valid: train, eval, plot, pipeline, "

@@ -1,4 +1,5 @@
-"""Stopping: nothing of a local cluster outlives its driver, however the driver ends.
+"""Stopping: a signal while the actors start ends the run within seconds, and nothing of a
+local cluster outlives its driver, however the driver ends (SIGTERM, Ctrl-C, SIGKILL).
 
 The runs are real (`python -m r1ray train`, Ray, vLLM, DeepSpeed). Which processes are the
 run's is decided by ancestry alone: every process found under the driver while it runs
@@ -125,6 +126,41 @@ def test_the_watchdog_kills_what_the_head_started_once_the_driver_or_the_head_is
         kill_group(driver)
 
 
+# ---- what a stopped run says --------------------------------------------------------------------
+
+SIGNALLED = """
+import os, signal, sys
+from pathlib import Path
+from cluster.train import StopRequest
+run, phase, signals = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+stop = StopRequest(run)  # a resumed run's folder
+if phase == "steps":
+    stop.actors_up(run)
+for name in signals:
+    os.kill(os.getpid(), getattr(signal, name))
+print("not stopped", flush=True)
+"""
+
+CONTINUE = "continue from its checkpoint step-000003 with: r1ray train --resume {run}"
+
+
+@pytest.mark.parametrize("phase, signals, saved, says", [
+    ("start-up", ["SIGTERM"], True, f"stopped by SIGTERM during start-up; {CONTINUE}"),
+    ("start-up", ["SIGINT"], False, "stopped by SIGINT during start-up; no checkpoint was saved, nothing to resume"),
+    ("steps", ["SIGINT", "SIGINT"], True, f"stopped by SIGINT at once (a second signal); {CONTINUE}"),
+    ("steps", ["SIGTERM", "SIGINT"], True, f"stopped by SIGINT at once (a second signal); {CONTINUE}"),
+])
+def test_a_run_stopped_at_once_says_so_in_one_line_and_how_to_go_on(tmp_path, phase, signals, saved, says):
+    if saved:
+        (tmp_path / "checkpoints" / "step-000003").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED, str(tmp_path), phase, *signals], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signals[-1]), proc.stderr
+    assert proc.stderr == f"r1ray: {says.format(run=tmp_path)}\n"
+    first = f"r1ray: {signals[0]}: stopping after this step, with a checkpoint (a second signal stops at once)\n"
+    assert proc.stdout == (first if phase == "steps" else "")
+
+
 # ---- real runs -----------------------------------------------------------------------------------
 
 def start(tmp_path: Path, model: str, *overrides: str) -> subprocess.Popen:
@@ -152,6 +188,35 @@ def ray_names(seen: dict[int, int]) -> set[str]:
     """The names Ray gives the processes of `seen` that still run (ray::Learner, not the method it
     runs: ray::Learner.__init__)."""
     return {cmd.split()[0].split(".")[0] for cmd in running(seen).values() if cmd.startswith("ray::")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_actors_start_stops_the_run_at_once_and_leaves_no_process(tmp_path, tiny_model, name):
+    # Two vLLM engines (as in the report that found it), signalled once the actors are being
+    # built: SIGTERM to the driver (as `kill` or `ray job stop`), SIGINT to its process group
+    # (as Ctrl-C in a terminal).
+    signum = getattr(signal, name)
+    proc, seen = start(tmp_path, tiny_model, "rollout.num_engines=2", "rollout.num_cpus=0.4"), {}
+    try:
+        watch(proc, seen, lambda: "r1ray: placement:" in (tmp_path / "out").read_text()
+              and {"ray::RolloutActor", "ray::Learner"} & ray_names(seen))
+        signalled = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        proc.wait(timeout=10)
+        exited = time.monotonic() - signalled
+        left = gone_within(seen, 10)
+    finally:
+        kill_group(proc)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert err.strip().splitlines() == [f"r1ray: stopped by {name} during start-up; no checkpoint was saved, "
+                                        "nothing to resume"], err[-3000:]
+    assert "Traceback" not in out + err
+    print(f"{name}: exited {exited:.1f}s after the signal; its {len(seen)} processes gone {exited + left:.1f}s after it")
 
 
 @pytest.mark.slow
