@@ -17,10 +17,11 @@ import subprocess
 import sys
 import time
 
-SESSION_POLL_S = 1.0
-"""How often a session's watchdog records the processes under the head processes: one look at
-every process's parent costs ~5 ms of CPU, and most of them start with the session and live as
-long as it."""
+SESSION_LOOK_MAX_S = 8.0
+"""A session's watchdog looks at every process (to record those under the head processes) each
+second while new ones appear there, then less and less often while none do, down to once in
+this long: a look costs ~5-15 ms of CPU (it grows with the machine's processes), and most of a
+session's processes start with it and live as long as it."""
 
 
 def reap_when_gone(pid: int) -> subprocess.Popen | None:
@@ -37,9 +38,9 @@ def reap_when_gone(pid: int) -> subprocess.Popen | None:
 def reap_session(pid: int, heads: list[int]) -> subprocess.Popen | None:
     """Start a watchdog that SIGKILLs a local Ray cluster's processes once its driver `pid`, or
     all its `heads` (the processes the driver started: gcs_server, raylet, ...), are gone: the
-    heads, every process started under them (recorded every SESSION_POLL_S), and every process
+    heads, every process started under them (recorded as they appear), and every process
     the raylet started (found as it kills, by the RAY_RAYLET_PID that Ray puts in the
-    environment of a worker, which its children inherit): a worker started in the last second,
+    environment of a worker, which its children inherit): a worker started since the last look,
     whose raylet died with the driver, was adopted by init before it could be recorded. None
     when no head is left."""
     import psutil
@@ -60,14 +61,15 @@ def _start(args: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _alive(pid: int) -> bool:
+def _running(pid: int, created: float | None = None) -> bool:
+    """Whether process `pid` runs (a zombie has ended), and is the one created at `created`."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and created in (None, process.create_time())
     except psutil.NoSuchProcess:
         return False
-
 
 def _table() -> dict[int, tuple[int, float]]:
     """Every process running now (a zombie has ended; its parent has not yet waited for it):
@@ -116,18 +118,17 @@ def reap(pid: int, targets: list[str], session: bool = False, poll_s: float = 0.
     """Wait for process `pid` to go (or every target to), then SIGKILL every target
     ("pid:create_time") that is still the process it was (a pid may be reused by a new process),
     with the processes under it. For a `session` (see `reap_session`), what is started under the
-    targets meanwhile is recorded every `poll_s` too (by the time `pid` is gone, a process may
-    have lost its parent and been adopted by init), and so is what a target started as a raylet."""
+    targets meanwhile is recorded too (by the time `pid` is gone, a process may have lost its
+    parent and been adopted by init), and so is what a target started as a raylet."""
     import psutil
 
     roots = {int(p): float(t) for p, t in (target.split(":") for target in targets)}
-    known = dict(roots)
-    while _alive(pid):
-        table = _table()
-        if not any(p in table and table[p][1] == t for p, t in roots.items()):
-            break
-        if session:
-            known = _same(known, table)
+    known, looked, every = dict(roots), 0.0, poll_s
+    while _running(pid) and any(_running(p, t) for p, t in roots.items()):
+        if session and time.monotonic() - looked >= every:
+            seen = _same(known, _table())
+            every = poll_s if seen.keys() - known.keys() else min(2 * every, SESSION_LOOK_MAX_S)
+            known, looked = seen, time.monotonic()
         time.sleep(poll_s)
     for _ in range(3):  # and again, for what was started while the others were being killed
         table = _table()
@@ -142,6 +143,7 @@ def reap(pid: int, targets: list[str], session: bool = False, poll_s: float = 0.
         known = victims
         time.sleep(0.1)
 
+
 if __name__ == "__main__":
     session = "--session" in sys.argv[2:]
-    reap(int(sys.argv[1]), [a for a in sys.argv[2:] if a != "--session"], session, SESSION_POLL_S if session else 0.5)
+    reap(int(sys.argv[1]), [a for a in sys.argv[2:] if a != "--session"], session, 1.0 if session else 0.5)

@@ -102,11 +102,11 @@ def _watched():
     own children (compilers, checker processes, vLLM's engine core); Ray has no option that ties
     its agents to the driver. The watchdog (actors/reaper.py, `reap_session`) is a process of its
     own, in a session of its own (a Ctrl-C, or a signal to the process group, does not reach it).
-    It records the processes under the head processes every second and, once the driver is gone
-    (nothing needs to run in the driver as it dies) or the head processes are (`ray.shutdown`),
-    SIGKILLs them, and every process whose environment names the raylet (a worker started in the
-    last second, adopted by init before it was recorded). It starts in a `finally`: a start cut
-    short leaves its half-started cluster watched too.
+    It records the processes under the head processes as they appear and, once the driver is
+    gone (nothing needs to run in the driver as it dies) or the head processes are
+    (`ray.shutdown`), SIGKILLs them, and every process whose environment names the raylet (a
+    worker started since it last looked, adopted by init before it was recorded). It starts in a
+    `finally`: a start cut short leaves its half-started cluster watched too.
     Where the driver joins a cluster instead, Ray ends the job's actors when the driver is gone."""
     import psutil
 
