@@ -216,7 +216,8 @@ def test_a_signal_while_the_actors_start_stops_the_run_at_once_and_leaves_no_pro
     assert err.strip().splitlines() == [f"r1ray: stopped by {name} during start-up; no checkpoint was saved, "
                                         "nothing to resume"], err[-3000:]
     assert "Traceback" not in out + err
-    print(f"{name}: exited {exited:.1f}s after the signal; its {len(seen)} processes gone {exited + left:.1f}s after it")
+    print(f"{name}: exited {exited:.1f}s after the signal; its {len(seen)} processes gone "
+          f"{exited + left:.1f}s after it")
 
 
 @pytest.mark.slow
