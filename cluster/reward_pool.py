@@ -149,11 +149,12 @@ class RemotePreference:
         self.actor = self.actor or self.start()
 
     def restart(self) -> None:
+        """A new scorer under the same name (not waited for: one that dies while it starts
+        fails the next call, which the pool handles as another death)."""
         import ray
 
         ray.kill(self.actor)
         self.actor = self.start()
-        ray.get(self.actor.__ray_ready__.remote(), timeout=self.timeout_s)
 
     def __getstate__(self) -> dict:  # what a worker gets: the name, not the driver's way to start one
         return {"name": self.name, "start": None, "render": self.render, "timeout_s": self.timeout_s,

@@ -160,10 +160,15 @@ class RolloutPool:
         happened, and stop the run when `rollout.max_restarts` is spent)."""
         import ray
 
-        self.faults.charge("engine", index, phase, cause, f"replaced it, {redo}")  # or RestartsExhausted
-        ray.kill(self.actors[index])  # a hung one too
-        self.actors[index] = self._start(index)
-        ray.get(self.actors[index].__ray_ready__.remote(), timeout=self.cfg.cluster.timeout_s)
+        while True:  # a replacement that dies while it starts is one more fault
+            self.faults.charge("engine", index, phase, cause, f"replaced it, {redo}")  # or RestartsExhausted
+            ray.kill(self.actors[index])  # a hung one too
+            self.actors[index] = self._start(index)
+            try:
+                ray.get(self.actors[index].__ray_ready__.remote(), timeout=self.cfg.cluster.timeout_s)
+                return
+            except ray.exceptions.RayActorError as err:
+                phase, cause = "starting", faults.cause_of(err)
 
     def unresponsive(self) -> dict[int, str]:
         """The actors that are dead, or do not answer a call within `cluster.deadline_s`

@@ -66,6 +66,7 @@ def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
     assert pool.faults.counts["reward"] == restarts + 1 and pool.workers[0] is not victim
 
 
+@pytest.mark.slow  # waits out a 20 s deadline
 def test_a_hung_worker_is_found_by_its_deadline_and_replaced_until_the_budget_is_spent(pool):
     import os
     import signal
