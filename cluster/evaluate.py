@@ -141,7 +141,7 @@ def serving(cfg: Config, model_path: str, tasks: dict):
     placement.connect(cfg)
     account = Faults.of(cfg)
     rollouts, rewarders = RolloutPool(cfg, model_path, account=account), RewardPool(cfg, tasks, account=account)
-    rollouts.revive = lambda: None  # every engine serves the model folder, as a fresh one does
+    rollouts.revive = lambda index: None  # every engine serves the model folder, as a fresh one does
     try:
         ray.get(rollouts.ready_refs() + rewarders.ready_refs(), timeout=cfg.cluster.timeout_s)
         yield rollouts, rewarders

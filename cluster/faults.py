@@ -9,8 +9,11 @@ Who survives what (the driver's side of each is beside the actor's pool):
   samples scored again. Counted against `rewards.max_restarts`.
 - a learner rank (cluster/train.py, `train`): ZeRO state lives in the ranks, so every actor
   is stopped and the run resumes from its newest checkpoint, `cluster.auto_resume` times.
-A hang is a fault too: an engine or worker that returns nothing for `cluster.deadline_s` is
-killed and handled as a dead one.
+A hang is a fault too. The run's engines and reward actors answer a ping on a thread of their
+own (`remote`), so the driver tells a busy actor from a hung one: an actor that has answered
+nothing, neither its call nor a ping, for `cluster.deadline_s` (a stopped process, or one wedged
+holding Python's lock), or whose call is still running after `cluster.timeout_s` though it
+answers (stuck in a collective, say), is killed and handled as a dead one (`hung`).
 
 `Faults` is one run's account: `charge` says on the console which actor died, in which phase
 and what is redone, and raises `RestartsExhausted` (naming the actor, its last error and how to
@@ -31,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -75,25 +79,77 @@ class Faults:
             raise RestartsExhausted(kind, index, phase, cause, self.limits[kind], self.resume)
         self.counts[kind] += 1
         who = kind if index is None else f"{kind} {index}"
-        print(f"r1ray: fault: {who} died while {phase} ({cause}); {redo} "
-              f"({self.left(kind)} restart(s) left, {KINDS[kind]})", flush=True)
+        say(f"r1ray: fault: {who} died while {phase} ({cause}); {redo} "
+            f"({self.left(kind)} restart(s) left, {KINDS[kind]})")
 
     def metrics(self) -> dict[str, float]:
         return {f"faults/{kind}": float(self.counts[kind]) for kind in KINDS}
 
 
+def say(line: str) -> None:
+    """Print one console line in one write: Ray's thread that forwards the actors' output
+    (a death notice, when an actor dies) writes as the driver does, and `print` writes a
+    line's text and its newline apart, so the two could share a line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def cause_of(err: Exception) -> str:
-    """What ended an actor's call, in one short line: the remote error's last line, or for a
-    process that died, Ray's exit type and the first sentence of its detail (Ray's own notice
-    runs to a paragraph of possible causes)."""
+    """What ended an actor's call, in one short line: for a process that died, Ray's exit
+    type and detail (Ray's own notice lists the actor's ids first and runs on to a paragraph of
+    possible causes); else the remote error's last line (the exception under its traceback)."""
     text = str(getattr(err, "cause", None) or err).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    line = lines[-1].strip() if lines else type(err).__name__
-    kind = re.search(r"Worker exit type: (\w+)", line)
+    flat = " ".join(text.split())
+    kind = re.search(r"Worker exit type: (\w+)", flat)
     if kind:
-        detail = re.search(r"Worker exit detail: ([^.]*)", line)
+        detail = re.search(r"Worker exit detail: (.+?)(?: Some common causes| There are some potential|$)", flat)
         return f"its process died ({kind[1]}{': ' + detail[1] if detail else ''})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else type(err).__name__
     return line if len(line) <= 200 else line[:200] + "..."
+
+
+# ---- hangs ----------------------------------------------------------------------------------
+
+ALIVE = "alive"
+"""The concurrency group (one thread of its own) on which an actor made by `remote` answers
+pings while its main thread is busy with a call."""
+
+
+def remote(cls):
+    """`ray.remote(cls)` for an actor the driver may ping while it works (`unresponsive`)."""
+    import ray
+
+    return ray.remote(concurrency_groups={ALIVE: 1})(cls)
+
+
+def unresponsive(actors: list, deadline_s: float) -> dict[int, str]:
+    """The actors (made by `remote`) that are dead or do not answer a ping within half of
+    `deadline_s` (asked after the other half of silence): index -> why."""
+    import ray
+
+    pings = [a.__ray_ready__.options(concurrency_group=ALIVE).remote() for a in actors]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=deadline_s / 2)
+    found = {}
+    for i, ping in enumerate(pings):
+        if ping not in ready:
+            found[i] = f"no answer in {deadline_s:g}s (cluster.deadline_s)"
+            continue
+        try:
+            ray.get(ping)
+        except ray.exceptions.RayActorError as err:
+            found[i] = cause_of(err)
+    return found
+
+
+def hung(actor, deadline_s: float, busy_s: float, timeout_s: float) -> str | None:
+    """Why `actor`, silent for half of `deadline_s` in a call it has run for `busy_s`, counts
+    as hung (or dead); None when it is only busy: it answers a ping, and the call is younger
+    than `timeout_s`."""
+    cause = unresponsive([actor], deadline_s).get(0)
+    if cause is None and busy_s > timeout_s:
+        cause = f"no result in {timeout_s:g}s (cluster.timeout_s), though it answers"
+    return cause
 
 
 NO_FAULTS = Faults({kind: 0 for kind in KINDS})
@@ -148,8 +204,7 @@ def inject(point: str, role: str, actors: list) -> None:
             continue
         _injector.fired.append(label)
         pid = actor_pid(actors[index])
-        print(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {_injector.step}",
-              flush=True)
+        say(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {_injector.step}")
         os.kill(pid, getattr(signal, sig))
 
 

@@ -3,7 +3,7 @@
 `score` splits a step's samples into contiguous chunks, one per worker, and fills in each
 sample's reward and breakdown. A worker's checker processes are replaced inside it when they
 crash or overrun. A worker actor that dies itself (out of memory, killed) or hangs (no answer
-for `cluster.deadline_s`) is replaced here and its chunk scored again; the preference model's
+for `cluster.deadline_s`, cluster/faults.py) is replaced here and its chunk scored again; the preference model's
 actor likewise (the workers find it by name, so they reach its replacement). Each is charged to
 the run's faults (`rewards.max_restarts`, cluster/faults.py): scores are a pure function of the
 answer, so a run that lost a worker scores exactly as one that did not.
@@ -11,6 +11,7 @@ answer, so a run that lost a worker scores exactly as one that did not.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -34,12 +35,10 @@ class RewardPool:
         self.workers = [self._start() for _ in range(cfg.rewards.num_workers)]
 
     def _start(self):
-        import ray
-
         from cluster.placement import requests
         from rewards.worker import RewardWorker
 
-        return ray.remote(RewardWorker).options(**requests(self.cfg)["reward"].options()).remote(
+        return faults.remote(RewardWorker).options(**requests(self.cfg)["reward"].options()).remote(
             self.cfg.rewards, self.tasks, self.cfg.rollout.max_new_tokens, self.preference)
 
     def ready_refs(self) -> list:
@@ -83,36 +82,40 @@ class RewardPool:
         import ray
 
         samples, problems, reasons = scoring.samples, scoring.problems, [""] * len(scoring.samples)
-        deadline = min(self.cfg.cluster.deadline_s, timeout_s)
+        deadline = self.cfg.cluster.deadline_s
         for k, worker, idx, future in scoring.parts:
+            asked = time.monotonic()
             while True:
+                ready, _ = ray.wait([future], timeout=deadline / 2)
                 try:
-                    scores = ray.get(future, timeout=deadline)
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                        ray.exceptions.RayTaskError) as err:
-                    worker = self._recover(k, worker, err, len(idx))
-                    future = self._submit(worker, samples, problems, idx)
+                    if ready:
+                        scores = ray.get(future)
+                        break
+                    cause = faults.hung(worker, deadline, time.monotonic() - asked, timeout_s)
+                    if cause is None:  # busy
+                        continue
+                    worker = self._replace(k, worker, cause, len(idx))
+                except ray.exceptions.RayTaskError as err:  # the worker lives; its call failed (caught
+                    # first: the preference scorer's death, met in the worker's call to it, is both)
+                    if self.preference is None or not faults.unresponsive([self.preference.actor], deadline):
+                        raise  # a checker's own error: not a fault of an actor
+                    self.faults.charge("preference", None, "scoring", faults.cause_of(err),
+                                       f"replaced it, its {len(idx)} sample(s) scored again")
+                    self.preference.restart()
+                except ray.exceptions.RayActorError as err:
+                    worker = self._replace(k, worker, faults.cause_of(err), len(idx))
+                future, asked = self._submit(worker, samples, problems, idx), time.monotonic()
             for i, s in zip(idx, scores):
                 samples[i].reward, samples[i].reward_breakdown, reasons[i] = s.reward, s.breakdown, s.reason
         return reasons
 
-    def _recover(self, k: int, worker, err: Exception, n: int):
-        """Worker `k` (`worker`, unless replaced already while an earlier part was collected)
-        failed to score: replace whichever actor died or hung; returns the worker to ask again."""
+    def _replace(self, k: int, worker, cause: str, n: int):
+        """Worker `k` (`worker`) died or hung: replace it, unless that was done already while an
+        earlier part was collected; returns the worker to ask again."""
         import ray
 
-        redo = f"its {n} sample(s) scored again"
-        if isinstance(err, ray.exceptions.RayTaskError):  # the worker lives; its call failed
-            if self.preference is None or not _lost(self.preference.actor, self.cfg.cluster.deadline_s):
-                raise err  # a checker's own error: not a fault of an actor
-            self.faults.charge("preference", None, "scoring", faults.cause_of(err), f"replaced it, {redo}")
-            self.preference.restart()
-            return self.workers[k]
-        if self.workers[k] is worker:  # not yet replaced while collecting an earlier part
-            cause = (f"no answer in {self.cfg.cluster.deadline_s:g}s (cluster.deadline_s)"
-                     if isinstance(err, ray.exceptions.GetTimeoutError) else faults.cause_of(err))
-            self.faults.charge("reward", k, "scoring", cause, f"replaced it, {redo}")
+        if self.workers[k] is worker:
+            self.faults.charge("reward", k, "scoring", cause, f"replaced it, its {n} sample(s) scored again")
             ray.kill(worker)
             self.workers[k] = self._start()
         return self.workers[k]
@@ -169,8 +172,6 @@ class RemotePreference:
 
 def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | None) -> RemotePreference | None:
     """The preference-model actor, when a task has no verifier; else None."""
-    import ray
-
     from common.config import ConfigError
     from rewards.preference import PreferenceScorer
     from rewards.tasks import without_verifier
@@ -185,18 +186,6 @@ def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | N
     # No CPU of its own: the workers wait on it while it scores, so it runs in their share
     # (a reservation here would not fit the default 2-CPU layout).
     name = f"r1ray-preference-{uuid.uuid4().hex[:12]}"
-    start = lambda: ray.remote(PreferenceScorer).options(num_cpus=0, name=name).remote(  # noqa: E731
+    start = lambda: faults.remote(PreferenceScorer).options(num_cpus=0, name=name).remote(  # noqa: E731
         r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len)
     return RemotePreference(name, start, render, cfg.cluster.timeout_s)
-
-
-def _lost(actor, deadline_s: float) -> bool:
-    """Whether `actor` is dead or does not answer within `deadline_s`."""
-    import ray
-
-    ping = actor.__ray_ready__.remote()
-    try:
-        ray.get(ping, timeout=deadline_s)
-        return False
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return True

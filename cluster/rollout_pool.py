@@ -44,12 +44,11 @@ class RolloutPool:
         to let Ray place them. `account`: the run's faults, which bounds the replacements."""
         self.cfg, self.model_path, self.pg, self.faults = cfg, model_path, placement_group, account
         self.actors = [self._start(i) for i in range(cfg.rollout.num_engines)]
-        self.revive: Callable[[], None] | None = None
-        """Brings every engine to the weights they serve together (after a replacement the
-        new one serves version 0); None where that cannot be done (see the module)."""
+        self.revive: Callable[[int], None] | None = None
+        """Brings engine i, just replaced (it serves version 0), to the weights the others
+        serve; None where that cannot be done (see the module)."""
 
     def _start(self, index: int):
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from actors.rollout import RolloutActor, actor_env
@@ -58,7 +57,7 @@ class RolloutPool:
         r = self.cfg.rollout
         strategy = None if self.pg is None else PlacementGroupSchedulingStrategy(
             self.pg, placement_group_bundle_index=index)
-        return ray.remote(RolloutActor).options(
+        return faults.remote(RolloutActor).options(
             **requests(self.cfg)["rollout"].options(), runtime_env={"env_vars": actor_env(r)}, scheduling_strategy=strategy,
         ).remote(self.model_path, r, self.cfg.algorithm.seed + index, self.cfg.learner.dtype, index,
                  self.cfg.cluster.colocate)
@@ -76,9 +75,10 @@ class RolloutPool:
     def stream(self, prompt_ids: list[str], prompts: list[str], sampling: Sampling, timeout_s: float,
                phase: str = "generating", redo: bool = True) -> Iterator[list[tuple[int, list[Sample]]]]:
         """`generate`'s groups as the engines finish them: lists of (the prompt's index in
-        `prompts`, its samples), in finishing order. An engine that returns nothing for
-        `cluster.deadline_s` is hung; one that died or hung is replaced and its shard sampled
-        again (see the module); `timeout_s` bounds the call as a whole's silence."""
+        `prompts`, its samples), in finishing order. An engine that died, or is hung (it
+        answers nothing for `cluster.deadline_s`, or returns no group for `timeout_s` though
+        it answers: cluster/faults.py), is replaced and its shard sampled again (see the
+        module)."""
         import ray
 
         if len(prompt_ids) != len(prompts):
@@ -92,17 +92,20 @@ class RolloutPool:
 
         streams = {index: call(index) for index in range(len(shards))}  # engine i samples shard i
         faults.inject("eval" if phase.startswith("evaluating") else "generate", "engine", self.actors)
-        heard = dict.fromkeys(streams, time.monotonic())  # when each engine last returned a group
+        heard = dict.fromkeys(streams, time.monotonic())  # when each engine last answered: a group or a ping
+        returned = dict(heard)  # when each engine last returned a group (or was given its shard)
         done: set[int] = set()  # prompts whose group was handed on
-        deadline = min(self.cfg.cluster.deadline_s, timeout_s)
+        deadline = self.cfg.cluster.deadline_s
         while streams:
             ready, _ = ray.wait(list(streams.values()), num_returns=1,
-                                timeout=max(0.0, min(heard.values()) + deadline - time.monotonic()))
-            if not ready:  # the engine silent the longest is hung
+                                timeout=max(0.0, min(heard.values()) + deadline / 2 - time.monotonic()))
+            if not ready:  # the engine silent the longest: busy, or hung?
                 index = min(heard, key=heard.get)
-                self._lost(index, f"no answer in {deadline:g}s (cluster.deadline_s)", phase,
-                                  shards[index], done, redo)
-                streams[index], heard[index] = call(index), time.monotonic()
+                cause = faults.hung(self.actors[index], deadline, time.monotonic() - returned[index], timeout_s)
+                if cause is not None:
+                    self._lost(index, cause, phase, shards[index], done, redo)
+                    streams[index], returned[index] = call(index), time.monotonic()
+                heard[index] = time.monotonic()
                 continue
             index = next(i for i, s in streams.items() if s is ready[0])
             try:
@@ -112,9 +115,10 @@ class RolloutPool:
                 continue
             except ray.exceptions.RayActorError as err:
                 self._lost(index, faults.cause_of(err), phase, shards[index], done, redo)
-                streams[index], heard[index] = call(index), time.monotonic()
+                streams[index] = call(index)
+                heard[index] = returned[index] = time.monotonic()
                 continue
-            heard[index] = time.monotonic()
+            heard[index] = returned[index] = time.monotonic()
             fresh = [(int(shards[index][0]) + i, samples) for i, samples in finished
                      if int(shards[index][0]) + i not in done]
             done.update(i for i, _ in fresh)
@@ -130,7 +134,7 @@ class RolloutPool:
         self.replace(index, phase, cause, what)
         if not can_redo:
             raise EngineDiedError(index, cause)
-        self.revive()
+        self.revive(index)
 
     @contextlib.contextmanager
     def asleep(self):
@@ -169,25 +173,6 @@ class RolloutPool:
                 return
             except ray.exceptions.RayActorError as err:
                 phase, cause = "starting", faults.cause_of(err)
-
-    def unresponsive(self) -> dict[int, str]:
-        """The actors that are dead, or do not answer a call within `cluster.deadline_s`
-        (index -> why). Asked when nothing else is in flight on them (after a failed sync)."""
-        import ray
-
-        pings = [a.__ray_ready__.remote() for a in self.actors]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=self.cfg.cluster.deadline_s)
-        found = {}
-        for i, ping in enumerate(pings):
-            if ping not in ready:
-                found[i] = f"no answer in {self.cfg.cluster.deadline_s:g}s (cluster.deadline_s)"
-                continue
-            try:
-                ray.get(ping)
-            except ray.exceptions.RayActorError as err:
-                found[i] = faults.cause_of(err)
-        return found
-
 
 def _shifted(sampling: Sampling, offset: int) -> Sampling:
     """The shard starting at prompt `offset` seeds its first prompt `seed + offset`."""

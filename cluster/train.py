@@ -282,7 +282,7 @@ def start_actors(cfg: Config, model_path: str, tasks: Mixture, account: Faults =
     sync = WeightSync(learners, rollouts.actors, cfg.sync, cfg.learner.dtype, "cuda" if on_gpus else "cpu")
     sync.connect()
     actors = Actors(learners, learner_pg, rollouts, rewarders, sync, fmt, flop_parameters(model_path), account)
-    rollouts.revive = lambda: sync_weights(cfg, actors, sync.version)  # a replaced engine catches up
+    rollouts.revive = lambda index: sync_weights(cfg, actors, sync.version, only=[index])  # it catches up
     return actors
 
 
@@ -355,21 +355,22 @@ def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step
     return produced, rollouts
 
 
-def sync_weights(cfg: Config, actors: Actors, version: int) -> dict[str, float]:
-    """Every engine serves `version` (0: the model folder's weights, which a fresh engine has).
-    An engine found dead or hung when a sync fails (it died while staging, committing, or idle
-    before) is replaced and the sync done again, within `rollout.max_restarts`."""
+def sync_weights(cfg: Config, actors: Actors, version: int, only: list[int] | None = None) -> dict[str, float]:
+    """Every engine (or those in `only`) serves `version` (0: the model folder's weights, which
+    a fresh engine has). An engine found dead or hung when a sync fails (it died while staging,
+    committing, or idle before) is replaced and the sync done again, within `rollout.max_restarts`."""
     if version == 0:
         return {}
+    engines = list(range(len(actors.rollouts.actors))) if only is None else only
     while True:
         try:
-            return actors.sync.push(version)
+            return actors.sync.push(version, only)
         except WeightSyncError as err:
-            lost = actors.rollouts.unresponsive()
+            lost = faults.unresponsive([actors.rollouts.actors[i] for i in engines], cfg.cluster.deadline_s)
             if not lost:  # the engines are well: the sync itself failed
                 raise
-            for index, cause in lost.items():  # the sync holds the pool's list: it sees the new ones
-                actors.rollouts.replace(index, err.stage, cause, f"weights version {version} sent again")
+            for k, cause in lost.items():  # the sync holds the pool's list: it sees the new ones
+                actors.rollouts.replace(engines[k], err.stage, cause, f"weights version {version} sent again")
 
 
 def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
@@ -525,7 +526,7 @@ def dead_learner(learners: list, timeout_s: float = 30.0) -> tuple[int, str] | N
         try:
             ray.get(ready[0])
         except ray.exceptions.RayActorError as err:
-            return pings[ready[0]], _death(err)
+            return pings[ready[0]], faults.cause_of(err)
     return None
 
 
@@ -542,15 +543,6 @@ def _phase(err: Exception, step: int | None) -> str:
     names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)]
     phase = next((PHASES[n] for n in reversed(names) if n in PHASES), "running")
     return phase if step is None else f"{phase} in step {step}"
-
-
-def _death(err: Exception) -> str:
-    """Ray's reason for an actor's death in one line (its message lists the actor's ids, then
-    the process's exit and a paragraph of possible causes)."""
-    text = " ".join(str(err).split())
-    if "Worker exit detail:" in text:
-        return text.split("Worker exit detail:")[1].split(" Some common causes")[0].strip()
-    return text.split(". ")[0] if text else type(err).__name__
 
 
 class StopRequest:

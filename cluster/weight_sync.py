@@ -108,22 +108,28 @@ class WeightSync:
         self.rollouts = rollouts
         self.connected = False
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, only: list[int] | None = None) -> dict[str, float]:
         """Send the learner's weights to every engine and switch them all to `version`; on a
-        failure, every live engine serves the version it served before (see the module)."""
+        failure, every live engine serves the version it served before (see the module).
+        `only`: the engines to send them to, through the object store whatever the transport
+        (an engine replaced while the others generate is brought alone to the version they
+        serve: a broadcast needs every member, and theirs would wait for their generation)."""
         start = time.perf_counter()
-        staged = self._send(version)  # per engine: (bytes staged, version it serves)
+        engines = list(range(len(self.rollouts))) if only is None else list(only)
+        staged = self._send(version, engines, self.cfg.transport if only is None else "object_store")
         faults.inject("commit", "engine", self.rollouts)
-        self._commit(version, [served for _, served in staged])
-        self.version = version
+        self._commit(version, engines, [served for _, served in staged])
+        if only is None:
+            self.version = version
         seconds = time.perf_counter() - start
         nbytes = staged[0][0]
         return {"timing/sync": seconds, "sync/bytes": float(nbytes), "sync/version": float(version),
-                "sync/gb_per_s": nbytes * len(self.rollouts) / seconds / 1e9}
+                "sync/gb_per_s": nbytes * len(engines) / seconds / 1e9}
 
-    def _send(self, version: int) -> list[tuple[int, int]]:
-        """Send + stage: every engine holds the whole new version beside the served one."""
-        if self.cfg.transport == "broadcast":
+    def _send(self, version: int, engines: list[int], transport: str) -> list[tuple[int, int]]:
+        """Send + stage: each of `engines` (indices; all of them but through the object store)
+        holds the whole new version beside the served one."""
+        if transport == "broadcast":
             if not self.connected or any(a is not b for a, b in zip(self.members, self.rollouts)):
                 self.connect()  # first, after a failed broadcast, or with an engine replaced since
             bucket = int(self.cfg.bucket_mb * 2**20)
@@ -137,7 +143,7 @@ class WeightSync:
             except WeightSyncError:
                 self.connected = False  # a broken collective leaves the group unusable
                 raise
-        if self.cfg.transport == "cuda_ipc":  # engine i beside rank i (cluster.colocate)
+        if transport == "cuda_ipc":  # engine i beside rank i (cluster.colocate)
             handles = [l.share_weights.remote() for l in self.learners]
             staging = [r.stage_shared.remote(h, version) for r, h in zip(self.rollouts, handles)]
             faults.inject("stage", "engine", self.rollouts)
@@ -146,22 +152,22 @@ class WeightSync:
         refs = [l.gather_weights.remote(int(self.cfg.bucket_mb * 2**20)) for l in self.learners]
         self._get(refs, "gathering weights from the learner", fetch=False)
         self._get(refs[1:], "gathering weights from the learner")  # surfaces rank errors
-        staging = [r.stage_weights.remote(refs[0], version) for r in self.rollouts]
+        staging = [self.rollouts[i].stage_weights.remote(refs[0], version) for i in engines]
         faults.inject("stage", "engine", self.rollouts)
         return self._get(staging, f"sending weights version {version} to the engines",
                          f"staging weights version {version}")
 
-    def _commit(self, version: int, before: list[int]) -> None:
-        """Every engine loads `version`; if one does not, every live engine goes back to the
-        version it served `before`, and the error says what happened to which engine."""
-        loaded = self._each([r.commit_weights.remote(version) for r in self.rollouts])
-        failed = {i: why or f"reports version {got}"
-                  for i, (got, why, _) in enumerate(loaded) if why or got != version}
+    def _commit(self, version: int, engines: list[int], before: list[int]) -> None:
+        """Each of `engines` (indices) loads `version`; if one does not, every live one goes back
+        to the version it served `before`, and the error says what happened to which engine."""
+        loaded = dict(zip(engines, self._each([self.rollouts[i].commit_weights.remote(version) for i in engines])))
+        before = dict(zip(engines, before))
+        failed = {i: why or f"reports version {got}" for i, (got, why, _) in loaded.items() if why or got != version}
         if not failed:
-            self._get([r.release_weights.remote() for r in self.rollouts],
+            self._get([self.rollouts[i].release_weights.remote() for i in engines],
                       f"dropping the weights served before version {version}")
             return
-        live = [i for i, (_, _, died) in enumerate(loaded) if not died]
+        live = [i for i, (_, _, died) in loaded.items() if not died]
         back = self._each([self.rollouts[i].rollback_weights.remote() for i in live])
         whole = [i for i, (got, why, _) in zip(live, back) if not why and got == before[i]]
         notes = [f"engine {i} could not go back to version {before[i]} "
@@ -169,7 +175,7 @@ class WeightSync:
                  for i, (got, why, _) in zip(live, back) if i not in whole]
         if whole:
             notes.insert(0, f"engines {whole} serve versions {[before[i] for i in whole]} again, whole")
-        dead = [i for i, (_, _, died) in enumerate(loaded) if died]
+        dead = [i for i, (_, _, died) in loaded.items() if died]
         if dead:
             notes.append(f"engines {dead} died and must be replaced")
         what = "; ".join(f"engine {i}: {why}" for i, why in failed.items())
@@ -216,7 +222,7 @@ class WeightSync:
         try:
             values = ray.get(refs if failed is None else [failed])
         except ray.exceptions.RayError as err:
-            raise WeightSyncError(f"weight sync: {stage} failed: {_reason(err)}", phase) from err
+            raise WeightSyncError(f"weight sync: {stage} failed: {faults.cause_of(err)}", phase) from err
         return values[0] if single else values
 
     def _each(self, refs: list) -> list[tuple[Any, str | None, bool]]:
@@ -234,9 +240,9 @@ class WeightSync:
             try:
                 results.append((ray.get(ref), None, False))
             except ray.exceptions.RayActorError as err:
-                results.append((None, f"died: {_reason(err)}", True))
+                results.append((None, f"died: {faults.cause_of(err)}", True))
             except ray.exceptions.RayError as err:
-                results.append((None, _reason(err), False))
+                results.append((None, faults.cause_of(err), False))
         return results
 
 
@@ -265,9 +271,3 @@ def _wait_or_fail(refs: list, timeout_s: float, check: bool = True) -> tuple[boo
 def spread(diff: np.ndarray) -> tuple[float, float, float]:
     """(mean, 99th percentile, max) of |differences|: what the check compares (`CHECK`)."""
     return float(diff.mean()), float(np.quantile(diff, 0.99)), float(diff.max())
-
-
-def _reason(err: Exception) -> str:
-    """The last line of a remote error's cause: what went wrong, without the traceback."""
-    cause = getattr(err, "cause", None) or err
-    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__

@@ -163,6 +163,7 @@ def injected(output):
     fault injected (cluster/faults.py) and the line saying it was found and handled."""
     out, pending = [], None
     for line in output.splitlines():
+        line = line[max(0, line.find("r1ray: ")):]  # Ray's own output may precede a line
         if line.startswith("r1ray: injecting a fault: "):
             words = line.split()  # r1ray: injecting a fault: SIG to ROLE INDEX (pid N) at POINT, step S
             pending = (words[6], int(words[7]), words[11].rstrip(","), int(words[13]))
@@ -286,7 +287,7 @@ def test_engines_and_a_reward_worker_killed_in_every_phase_change_no_number(fini
     full_proc, full_dir = finished("vllm-x2-broadcast")
     assert full_proc.returncode == 0, full_proc.stderr[-3000:]
     proc, _ = run([*run_args("vllm-x2-broadcast", tmp_path, tiny_model), "logging.run_name=faulted",
-                   "rollout.max_restarts=6", "rewards.max_restarts=1", "cluster.deadline_s=30", "sync.timeout_s=30"],
+                   "rollout.max_restarts=6", "rewards.max_restarts=1", "cluster.deadline_s=10", "sync.timeout_s=30"],
                   tmp_path, env={"R1RAY_INJECT_FAULTS": ",".join(faults)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = injected(proc.stdout)
@@ -294,8 +295,8 @@ def test_engines_and_a_reward_worker_killed_in_every_phase_change_no_number(fini
     for role, i, point, step, line in found:  # each found in its phase, handled, and said so once
         assert line.startswith(tuple(f"{role} {i} died while {p}" for p in PHASE[point])), line
     hung = next(line for role, i, point, _, line in found if (role, i, point) == ("engine", 1, "generate"))
-    assert "(no answer in 30s (cluster.deadline_s))" in hung
-    assert sum(line.startswith("r1ray: fault: ") for line in proc.stdout.splitlines()) == len(faults)
+    assert "(no answer in 10s (cluster.deadline_s))" in hung
+    assert proc.stdout.count("r1ray: fault: ") == len(faults)
     run_dir = tmp_path / "runs" / "faulted"
     full, faulted = read_rows(full_dir / "metrics.jsonl"), read_rows(run_dir / "metrics.jsonl")
     assert same_work(faulted) == same_work(full)

@@ -119,13 +119,15 @@ def test_a_run_folder_another_live_process_drives_is_refused(tmp_path):
 
 
 def test_a_death_is_told_by_its_phase_and_ray_s_reason_in_one_line():
-    from cluster.train import _death, _phase
+    from cluster.faults import cause_of
+    from cluster.train import _phase
 
     ray_says = ("The actor died unexpectedly before finishing this task.\n\tclass_name: Learner\n\tpid: 5074\n"
                 "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
                 "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
                 "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ...")
-    assert _death(RuntimeError(ray_says)) == "Worker unexpectedly exits with a connection error code 2. End of file."
+    assert cause_of(RuntimeError(ray_says)) == \
+        "its process died (SYSTEM_ERROR: Worker unexpectedly exits with a connection error code 2. End of file.)"
 
     def learn():
         raise RuntimeError(ray_says)

@@ -20,7 +20,7 @@ def sample(prompt_id: str, text: str) -> Sample:
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
     cfg = load_config(None, ["rewards.num_workers=2", "task.knights.weight=1", "rewards.max_restarts=3",
-                             "cluster.deadline_s=20"])
+                             "cluster.deadline_s=6"])
     pool = RewardPool(cfg, build_mixture(cfg.task).tasks, account=Faults.of(cfg))
     yield pool
     pool.shutdown()
@@ -66,7 +66,21 @@ def test_streamed_parts_on_a_dead_worker_replace_it_once(pool):
     assert pool.faults.counts["reward"] == restarts + 1 and pool.workers[0] is not victim
 
 
-@pytest.mark.slow  # waits out a 20 s deadline
+def test_a_busy_worker_is_not_taken_for_a_hung_one(pool):
+    # Its call waits behind other work for longer than cluster.deadline_s (a long chunk of
+    # programs to run), but it answers the pool's pings meanwhile: nothing is replaced.
+    import time
+
+    problems = {p.id: p for p in build_mixture(pool.cfg.task).eval_problems(0, 2)}
+    add = next(p for p in problems.values() if p.task == "arithmetic")
+    busy = pool.workers[0]
+    busy.__ray_call__.remote(lambda _: time.sleep(9))
+    samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(2)]
+    assert pool.score(samples, problems, timeout_s=60) == ["correct"] * 2
+    assert pool.workers[0] is busy and pool.faults.counts["reward"] == 2  # the two tests above
+
+
+@pytest.mark.slow  # waits out a 6 s deadline
 def test_a_hung_worker_is_found_by_its_deadline_and_replaced_until_the_budget_is_spent(pool):
     import os
     import signal
@@ -79,7 +93,7 @@ def test_a_hung_worker_is_found_by_its_deadline_and_replaced_until_the_budget_is
     samples = [sample(add.id, f"</think><answer>{add.reference.answer}</answer>") for _ in range(4)]
     start = time.monotonic()
     assert pool.score(samples, problems, timeout_s=60) == ["correct"] * 4
-    assert pool.faults.counts["reward"] == 3 and time.monotonic() - start < 60  # cluster.deadline_s=20
+    assert pool.faults.counts["reward"] == 3 and time.monotonic() - start < 30  # cluster.deadline_s=6
     import ray
 
     ray.kill(pool.workers[1])  # one more than rewards.max_restarts=3

@@ -185,9 +185,9 @@ def test_prompt_too_long_policies_on_a_real_engine(ray_cluster, tiny_model, poli
         assert all(len(s.prompt_ids) == 40 - 8 for s in samples[2:])  # the last 32 tokens kept
 
 
-def _pool_config(tmp_path, **rollout):
+def _pool_config(tmp_path, *more, **rollout):
     overrides = [f"rollout.{k}={v}" for k, v in {"threads": 1, "num_cpus": 0.5, **rollout}.items()]
-    return load_config(None, overrides + [f"cluster.cache_dir={tmp_path}"])
+    return load_config(None, overrides + [f"cluster.cache_dir={tmp_path}", *more])
 
 
 @pytest.mark.slow
@@ -209,12 +209,19 @@ def test_two_engines_return_groups_in_prompt_order(ray_cluster, tiny_model, tmp_
 def test_an_engine_dying_mid_generate_is_replaced_and_its_prompts_sampled_again(ray_cluster, tiny_model, tmp_path):
     from cluster.faults import Faults
 
-    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=2, max_model_len=256)
+    cfg = _pool_config(tmp_path, "cluster.deadline_s=6", engine="transformers", max_restarts=2, max_model_len=256)
     account = Faults.of(cfg)
     pool = RolloutPool(cfg, tiny_model, account=account)
     ray.get(pool.ready_refs(), timeout=120)
     ids, prompts, sampling = IDS * 8, PROMPTS * 8, Sampling(n=4, seed=0, max_new_tokens=100)  # seconds of work
     expected = pool.generate(ids, prompts, sampling, timeout_s=300)
+    # Busy is not hung: an engine that returns nothing for longer than cluster.deadline_s (its
+    # call waits behind other work here; a long generation on a GPU) answers the pings the
+    # pool sends meanwhile, and keeps its work.
+    pool.actors[0].__ray_call__.remote(lambda _: time.sleep(9))
+    assert [list(s.response_ids) for s in pool.generate(ids, prompts, sampling, timeout_s=300)] == \
+        [list(s.response_ids) for s in expected]
+    assert account.counts["engine"] == 0
 
     def kill_soon():
         victim = pool.actors[0]
@@ -223,7 +230,7 @@ def test_an_engine_dying_mid_generate_is_replaced_and_its_prompts_sampled_again(
 
     # The pool can bring a new engine to the others' weights (here: the model folder's, as it
     # starts with): the call returns what it would have, sampled again with the same seed.
-    pool.revive = lambda: None
+    pool.revive = lambda index: None
     victim = kill_soon()
     again = pool.generate(ids, prompts, sampling, timeout_s=300)
     assert [list(s.response_ids) for s in again] == [list(s.response_ids) for s in expected]
@@ -268,7 +275,7 @@ def test_the_driver_replaces_a_dead_or_hung_engine_in_any_phase_and_brings_it_to
     pool, tasks = RolloutPool(cfg, tiny_model, account=account), build_mixture(cfg.task)
     actors = train.Actors(learners, None, pool, RewardPool(cfg, tasks.tasks), WeightSync(learners, pool.actors, cfg.sync,
                           "float32"), prompt_format(cfg, tiny_model), (0, 0), account)
-    pool.revive = lambda: train.sync_weights(cfg, actors, actors.sync.version)
+    pool.revive = lambda index: train.sync_weights(cfg, actors, actors.sync.version, only=[index])
     run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
     train.sync_weights(cfg, actors, 1)
     problems = tasks.sample(random.Random(0), 16)

@@ -216,6 +216,17 @@ def test_engines_match_the_learner_after_a_sync(engines, learners, tiny_model, t
         metrics["sync/bytes"] * len(engines) / metrics["timing/sync"] / 1e9, rel=1e-9)
     samples = ray.get(engines[1].generate.remote(["p"], [PROMPT], Sampling(n=3, seed=0, max_new_tokens=4)))
     assert [s.weight_version for s in samples] == [2, 2, 2]
+    # To one engine alone (one replaced while the others generate), through the object store
+    # whatever the transport: the other keeps its version, and the next push reaches both.
+    run_on_ranks(learners, "train_step", fixed_batch(np.array([1, -1] * 4, dtype=np.float32)), 5e-2, 1)
+    before = _scores(engines)
+    sync.push(3, only=[1])
+    after, learner = _scores(engines), ray.get(learners[0].score.remote(SEQ), timeout=120)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert np.abs(after[1] - learner).max() < 1e-4 < np.abs(after[0] - learner).max()
+    assert _versions(engines) == [2, 3] and sync.version == 2
+    sync.push(4)
+    assert sync.check(SEQ)["sync/logprob_diff_max"] < 1e-4 and _versions(engines) == [4, 4]
 
 
 @pytest.mark.slow
