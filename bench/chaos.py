@@ -18,9 +18,10 @@ The table: kills by kind and phase; whether the run finished; the wall time of e
 to exit, the same command) and the faulted run's overhead; steps of work lost (a learner's death
 resumes from the newest checkpoint: the steps logged since it are done again; an engine's or
 worker's death redoes part of one step, counted as 0); whether every metric the runs log is
-identical but for the clock and the fault counts (tests/test_e2e.py, `same_work`). Both runs
-have the same config but for `rollout.max_restarts`, `rewards.max_restarts` and
-`cluster.auto_resume`, set to the number of kills (restart budgets change no number).
+identical but for the clock and the fault counts (tests/test_e2e.py, `same_work`), and so
+are the held-out accuracies (results.json). Both runs have the same config but for
+`rollout.max_restarts`, `rewards.max_restarts` and `cluster.auto_resume`, set to the number
+of kills (restart budgets change no number).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def run(name: str, runs_dir: Path, overrides: list[str], killer=None) -> dict:
     metrics = runs_dir / name / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    results = runs_dir / name / "results.json"  # held-out accuracy before and after RL
     return {"returncode": proc.returncode, "seconds": time.monotonic() - start, "rows": rows, "kills": kills,
+            "results": json.loads(results.read_text()) if results.exists() else None,
             "log": (runs_dir / f"{name}.log").read_text()}
 
 
@@ -192,9 +195,10 @@ def main() -> None:
 
     by = Counter((k["kind"], k["phase"]) for k in faulted["kills"])
     finished = faulted["returncode"] == 0 and reference["returncode"] == 0
-    identical = finished and same_work(faulted["rows"]) == same_work(reference["rows"])
+    identical = finished and same_work(faulted["rows"]) == same_work(reference["rows"]) \
+        and faulted["results"] == reference["results"]
     overhead = faulted["seconds"] / reference["seconds"] - 1
-    logged = [line for line in faulted["log"].splitlines() if line.startswith("r1ray: fault: ")]
+    logged = faulted["log"].count("r1ray: fault: ")  # a line of Ray's output may precede one
     status = "yes" if finished else f"no (exit {faulted['returncode']})"
     print()
     print("| kills (kind: phase x count) | finished | reference (s) | faulted (s) | overhead | steps lost "
@@ -204,7 +208,7 @@ def main() -> None:
           f"| {status} | {reference['seconds']:.0f} "
           f"| {faulted['seconds']:.0f} | {overhead:+.1%} | {steps_lost(faulted)} | {'yes' if identical else 'no'} |")
     print()
-    print(f"faults the run reported: {len(logged)} (r1ray: fault: lines in {args.out}/faulted.log)")
+    print(f"faults the run reported: {logged} (r1ray: fault: lines in {args.out}/faulted.log)")
     print(f"steps: {len(reference['rows'])} reference, {len(faulted['rows'])} faulted; "
           f"overrides: {' '.join(overrides)}; kill seed {args.seed}")
     print(f"machine: {describe('r1ray bench/chaos.py')}")

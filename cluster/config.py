@@ -179,8 +179,9 @@ class ClusterConfig:
     timeout_s: float = option(600.0, lo=0.0, lo_open=True)
     """Longest wait for any remote call before the run fails with a clear error."""
     deadline_s: float = option(300.0, lo=0.0, lo_open=True)
-    """A rollout engine or reward worker that returns nothing for this long while it has work
-    is hung: it is killed and replaced like a dead one (cluster/faults.py)."""
+    """A rollout engine or reward worker that answers nothing for this long while it has work,
+    neither its call nor a ping (which a busy actor answers on a thread of its own), is hung:
+    it is killed and replaced like a dead one (cluster/faults.py)."""
     auto_resume: int = option(2, lo=0)
     """Times per run the driver starts every actor again and resumes from the newest
     checkpoint after a learner rank dies (ZeRO state lives in the ranks: they cannot be

@@ -25,8 +25,9 @@ Injection (`inject`): R1RAY_INJECT_FAULTS lists faults to cause, each once per p
 ROLE is engine, reward, preference or learner; POINT is where the driver calls `inject`
 (generate, eval, idle, stage, commit, score, learn); the fault happens the first time the
 driver reaches POINT in GRPO step STEP or later (0: from the start; a step may have no sync,
-when no group had a signal). Each is announced on the console. The signal (default SIGKILL, as the OOM killer sends) goes to the actor's process, which
-must run on this machine. Nothing happens when the variable is unset.
+when no group had a signal); a fault listed twice happens the first two times. Each is
+announced on the console. The signal (default SIGKILL, as the OOM killer sends) goes to the
+actor's process, which must run on this machine. Nothing happens when the variable is unset.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class _Injector:
     planned: list[tuple[str, int, str, int, str]] | None = None
     step: int = 0
     """The GRPO step the driver is in (`at_step`)."""
-    fired: list[str] = field(default_factory=list)
+    fired: set[int] = field(default_factory=set)
+    """The planned faults caused so far (their places in the plan)."""
 
     def plan(self) -> list[tuple[str, int, str, int, str]]:
         if self.planned is None:
@@ -191,18 +193,19 @@ def at_step(step: int) -> None:
 
 
 def inject(point: str, role: str, actors: list) -> None:
-    """Cause the faults planned for `role` at `point` in this step, once each: signal the
-    process of `actors[index]`."""
+    """Cause the faults planned for `role` at `point` in this step, each listed one once (a
+    fault listed twice happens twice, at two calls): signal the process of `actors[index]`."""
     plan = _injector.plan()
     if not plan:
         return
-    for item in plan:
+    now = set()  # the faults caused by this call
+    for i, item in enumerate(plan):
         kind, index, where, step, sig = item
-        label = f"{kind}{index}@{where}:{step}:{sig}"
-        if (kind, where) != (role, point) or step > _injector.step or label in _injector.fired \
-                or index >= len(actors):
+        if (kind, where) != (role, point) or step > _injector.step or i in _injector.fired \
+                or index >= len(actors) or item in now:
             continue
-        _injector.fired.append(label)
+        _injector.fired.add(i)
+        now.add(item)
         pid = actor_pid(actors[index])
         say(f"r1ray: injecting a fault: {sig} to {role} {index} (pid {pid}) at {point}, step {_injector.step}")
         os.kill(pid, getattr(signal, sig))

@@ -1,7 +1,7 @@
 """A run that resumes itself: a learner rank killed mid-step (every actor is stopped and the
-run goes on from its newest checkpoint, `cluster.auto_resume` times), a run that has no
-resume left (it stops with one line, its checkpoint whole), and a driver started again with
-the same command (it finds its run folder and continues it). Faults are caused with
+run goes on from its newest checkpoint, `cluster.auto_resume` times); killed once more, it has
+no resume left (it stops with one line, its checkpoints whole); and a driver started again
+with the same command finds its run folder and continues it. Faults are caused with
 R1RAY_INJECT_FAULTS (cluster/faults.py) in copies of tests/test_e2e.py's "learner-x2" run and
 compared with it."""
 
@@ -14,9 +14,10 @@ from cluster import checkpoint
 from cluster.config import ConfigError, load_config
 from tests.test_e2e import read_rows, run, run_args, untimed
 
-KILL_RANK_1 = {"R1RAY_INJECT_FAULTS": "learner1@learn:3"}
-"""SIGKILL learner rank 1 once its part of step 3's optimizer step is under way (after the
-checkpoint of step 2)."""
+DIED = "learner 1 died while learning in step {}"
+BECAUSE = "its process died (SYSTEM_ERROR: Worker unexpectedly exits with a connection error code 2. End of file.)"
+"""What the console says when rank 1 is SIGKILLed in a step (`R1RAY_INJECT_FAULTS=learner1@learn:STEP`:
+once its part of the step's optimizer step is under way)."""
 
 
 def same_run(cut_dir, full_dir):
@@ -35,37 +36,27 @@ def same_run(cut_dir, full_dir):
 
 
 @pytest.mark.slow
-def test_a_learner_rank_killed_mid_step_resumes_the_run_as_if_it_had_not_died(finished, tmp_path, tiny_model):
-    full_proc, full_dir = finished("learner-x2")
-    assert full_proc.returncode == 0, full_proc.stderr[-3000:]
-    proc, _ = run([*run_args("learner-x2", tmp_path, tiny_model), "logging.run_name=killed"], tmp_path,
-                  env=KILL_RANK_1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cut_dir = tmp_path / "runs" / "killed"
-    assert "r1ray: injecting a fault: SIGKILL to learner 1" in proc.stdout
-    assert ("r1ray: fault: learner 1 died while learning in step 3 (Worker unexpectedly exits with a connection "
-            "error code 2. End of file.); resuming from step-000002 (1 restart(s) left, cluster.auto_resume)"
-            in proc.stdout), proc.stdout[-3000:]
-    assert f"r1ray: run folder {cut_dir}, resuming from step-000002" in proc.stdout
-    # The same steps, learning and results as the run that nothing killed, the death counted.
-    same_run(cut_dir, full_dir)
-    assert [r["faults/learner"] for r in read_rows(cut_dir / "metrics.jsonl")] == [0, 0, 1, 1]
-
-
-@pytest.mark.slow
-def test_with_no_resume_left_the_run_stops_in_one_line_and_the_same_command_continues_it(finished, tmp_path,
-                                                                                        tiny_model):
-    # Checkpoints by the clock only (after every step: every_minutes is tiny), none by count.
-    args = [*run_args("learner-x2", tmp_path, tiny_model), "logging.run_name=again", "checkpoint.every=0",
-            "checkpoint.every_minutes=0.0001"]
-    stopped, _ = run([*args, "cluster.auto_resume=0"], tmp_path, env=KILL_RANK_1)
-    run_dir = tmp_path / "runs" / "again"
+def test_a_learner_rank_killed_mid_step_resumes_the_run_until_no_resume_is_left_then_the_command_continues_it(
+        finished, tmp_path, tiny_model):
+    # A copy of the "learner-x2" run, checkpointed by the clock only (after every step:
+    # every_minutes is tiny), none by count. Rank 1 dies in step 2: the run resumes itself
+    # from step 1 and does step 2 again; it dies in step 3, the run resumes from step 2; it dies
+    # in step 3 again, one death more than cluster.auto_resume=2: the run stops.
+    args = [*run_args("learner-x2", tmp_path, tiny_model), "logging.run_name=killed", "checkpoint.every=0",
+            "checkpoint.every_minutes=0.0001", "cluster.auto_resume=2"]
+    stopped, _ = run(args, tmp_path, env={"R1RAY_INJECT_FAULTS": "learner1@learn:2,learner1@learn:3,learner1@learn:3"})
+    run_dir = tmp_path / "runs" / "killed"
     assert stopped.returncode == 1, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert stopped.stdout.count("r1ray: injecting a fault: SIGKILL to learner 1") == 3
+    for step, left in ((2, 1), (3, 0)):
+        assert (f"r1ray: fault: {DIED.format(step)} ({BECAUSE}); resuming from step-{step - 1:06d} ({left} restart(s) "
+                "left, cluster.auto_resume)" in stopped.stdout), stopped.stdout[-3000:]
+        assert f"r1ray: run folder {run_dir}, resuming from step-{step - 1:06d}" in stopped.stdout
+    # The third death has no resume left: one line, and the checkpoints whole.
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("r1ray: error:")]
     assert len(errors) == 1 and errors[0].startswith(
-        "r1ray: error: learner 1 died while learning in step 3: Worker unexpectedly exits with a connection error "
-        f"code 2. End of file.; cluster.auto_resume=0 used up; continue with: r1ray train --resume {run_dir}"), \
-        stopped.stderr[-3000:]
+        f"r1ray: error: {DIED.format(3)}: {BECAUSE}; cluster.auto_resume=2 used up; continue with: "
+        f"r1ray train --resume {run_dir} (the actors' output: "), stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     saved = checkpoint.complete(run_dir)
     assert [p.name for p in saved] == ["step-000001", "step-000002"]  # checkpoint.keep=2
@@ -77,9 +68,12 @@ def test_with_no_resume_left_the_run_stops_in_one_line_and_the_same_command_cont
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "unfinished and with this config: continuing it" in again.stdout
     assert f"r1ray: run folder {run_dir}, resuming from step-000002" in again.stdout
+    # The same steps, learning and results as the run that nothing killed (step 2 logged by
+    # the run that resumed itself, 3 and 4 by the command run again), the deaths counted.
     full_proc, full_dir = finished("learner-x2")
     assert full_proc.returncode == 0, full_proc.stderr[-3000:]
     same_run(run_dir, full_dir)
+    assert [r["faults/learner"] for r in read_rows(run_dir / "metrics.jsonl")] == [0, 1, 0, 0]
     # Now finished, the folder is refused as before.
     done, _ = run(args, tmp_path, timeout=120)
     assert done.returncode == 2 and "already exists and its run finished" in done.stderr, done.stderr[-2000:]

@@ -251,6 +251,46 @@ def test_an_engine_dying_mid_generate_is_replaced_and_its_prompts_sampled_again(
     pool.shutdown()
 
 
+class DiesWhileStarting:
+    """Stand-in for a rollout actor whose process dies in its constructor."""
+
+    def __init__(self, *args):
+        import os
+
+        os._exit(1)
+
+
+@pytest.mark.slow
+def test_a_replacement_that_dies_while_it_starts_is_one_more_fault(ray_cluster, tiny_model, tmp_path, capsys):
+    import sys
+
+    from cluster.faults import Faults
+
+    cfg = _pool_config(tmp_path, engine="transformers", max_restarts=3)
+    account = Faults.of(cfg)
+    pool = RolloutPool(cfg, tiny_model, account=account)
+    real = pool._start
+
+    def dies_once(index):  # the first replacement dies while it starts; the next one is real
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test
+        pool._start = real
+        return ray.remote(DiesWhileStarting).options(num_cpus=0).remote()
+
+    pool._start = dies_once
+    victim = pool.actors[0]
+    pool.replace(0, "idle", "killed", "nothing to redo")
+    assert account.counts["engine"] == 2 and pool.actors[0] is not victim
+    out = capsys.readouterr().out
+    assert "engine 0 died while idle (killed); replaced it" in out
+    assert "engine 0 died while starting (its process died" in out
+    samples = pool.generate(IDS, PROMPTS, Sampling(n=2, seed=0, max_new_tokens=4), timeout_s=120)
+    assert len(samples) == 10  # the second replacement serves
+    pool._start = dies_once  # the third death is allowed, the fourth (its replacement's) is not
+    with pytest.raises(RestartsExhausted, match=r"^engine 0 died while starting: .+; rollout.max_restarts=3 used up"):
+        pool.replace(0, "idle", "killed", "nothing to redo")
+    pool.shutdown()
+
+
 @pytest.mark.slow
 def test_the_driver_replaces_a_dead_or_hung_engine_in_any_phase_and_brings_it_to_the_current_weights(
         ray_cluster, tiny_model, tmp_path):
