@@ -2,6 +2,7 @@
 short training job that must end SUCCEEDED with its metrics written, and a job with a bad
 config that must end FAILED with the config error in `ray job logs`."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,20 +33,26 @@ def head():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port",
-                                            "node-manager-port", "object-manager-port")}
-    start = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--min-worker-port=0", "--max-worker-port=0",
-             *[f"--{name}={port}" for name, port in ports.items()]]
-    # --block and a session of its own: stopping it stops this head's processes only (`ray stop`
-    # would also kill the test session's own cluster).
-    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    log = Path(temp) / "head.log"
+    for attempt in range(3):  # a port found free may be taken before the head binds it (the other test process)
+        ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                                "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                "runtime-env-agent-port", "metrics-export-port",
+                                                "node-manager-port", "object-manager-port")}
+        start = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--min-worker-port=0", "--max-worker-port=0",
+                 *[f"--{name}={port}" for name, port in ports.items()]]
+        # --block and a session of its own: stopping it stops this head's processes only (`ray stop`
+        # would also kill the test session's own cluster).
+        with log.open("w") as out:
+            head = subprocess.Popen(start, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        address = f"http://127.0.0.1:{ports['dashboard-port']}"
+        if _wait_for(address, head):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # what it had started before it gave up
+        assert attempt < 2, f"ray start --head exited 3 times; the last said:\n{log.read_text()[-3000:]}"
     try:
-        _wait_for(address, head)
         yield env, address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -56,14 +63,16 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for(address: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+def _wait_for(address: str, head: subprocess.Popen, timeout_s: float = 120) -> bool:
+    """Whether the head's dashboard answers; False when `ray start` exited first."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=5).read()
-            return
+            return True
         except OSError:
-            assert head.poll() is None, "ray start --head exited"
+            if head.poll() is not None:
+                return False
             assert time.monotonic() < deadline, f"no Ray dashboard at {address} after {timeout_s:.0f}s"
             time.sleep(1)
 
