@@ -25,11 +25,13 @@ def test_deaths_are_counted_against_their_budget_and_the_last_one_stops_the_run(
                                  "faults/learner": 0.0}
 
 
-def test_a_cause_is_one_line_ray_s_death_notice_or_the_error_s_last_line():
-    notice = ("The actor died unexpectedly before finishing this task.\n\tclass_name: RolloutActor\n"
+@pytest.mark.parametrize("ending", [
+    "Some common causes include: (1) the process was killed by the OOM killer due to high memory usage, (2) ...",
+    "There are some potential root causes. (1) ..."])
+def test_a_cause_is_one_line_ray_s_death_notice_or_the_error_s_last_line(ending):
+    notice = ("The actor died unexpectedly before finishing this task.\n\tclass_name: Learner\n\tpid: 5074\n"
               "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
-              "detail: Worker unexpectedly exits with a connection error code 2. End of file. There are some "
-              "potential root causes. (1) ...")
+              f"detail: Worker unexpectedly exits with a connection error code 2. End of file. {ending}")
     assert cause_of(RuntimeError(notice)) == \
         "its process died (SYSTEM_ERROR: Worker unexpectedly exits with a connection error code 2. End of file.)"
     traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad shard\n"

@@ -111,19 +111,12 @@ def test_a_run_folder_another_live_process_drives_is_refused(tmp_path):
     _claim(tmp_path)  # and again in this one: each attempt at a run claims its folder
 
 
-def test_a_death_is_told_by_its_phase_and_ray_s_reason_in_one_line():
-    from cluster.faults import cause_of
+def test_a_death_is_told_by_the_phase_the_driver_was_in():
+    # (and by Ray's reason, in one line: tests/test_faults.py)
     from cluster.train import _phase
 
-    ray_says = ("The actor died unexpectedly before finishing this task.\n\tclass_name: Learner\n\tpid: 5074\n"
-                "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
-                "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
-                "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ...")
-    assert cause_of(RuntimeError(ray_says)) == \
-        "its process died (SYSTEM_ERROR: Worker unexpectedly exits with a connection error code 2. End of file.)"
-
     def learn():
-        raise RuntimeError(ray_says)
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
 
     def grpo_step():
         learn()
