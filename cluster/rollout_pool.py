@@ -174,6 +174,7 @@ class RolloutPool:
             except ray.exceptions.RayActorError as err:
                 phase, cause = "starting", faults.cause_of(err)
 
+
 def _shifted(sampling: Sampling, offset: int) -> Sampling:
     """The shard starting at prompt `offset` seeds its first prompt `seed + offset`."""
     from dataclasses import replace
