@@ -52,8 +52,10 @@ from cluster.config import CheckpointConfig, Config, ConfigError, to_dict
 PREFIX = "step-"
 PARTIAL = ".partial"
 # Keys a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE = ("algorithm.steps", "logging.", "cluster.", "checkpoint.", "sync.timeout_s",
-             "rollout.max_restarts", "rewards.max_restarts", "eval.")
+# The engines' count and CPUs change no number: prompts are seeded one by one, whichever
+# engine samples them (tests/test_e2e.py resumes a one-engine run with two).
+RESUMABLE = ("algorithm.steps", "logging.", "cluster.", "checkpoint.", "sync.timeout_s", "eval.",
+             "rollout.max_restarts", "rewards.max_restarts", "rollout.num_engines", "rollout.num_cpus")
 
 
 class CheckpointError(ConfigError):
