@@ -19,9 +19,15 @@ import time
 
 SESSION_LOOK_MAX_S = 8.0
 """A session's watchdog looks at every process (to record those under the head processes) each
-second while new ones appear there, then less and less often while none do, down to once in
-this long: a look costs ~5-15 ms of CPU (it grows with the machine's processes), and most of a
-session's processes start with it and live as long as it."""
+second for its first `SESSION_SETTLE_S` and whenever new ones appear there, then less and less
+often while none do, down to once in this long: a look costs ~5-15 ms of CPU (it grows with the
+machine's processes), and most of a session's processes start with it and live as long as it."""
+
+SESSION_SETTLE_S = 60.0
+"""How long a session's watchdog looks each second, however quiet the head processes seem: the
+head starts its agents in its first seconds, and on a loaded machine a look may come before the
+head has started anything; backing off then would leave the first processes it starts unseen for
+seconds, and a head killed meanwhile would orphan them unrecorded."""
 
 
 def reap_when_gone(pid: int) -> subprocess.Popen | None:
@@ -70,6 +76,7 @@ def _running(pid: int, created: float | None = None) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE and created in (None, process.create_time())
     except psutil.NoSuchProcess:
         return False
+
 
 def _table() -> dict[int, tuple[int, float]]:
     """Every process running now (a zombie has ended; its parent has not yet waited for it):
@@ -123,11 +130,12 @@ def reap(pid: int, targets: list[str], session: bool = False, poll_s: float = 0.
     import psutil
 
     roots = {int(p): float(t) for p, t in (target.split(":") for target in targets)}
-    known, looked, every = dict(roots), 0.0, poll_s
+    known, looked, every, start = dict(roots), 0.0, poll_s, time.monotonic()
     while _running(pid) and any(_running(p, t) for p, t in roots.items()):
         if session and time.monotonic() - looked >= every:
             seen = _same(known, _table())
-            every = poll_s if seen.keys() - known.keys() else min(2 * every, SESSION_LOOK_MAX_S)
+            settled = time.monotonic() - start > SESSION_SETTLE_S and not seen.keys() - known.keys()
+            every = min(2 * every, SESSION_LOOK_MAX_S) if settled else poll_s
             known, looked = seen, time.monotonic()
         time.sleep(poll_s)
     for _ in range(3):  # and again, for what was started while the others were being killed

@@ -79,6 +79,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 HEAD = """
 import os, subprocess, sys, time
+time.sleep(3)  # a head slowed by a loaded machine: the watchdog's first looks find nothing under it
 subprocess.Popen(["sleep", "300"])  # recorded by the watchdog, under the head
 time.sleep(1.5)
 # Orphaned at once, never under the head (as a worker the raylet started just before it died
