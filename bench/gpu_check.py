@@ -217,19 +217,30 @@ def check_grpo_math(args) -> dict:
     return {**result, "bounds": GRPO_BOUNDS, "failures": failures}
 
 
+LOSS_VARIANTS = [("grpo", "token"), ("grpo", "sequence"), ("grpo", "constant"), ("gspo", "sequence"),
+                 ("cispo", "token")]
+"""(loss, aggregation) pairs the check takes value and gradient of (learner/grpo.py, points 1, 9)."""
+
+
 def grpo_terms(grpo, x: dict, mask: torch.Tensor, group_size: int) -> dict:
-    """Every GRPO quantity the learner uses, on x's device and dtype; gradients of both losses."""
+    """Every GRPO quantity the learner uses, on x's device and dtype; value and gradient of each
+    loss variant (with its KL term by a different estimator each)."""
     keep = mask.bool()
     adv = grpo.group_advantages(x["rewards"], group_size)  # [N]
     weights = grpo.importance_weights(x["old"], x["behaviour"], mask, cap=2.0)  # [N, T]
-    out = {"advantages": adv, "is_weights": weights[keep], "kl": grpo.kl_k3(x["lp"], x["ref"])[keep]}
+    out = {"advantages": adv, "is_weights": weights[keep]}
+    for estimator in grpo.KL_ESTIMATORS:
+        out[f"kl_{estimator}"] = grpo.kl_estimate(x["lp"], x["ref"], estimator)[keep]
     finite = True
-    for aggregation in grpo.AGGREGATIONS:
+    for i, (loss_name, aggregation) in enumerate(LOSS_VARIANTS):
         lp = x["lp"].clone().requires_grad_(True)
-        loss, _ = grpo.policy_loss(lp, x["old"], adv, mask, clip_low=0.2, clip_high=0.28, ref_logprobs=x["ref"],
-                                   kl_beta=0.04, aggregation=aggregation, is_weights=weights)
+        loss, _ = grpo.policy_loss(lp, x["old"], adv, mask, loss=loss_name, clip_low=0.2, clip_high=0.28,
+                                   ref_logprobs=x["ref"], kl_beta=0.04,
+                                   kl_estimator=grpo.KL_ESTIMATORS[i % len(grpo.KL_ESTIMATORS)],
+                                   aggregation=aggregation, max_tokens=mask.shape[1], is_weights=weights)
         loss.backward()
-        out[f"loss_{aggregation}"], out[f"grad_{aggregation}"] = loss.detach(), lp.grad[keep]
+        name = f"{loss_name}_{aggregation}"
+        out[f"loss_{name}"], out[f"grad_{name}"] = loss.detach(), lp.grad[keep]
         finite = finite and bool(torch.isfinite(loss)) and bool(torch.isfinite(lp.grad).all())
     out["finite"] = finite
     return out

@@ -54,8 +54,8 @@ PARTIAL = ".partial"
 # Keys a resumed run may change; any other difference from the checkpoint's config is an error.
 # The engines' count and CPUs change no number: prompts are seeded one by one, whichever
 # engine samples them (tests/test_e2e.py resumes a one-engine run with two).
-RESUMABLE = ("algorithm.steps", "logging.", "cluster.", "checkpoint.", "sync.timeout_s", "eval.",
-             "rollout.max_restarts", "rewards.max_restarts", "rollout.num_engines", "rollout.num_cpus")
+RESUMABLE = ("algorithm.steps", "algorithm.max_minutes", "logging.", "cluster.", "checkpoint.", "sync.timeout_s",
+             "eval.", "rollout.max_restarts", "rewards.max_restarts", "rollout.num_engines", "rollout.num_cpus")
 
 
 class CheckpointError(ConfigError):

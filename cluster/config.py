@@ -270,6 +270,11 @@ class Config:
         if self.cold_start.steps > 0 and not t.arithmetic.weight:
             raise ConfigError(f"cold_start.steps={self.cold_start.steps} needs a task with reference "
                               "traces (task.arithmetic.weight > 0); or set cold_start.steps=0")
+        if self.algorithm.kl_beta > 0 and self.algorithm.kl_in == "reward" and (self.rollout.top_p < 1
+                                                                               or self.rollout.top_k > 0):
+            raise ConfigError(f"algorithm.kl_in=reward takes the KL from the sampler's log-probs, which "
+                              f"rollout.top_p={self.rollout.top_p:g} / rollout.top_k={self.rollout.top_k} cut; "
+                              "use kl_in=loss or sample without the cuts")
         if self.cluster.colocate:
             self._check_colocated()
         if self.sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.learner.num_gpus
@@ -285,7 +290,11 @@ class Config:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Convert a YAML/command-line value to the field's type, or raise naming the key."""
+    """Convert a YAML/command-line value to the field's type, or raise naming the key. An
+    optional field (`float | None`) takes null (YAML's null, `key=null` on the command line)."""
+    args = typing.get_args(typ)
+    if type(None) in args:
+        return None if value is None else _coerce(key, value, next(a for a in args if a is not type(None)))
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -311,6 +320,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
     choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if value is None:  # an optional field left to its default (the field's docstring says which)
+        return
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
     low_bad = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
@@ -374,7 +385,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def config_from_tree(tree: dict) -> Config:
     """A validated Config from a nested dict (a parsed YAML file), with learner.dtype auto
-    resolved for this machine: nothing downstream ever sees auto."""
+    resolved for this machine and the algorithm's auto / null fields chosen
+    (`AlgorithmConfig.resolved`): nothing downstream ever sees auto."""
     try:
         cfg = _build(Config, tree, "")
     except ConfigError:
@@ -384,7 +396,7 @@ def config_from_tree(tree: dict) -> Config:
     dtype = resolve_dtype(cfg.learner.dtype, cfg.learner.num_gpus)
     if dtype != cfg.learner.dtype:
         cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, dtype=dtype))
-    return cfg
+    return dataclasses.replace(cfg, algorithm=cfg.algorithm.resolved())
 
 
 def to_dict(cfg: Config) -> dict:

@@ -197,9 +197,11 @@ def learn_flops(tokens: int, answer_tokens: int, body_params: int, head_params: 
 def forward_only_passes(algo: AlgorithmConfig) -> int:
     """Forward-only passes the learner makes over each token of a step besides its trained
     one (learner/learner.py, `Learner.train_step`): the frozen reference when the KL penalty
-    is on; the old policy's recompute when several updates share a batch and the old
-    log-probs come from the learner (`recompute_old_logprobs`, or any staleness)."""
-    old = algo.updates_per_step > 1 and (algo.recompute_old_logprobs or algo.max_staleness > 0)
+    is on (in the loss, or in the reward: `Learner.sequence_kl`); the old policy's recompute
+    when several updates share a batch and the old log-probs come from the learner
+    (`old_logprobs=learner`, which a mismatch correction implies)."""
+    algo = algo.resolved()
+    old = algo.updates_per_step > 1 and algo.old_logprobs == "learner"
     return int(algo.kl_beta > 0) + int(old)
 
 

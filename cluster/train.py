@@ -37,6 +37,7 @@ import numpy as np
 from actors.rollout import check_fit
 from cluster import checkpoint, faults, placement
 from cluster.config import Config, ConfigError, to_dict
+from cluster.curriculum import Curriculum
 from cluster.evaluate import evaluate
 from cluster.faults import NO_FAULTS, Faults
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
@@ -141,33 +142,39 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
     step = None  # the GRPO step a learner's death is reported in
     try:
         rng = random.Random(cfg.algorithm.seed)
+        prompts = Curriculum(tasks, cfg.algorithm)  # which prompts each step draws
         probe = probe_sequence(cfg, actors, tasks)  # scored by learner and engines after syncs
         version, results = state["version"], state["results"]
         if ckpt:  # the learner's state, the engines' weights, the prompt sampler's position
             restore(cfg, actors, ckpt, state, rng, probe)
+            prompts.load(state.get("curriculum"))
         else:
             results = accuracy(cfg, actors, eval_set, "initial")
             version = cold_start(cfg, actors, tasks, model_path, rng, probe)
             results |= accuracy(cfg, actors, eval_set, "before_rl")
         reference = set_reference(cfg, actors, run_dir, model_path, version, state if ckpt else None)
         if not ckpt and stop.signum:
-            save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), results, reference, logger)
+            save(cfg, actors, run_dir, model_path, 0, version, rng.getstate(), prompts, results, reference, logger)
         stop.exit_if_asked(state["step"], run_dir, actors)
         ahead = None  # the next step's rollout, when it was started while this step learned
-        saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
+        rl_start = saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
         for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
             faults.at_step(step)
-            metrics, version, ahead = grpo_step(cfg, actors, tasks, rng, step, version, ahead, probe, logger)
+            metrics, version, ahead = grpo_step(cfg, actors, prompts, rng, step, version, ahead, probe, logger)
             if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
                 metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
             logger.log({"step": step, **metrics, **account.metrics()})
-            if step == cfg.algorithm.steps or stop.signum or checkpoint.due(cfg.checkpoint, step,
-                                                                             time.monotonic() - saved_at):
+            last = step == cfg.algorithm.steps or 0 < cfg.algorithm.max_minutes * 60 <= time.monotonic() - rl_start
+            if last or stop.signum or checkpoint.due(cfg.checkpoint, step, time.monotonic() - saved_at):
                 # an in-flight rollout is dropped: resume draws its prompts again
                 save(cfg, actors, run_dir, model_path, step, version,
-                     ahead.rng_state if ahead else rng.getstate(), results, reference, logger)
+                     ahead.rng_state if ahead else rng.getstate(), prompts, results, reference, logger)
                 saved_at = time.monotonic()
             stop.exit_if_asked(step, run_dir, actors)
+            if last:
+                break
+        if ahead is not None:  # out of time with the next step's rollout generating: the engines finish it first
+            ahead.wait_generated(cfg.cluster.timeout_s)
         results |= accuracy(cfg, actors, eval_set, "after_rl")
         ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
                 timeout=cfg.cluster.timeout_s)
@@ -186,7 +193,7 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
     return results
 
 
-def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, version: int,
+def grpo_step(cfg: Config, actors: Actors, prompts: Curriculum, rng: random.Random, step: int, version: int,
               ahead: Rollout | None, probe: np.ndarray, logger: MetricsLogger
               ) -> tuple[dict[str, float], int, Rollout | None]:
     """One GRPO step, top to bottom: rollout -> (the next step's rollout starts) -> advantages
@@ -200,16 +207,18 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
     a, G, start = cfg.algorithm, cfg.algorithm.group_size, time.time()
     # 1. Rollout: B prompts, G answers each, scored as groups finish (more rounds of prompts with
     #    dynamic sampling). An engine that dies is replaced and its prompts are sampled again.
-    produced, rollouts = gather(cfg, actors, tasks, rng, step, logger, ahead, version)
+    produced, rollouts = gather(cfg, actors, prompts, rng, step, logger, ahead, version)
     samples, problems = produced.samples, produced.problems
     check_groups(samples, G)
+    prompts.record(problems, samples)  # before the next step's prompts are drawn
+    drawn = prompts.metrics()
     # 2. Overlap: the next step's rollout starts now and generates while this step learns, with
     #    the weights of this step's samples (one version behind; learner/grpo.py, point 6).
-    ahead = start_rollout(cfg, actors, tasks, rng, step + 1, logger, ahead=True) \
+    ahead = start_rollout(cfg, actors, prompts, rng, step + 1, logger, ahead=True) \
         if a.max_staleness and step < a.steps else None
     timings = {"generate": produced.generate_end - produced.generate_start,
                "reward": max(0.0, produced.scored - produced.generate_end)}  # what scoring adds after generation
-    metrics = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G)}
+    metrics = {"rollout/skipped_prompts": float(len(problems) - len(samples) // G), **drawn}
     if not samples:  # every prompt was too long and skipped
         return metrics | idle_metrics(metrics, start, time.time(), [*rollouts, ahead]), version, ahead
     lag = [version - s.weight_version for s in samples]  # optimizer steps the sampler was behind
@@ -228,10 +237,13 @@ def grpo_step(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, s
                 "groups/generated": len(samples) / G, "groups/trained": float(len(groups)),
                 "rollout/staleness_mean": float(np.mean(lag)), "rollout/staleness_max": float(max(lag))}
     if batch:  # else the step learns nothing and the version stays
-        advantages = group_advantages(rewards[rows], G, a.normalize_std)  # [b*G]
-        # 4. Learn: `updates_per_step` optimizer steps over the batch, sharded over the ranks.
+        # 4. Learn: `updates_per_step` optimizer steps over the batch, sharded over the ranks
+        #    (with algorithm.kl_in=reward, the KL to the reference is taken from the rewards first).
         lr = lr_at(cfg.learner.lr, step, cfg.learner.warmup_steps)
         with _timed(timings, "learn"), actors.rollouts.asleep():  # colocated: the device is the learner's
+            shaped, penalty = kl_shaped(cfg, actors.learners, batch, rewards[rows])
+            advantages = group_advantages(shaped, G, a.normalize_std)  # [b*G]
+            metrics |= penalty
             metrics |= learn(cfg, actors.learners, batch, advantages.numpy(), lr) | {"learner/lr": lr}
         # 5. Sync: every engine takes the new version, once the rollout ahead has finished
         #    generating (no engine loads weights while it samples). An engine that died in it
@@ -312,12 +324,12 @@ def start_learners(cfg: Config, cls: type, *args) -> tuple[list, object]:
     return ranks, group
 
 
-def start_rollout(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int,
+def start_rollout(cfg: Config, actors: Actors, prompts: Curriculum, rng: random.Random, step: int,
                   logger: MetricsLogger, round: int = 0, ahead: bool = False) -> Rollout:
     """Draw step `step`'s prompts (or a dynamic-sampling round's); start generating and
     scoring them in the background (`ahead`: while the learner learns, see `Rollout.ahead`)."""
     rng_state = rng.getstate()
-    problems = tasks.sample(rng, cfg.algorithm.prompts_per_step)
+    problems = prompts.draw(rng, cfg.algorithm.prompts_per_step)
     logger.log_prompts(step, problems)
     return Rollout.start(cfg, actors, problems, step, rng_state, round, ahead)
 
@@ -334,7 +346,7 @@ def rollout_result(cfg: Config, actors: Actors, rollout: Rollout, version: int) 
             rollout = Rollout.start(cfg, actors, rollout.problems, rollout.step, rollout.rng_state, rollout.round)
 
 
-def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step: int, logger: MetricsLogger,
+def gather(cfg: Config, actors: Actors, prompts: Curriculum, rng: random.Random, step: int, logger: MetricsLogger,
            rollout: Rollout | None, version: int) -> tuple[Produced, list[Rollout]]:
     """Step `step`'s scored samples (from `rollout` when it was started ahead) and every
     rollout that made them: with `algorithm.dynamic_sampling`, rounds of prompts_per_step
@@ -343,14 +355,14 @@ def gather(cfg: Config, actors: Actors, tasks: Mixture, rng: random.Random, step
 
     from learner.grpo import groups_with_signal
 
-    rollouts = [rollout or start_rollout(cfg, actors, tasks, rng, step, logger)]
+    rollouts = [rollout or start_rollout(cfg, actors, prompts, rng, step, logger)]
     produced = rollout_result(cfg, actors, rollouts[0], version)
     a = cfg.algorithm
     for round in range(1, a.dynamic_sampling_rounds + 1 if a.dynamic_sampling else 1):
         rewards = torch.tensor([s.reward for s in produced.samples])  # [N]
         if int(groups_with_signal(rewards, a.group_size).sum()) >= a.prompts_per_step:
             break
-        rollouts.append(start_rollout(cfg, actors, tasks, rng, step, logger, round))
+        rollouts.append(start_rollout(cfg, actors, prompts, rng, step, logger, round))
         produced = produced + rollout_result(cfg, actors, rollouts[-1], version)
     return produced, rollouts
 
@@ -373,20 +385,40 @@ def sync_weights(cfg: Config, actors: Actors, version: int, only: list[int] | No
                 actors.rollouts.replace(engines[k], err.stage, cause, f"weights version {version} sent again")
 
 
-def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
-          lr: float) -> dict[str, float]:
-    """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across
-    ranks; the metrics are the whole batch's (every rank reports the same)."""
-    import ray
-
+def shards(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray | None = None) -> list:
+    """The samples collated into one `TrainBatch` per learner rank, in order."""
     from learner.batch import collate
 
     batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=0,
                     advantages=advantages, sampling_logprobs=[s.logprobs for s in samples])
     if cfg.algorithm.mask_truncated:
         batch.loss_mask[[s.truncated for s in samples]] = 0.0
-    shards = batch.split(len(learners))
-    steps = [l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step) for l, shard in zip(learners, shards)]
+    return batch.split(len(learners))
+
+
+def kl_shaped(cfg: Config, learners: list, samples: list[Sample], rewards):
+    """(rewards [N] less kl_beta x each answer's KL to the reference where algorithm.kl_in is
+    reward, else the rewards as they are; {"reward/kl_penalty": the mean penalty}, or {})."""
+    import ray
+    import torch
+
+    a = cfg.algorithm
+    if not (a.kl_beta > 0 and a.kl_in == "reward"):
+        return rewards, {}
+    parts = ray.get([l.sequence_kl.remote(shard) for l, shard in zip(learners, shards(cfg, learners, samples))],
+                    timeout=cfg.cluster.timeout_s)
+    penalty = a.kl_beta * torch.as_tensor(np.concatenate(parts), dtype=rewards.dtype)  # [N]
+    return rewards - penalty, {"reward/kl_penalty": float(penalty.mean())}
+
+
+def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.ndarray,
+          lr: float) -> dict[str, float]:
+    """One GRPO optimizer step (or `updates_per_step` of them) over the batch, sharded across
+    ranks; the metrics are the whole batch's (every rank reports the same)."""
+    import ray
+
+    parts = shards(cfg, learners, samples, advantages)
+    steps = [l.train_step.remote(shard, lr, cfg.algorithm.updates_per_step) for l, shard in zip(learners, parts)]
     faults.inject("learn", "learner", learners)
     # A rank that dies fails its call at once, and ray.get raises then: it does not wait for the
     # other ranks, which wait for the dead one in a collective until they are killed.
@@ -480,7 +512,7 @@ def set_reference(cfg: Config, actors: Actors, run_dir: Path, model_path: str, v
 
 
 def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int, version: int,
-         rng_state: tuple, results: dict, reference: str | None, logger: MetricsLogger) -> None:
+         rng_state: tuple, prompts: Curriculum, results: dict, reference: str | None, logger: MetricsLogger) -> None:
     """Checkpoint the run as it is after `step` (layout in cluster/checkpoint.py)."""
     import ray
 
@@ -490,7 +522,7 @@ def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int,
                 timeout=cfg.cluster.timeout_s)
 
     state = {"version": version, "rng": rng_state, "results": results, "wandb_id": logger.run_id,
-             "reference": reference}
+             "reference": reference, "curriculum": prompts.state()}
     path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep)
     print(f"r1ray: checkpoint {path}", flush=True)
 

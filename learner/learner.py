@@ -45,7 +45,7 @@ class Learner(DeepSpeedRank):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.algo, self.sampling = algo, sampling
+        self.algo, self.sampling = algo.resolved(), sampling
         self.kl_sampling = dataclasses.replace(sampling, top_k=0, top_p=1.0)  # the KL's: temperature only
         self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.sync_end = None  # rank 0's end of the broadcast weight-sync group
@@ -87,42 +87,73 @@ class Learner(DeepSpeedRank):
     def train_step(self, shard: TrainBatch, lr: float, num_updates: int = 1) -> dict[str, float]:
         """GRPO on this rank's shard: `num_updates` optimizer steps over equal mini-batches.
 
-        With one update the old policy is the current one (ratio 1, exact on-policy gradient);
-        with several it is the engine's sampling log-probs, or the learner's own recompute
-        before the first update when `recompute_old_logprobs` is set (see learner/grpo.py, 5).
-        With `max_staleness` > 0 the old policy is the learner's own (recomputed when needed)
-        and tokens are weighted by truncated importance weights against the sampler (6).
-        Returns the whole step's metrics, the same on every rank: token-weighted means over
-        all ranks' tokens (pg_loss weighted like the loss: by tokens, or by sequences for
-        sequence aggregation), and grad_norm averaged over the updates.
+        pi_old is the current policy with one update (ratio 1, the exact on-policy gradient);
+        with several, the engine's sampling log-probs or, with `old_logprobs=learner`, the
+        learner's own recompute before the first update (learner/grpo.py, 5). A mismatch
+        correction weights each token by pi_old / pi_sampler (points 6, 11). Returns the whole
+        step's metrics, the same on every rank: token-weighted means over all ranks' tokens
+        (pg_loss weighted like the loss: by tokens, or by sequences for sequence and constant
+        aggregation; masked_sequences by sequences), and grad_norm averaged over the updates.
+        The mismatch metrics are taken where pi_old is the learner's: every token when it is
+        recomputed or there is one update, else the first mini-batch (before its update).
         """
         from learner import grpo
 
+        a = self.algo
         plan = self._plan(shard, num_updates)
-        stale = self.algo.max_staleness > 0  # samples may come from the previous policy (grpo.py, 6)
-        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and (self.algo.recompute_old_logprobs or stale))
+        kl_in_loss = a.kl_in == "loss"
+        fixed = self._fixed_logprobs(plan, need_old=num_updates > 1 and a.old_logprobs == "learner",
+                                     need_ref=kl_in_loss)
         means, norms = _WeightedMeans(), []
         for index, (mini, mini_fixed) in enumerate(zip(plan, fixed)):
             total = self._global_count(mini)
             for micro, (old, ref) in zip(mini, mini_fixed):
-                logprobs, entropy, untruncated = self._logprobs(micro, with_entropy=True,
-                                                                untruncated=ref is not None)  # [n, L-1] each
+                logprobs, entropy, untruncated = self._logprobs(
+                    micro, with_entropy=True, untruncated=ref is not None,
+                    entropy_grad=a.entropy_coef > 0)  # [n, L-1] each
                 sampled, mask = self._tensor(micro.sampling_logprobs), self._tensor(micro.loss_mask)
+                learner_old = old if old is not None else logprobs.detach() if num_updates == 1 or index == 0 else None
                 if old is None:
                     old = logprobs.detach() if num_updates == 1 else sampled
-                weights = grpo.importance_weights(old, sampled, mask, self.algo.is_cap) if stale else None
+                weights = None
+                if a.mismatch != "none":
+                    weights = grpo.importance_weights(old, sampled, mask, a.mismatch, a.is_cap, a.mismatch_low,
+                                                      a.mismatch_high)
                 loss, stats = grpo.policy_loss(
-                    logprobs, old, self._tensor(micro.advantages), mask,
-                    clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, ref_logprobs=ref,
-                    kl_beta=self.algo.kl_beta, aggregation=self.algo.aggregation, entropy=entropy,
-                    is_weights=weights, kl_logprobs=untruncated)
+                    logprobs, old, self._tensor(micro.advantages), mask, loss=a.loss,
+                    clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, ref_logprobs=ref,
+                    kl_beta=a.kl_beta if kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
+                    aggregation=a.aggregation, max_tokens=self.sampling.max_new_tokens, entropy=entropy,
+                    entropy_coef=a.entropy_coef, is_weights=weights, kl_logprobs=untruncated)
                 self.engine.backward(loss * (self._count(micro) / total * self.cfg.num_ranks), scale_wrt_gas=False)
-                tokens = float(micro.loss_mask.sum())
-                if index == 0:  # before this step's first update: the engine's policy vs ours
-                    stats["offpolicy_gap"] = _masked_abs_diff(logprobs, micro)
-                means.add(stats, tokens, pg_loss=self._count(micro))
+                if learner_old is not None:  # the sampler against the learner's pi_old
+                    stats |= grpo.mismatch_metrics(learner_old, sampled, mask, weights)
+                means.add(stats, float(micro.loss_mask.sum()), pg_loss=self._count(micro),
+                          masked_sequences=float((micro.loss_mask.sum(axis=1) > 0).sum()))
             norms.append(self._optimizer_step(lr))
         return {**means.global_means(self.device), "grad_norm": float(np.mean(norms))}
+
+    def sequence_kl(self, shard: TrainBatch) -> np.ndarray:
+        """[n]: each answer's KL estimate to the reference, summed over its tokens, in the
+        shard's order, for the penalty folded into the reward (`algorithm.kl_in=reward`;
+        learner/grpo.py, point 3). The sampler's log-probs stand for the policy: they are the
+        distribution the answer was drawn from, and need no forward pass of the policy."""
+        import torch
+
+        from learner import grpo
+
+        # In the shard's order (not `_plan`'s, sorted by length), padded as `_plan` pads.
+        count = -(-len(shard) // self.cfg.micro_batch_size)
+        micros = shard.split(count) if count else []
+        micros += [TrainBatch.placeholder()] * (global_max([count], self.device)[0] - count)
+        out = []
+        with torch.no_grad():
+            for micro in micros:
+                ref, _, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
+                                                 self.kl_sampling, micro.loss_mask, chunk=self.cfg.logprob_chunk)
+                out.append(grpo.sequence_kl(self._tensor(micro.sampling_logprobs), ref, self._tensor(micro.loss_mask),
+                                            self.algo.kl_estimator).cpu().numpy())  # [n]
+        return np.concatenate(out[:count]) if count else np.zeros(0)
 
     def sft_step(self, shard: TrainBatch, lr: float) -> dict[str, float]:
         """One cross-entropy optimizer step on reference traces (loss on masked tokens only),
@@ -145,16 +176,18 @@ class Learner(DeepSpeedRank):
     # ---- log-probs ----------------------------------------------------------------------
 
     def _logprobs(self, micro: TrainBatch, with_entropy: bool, untruncated: bool = False,
-                  sampling: Sampling | None = None):
+                  sampling: Sampling | None = None, entropy_grad: bool = False):
         """(log-probs [n, L-1] of each next token under the policy, in the distribution the
-        engines sample from; its entropy [n, L-1] or None; with `untruncated`, the log-probs
-        at the temperature without the top-k / top-p cut, for the KL term, else None)."""
+        engines sample from; its entropy [n, L-1] (with its gradient where `entropy_grad`) or
+        None; with `untruncated`, the log-probs at the temperature without the top-k / top-p
+        cut, for the KL term, else None)."""
+        entropy = "grad" if entropy_grad else with_entropy
         return _next_token_logprobs(self.engine, micro.input_ids, micro.attention_mask, sampling or self.sampling,
-                                    micro.loss_mask, micro.segment_ids, untruncated, with_entropy,
-                                    self.cfg.logprob_chunk)
+                                    micro.loss_mask, micro.segment_ids, untruncated, entropy, self.cfg.logprob_chunk)
 
-    def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool) -> list[list[tuple]]:
-        """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed.
+    def _fixed_logprobs(self, plan: list[list[TrainBatch]], need_old: bool, need_ref: bool) -> list[list[tuple]]:
+        """(old, reference) log-probs [n, L-1] per micro-batch of `plan`; None where not needed
+        (the reference's where `need_ref` and there is a reference).
         The reference's are untruncated (the KL compares models, not samplers: a token outside
         the reference's top-p would otherwise cost an infinite penalty)."""
         import torch
@@ -166,7 +199,7 @@ class Learner(DeepSpeedRank):
                 for micro in mini:
                     old = self._logprobs(micro, with_entropy=False)[0] if need_old else None
                     ref = None
-                    if self.reference is not None:
+                    if need_ref and self.reference is not None:
                         ref, _, _ = _next_token_logprobs(self.reference, micro.input_ids, micro.attention_mask,
                                                          self.kl_sampling, micro.loss_mask,
                                                          chunk=self.cfg.logprob_chunk)
@@ -278,10 +311,11 @@ class _WeightedMeans:
 
 def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling,
                          targets: np.ndarray | None = None, segment_ids: np.ndarray | None = None,
-                         untruncated: bool = False, entropy: bool = False, chunk: int = 0):
+                         untruncated: bool = False, entropy: bool | str = False, chunk: int = 0):
     """(log-probs [n, L-1] of tokens 1..L-1 given their prefix in the distribution `sampling`
     draws from (`Sampling.logprobs`: temperature, top-k, top-p), 0 where `targets` [n, L-1] is
-    0; with `entropy`, that distribution's entropy [n, L-1], without gradient, else None; with
+    0; with `entropy`, that distribution's entropy [n, L-1], without gradient unless `entropy` is
+    "grad", else None; with
     `untruncated`, the log-probs [n, L-1] at the temperature without the cuts, else None).
 
     Only the target positions go through the LM head: with a vocabulary of 49k, the head and
@@ -331,11 +365,12 @@ def _next_token_logprobs(model, input_ids: np.ndarray, attention_mask: np.ndarra
     return picked, (spread if entropy else None), (raw if untruncated else None)
 
 
-def _chunk_logprobs(head, hidden, targets, sampling: Sampling, untruncated: bool, entropy: bool):
+def _chunk_logprobs(head, hidden, targets, sampling: Sampling, untruncated: bool, entropy: bool | str):
     """[c, 3]: log-prob, untruncated log-prob (the first again unless asked and truncating) and
-    entropy without gradient (0 unless asked) of `targets` [c] after hidden states [c, H];
-    `head` is the LM head's own forward. The entropy comes last: a checkpoint's recompute stops
-    once it has what backward needs, so it is not computed again."""
+    entropy (0 unless asked; with its gradient only when `entropy` is "grad", for an entropy
+    bonus) of `targets` [c] after hidden states [c, H]; `head` is the LM head's own forward.
+    The entropy comes last: a checkpoint's recompute stops once it has what backward needs, so
+    one without gradient is not computed again."""
     import torch
 
     from learner.grpo import entropy_of_logprobs
@@ -346,7 +381,7 @@ def _chunk_logprobs(head, hidden, targets, sampling: Sampling, untruncated: bool
     raw = picked
     if untruncated and sampling.truncates:  # one more log-softmax only where the cuts make it differ
         raw = sampling.logprobs(logits, truncate=False).gather(-1, targets[:, None]).squeeze(-1)  # [c]
-    with torch.no_grad():
+    with contextlib.nullcontext() if entropy == "grad" else torch.no_grad():
         spread = entropy_of_logprobs(every) if entropy else torch.zeros_like(picked)  # [c]
     return torch.stack([picked, raw, spread], dim=-1)  # [c, 3]
 
@@ -399,13 +434,3 @@ def _scatter(values, keep):
 
     keep = torch.as_tensor(keep, device=values.device).bool()
     return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
-
-
-def _masked_abs_diff(logprobs, micro: TrainBatch) -> float:
-    """Mean |learner - engine| log-prob over response tokens: the off-policy gap."""
-    import torch
-
-    from learner.grpo import masked_mean
-
-    diff = (logprobs.detach() - torch.as_tensor(micro.sampling_logprobs, device=logprobs.device)).abs()  # [n, L-1]
-    return float(masked_mean(diff, torch.as_tensor(micro.loss_mask, device=logprobs.device)))

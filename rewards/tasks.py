@@ -333,13 +333,15 @@ class Mixture:
     """Questions held out beyond the tasks' own eval splits (a pipeline's evaluation set):
     never drawn for training."""
 
-    def sample(self, rng: random.Random, n: int, split: str = "train",
-               names: list[str] | None = None) -> list[Problem]:
-        """`n` problems of `split`, drawn with replacement (from `names` only, if given)."""
+    def sample(self, rng: random.Random, n: int, split: str = "train", names: list[str] | None = None,
+               weights: dict[str, float] | None = None) -> list[Problem]:
+        """`n` problems of `split`, drawn with replacement (from `names` only, if given; by
+        `weights` instead of the mixture's, if given)."""
         names = names or list(self.tasks)
         if len(names) == 1:  # no draw: a single task's problems do not depend on the mixture
             return [self._draw(rng, names[0], split) for _ in range(n)]
-        picks = rng.choices(names, [self.weights[t] for t in names], k=n)
+        weights = weights or self.weights
+        picks = rng.choices(names, [weights[t] for t in names], k=n)
         return [self._draw(rng, t, split) for t in picks]
 
     def held_out(self, question: str) -> bool:

@@ -75,7 +75,10 @@ def test_resume_accepts_more_steps_and_refuses_other_changes(tmp_path):
     d = run_dir(tmp_path)
     ckpt = checkpoint.save(d, 40, write_weights(b"x"), {}, CFG, keep=2)
     checkpoint.check_compatible(ckpt, load_config(None, ["algorithm.steps=500", "logging.wandb_mode=disabled",
-                                                         "rollout.num_engines=2", "rollout.num_cpus=0.4"]))
+                                                         "rollout.num_engines=2", "rollout.num_cpus=0.4",
+                                                         "algorithm.max_minutes=30"]))
+    with pytest.raises(CheckpointError, match=r"differs in .*algorithm.loss \(checkpoint: 'grpo', now: 'gspo'\)"):
+        checkpoint.check_compatible(ckpt, load_config(None, ["algorithm.loss=gspo"]))
     with pytest.raises(CheckpointError, match=r"differs in rollout.max_new_tokens"):  # not every rollout key
         checkpoint.check_compatible(ckpt, load_config(None, ["rollout.max_new_tokens=64"]))
     with pytest.raises(CheckpointError, match=r"differs in learner.lr \(checkpoint: 5e-05, now: 0.001\)"):

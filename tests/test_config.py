@@ -21,7 +21,7 @@ def test_overrides_are_typed_and_applied():
 
 
 def test_default_yaml_is_the_built_in_default():
-    assert load_config(CONFIGS / "default.yaml") == Config()
+    assert load_config(CONFIGS / "default.yaml") == load_config()
 
 
 RECIPES = ("r1.yaml",)
@@ -44,7 +44,51 @@ def test_every_example_config_loads(path):
     for key, value in leaves(yaml.safe_load(path.read_text()) or {}):
         if (key, value) == ("learner.dtype", "auto"):  # the run sees this machine's choice
             value = resolve_dtype("auto", loaded["learner.num_gpus"])
+        if key.startswith("algorithm.") and value == "auto":  # chosen from the others (test below)
+            continue
         assert loaded[key] == value, key  # every value the file sets, as the run will see it
+
+
+@pytest.mark.parametrize("overrides, chosen", [
+    ([], dict(loss="grpo", aggregation="token", clip_low=0.2, clip_high=0.2, mismatch="none", old_logprobs="sampler")),
+    (["algorithm.loss=gspo"], dict(aggregation="sequence", clip_low=3e-4, clip_high=4e-4)),
+    (["algorithm.loss=cispo"], dict(aggregation="token", clip_low=1.0, clip_high=5.0)),
+    (["algorithm.loss=gspo", "algorithm.clip_high=1e-3"], dict(clip_low=3e-4, clip_high=1e-3)),  # one side set
+    (["algorithm.max_staleness=1"], dict(mismatch="tis", old_logprobs="learner")),
+    (["algorithm.mismatch=mis_token"], dict(old_logprobs="learner", mismatch_low=0.5, mismatch_high=2.0)),
+    (["algorithm.mismatch=geo_mask"], dict(mismatch_low=0.99, mismatch_high=1.01)),
+    (["algorithm.max_staleness=1", "algorithm.mismatch=none"], dict(mismatch="none", old_logprobs="sampler")),
+])
+def test_the_algorithms_auto_and_null_fields_are_chosen_from_the_others(overrides, chosen, tmp_path):
+    import yaml
+
+    from cluster.config import to_dict
+
+    algo = load_config(None, overrides).algorithm
+    assert {k: getattr(algo, k) for k in chosen} == chosen
+    # The run's config.yaml records the choice, and loads back to the same config.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(load_config(None, overrides))))
+    assert load_config(saved) == load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.loss=gspo", "algorithm.aggregation=token"],
+     "algorithm.loss=gspo clips one ratio per sequence and averages over sequences; algorithm.aggregation=token"),
+    (["algorithm.loss=cispo", "algorithm.dual_clip=3"],
+     "algorithm.loss=cispo clips the importance weight, its only clip range; algorithm.dual_clip=3 would add"),
+    (["algorithm.kl_beta=0.04", "algorithm.kl_reference=none"],
+     "algorithm.kl_beta=0.04 estimates a KL to a reference model, but algorithm.kl_reference=none has none"),
+    (["algorithm.mismatch=tis", "algorithm.old_logprobs=sampler"],
+     "algorithm.mismatch=tis weights tokens by pi_old / pi_sampler, which algorithm.old_logprobs=sampler"),
+    (["algorithm.dual_clip=0.5"], "algorithm.dual_clip=0.5 must be 0 (off) or above 1"),
+    (["algorithm.kl_beta=0.04", "algorithm.kl_in=reward", "rollout.top_p=0.9"],
+     "algorithm.kl_in=reward takes the KL from the sampler's log-probs, which rollout.top_p=0.9"),
+])
+def test_combinations_that_make_no_sense_stop_at_load_naming_both_keys(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_overrides_win_over_the_file(tmp_path):
@@ -79,8 +123,10 @@ def test_overrides_win_over_the_file(tmp_path):
     ("sync.transport=nccl", "sync.transport='nccl' is not valid; choose one of 'object_store', 'broadcast'"),
     ("sync.bucket_mb=0", "sync.bucket_mb=0.0 is out of range; valid: (0.0, inf]"),
     # A clip_low of 1 would let the ratio fall to 0: refused when the config loads, not at step 1.
-    ("algorithm.clip_low=1", "algorithm.clip_low=1.0 is out of range; valid: [0.0, 1.0)"),
-    ("algorithm.kl_reference=/no/such/model", "algorithm.kl_reference='/no/such/model' is neither rl_start nor"),
+    ("algorithm.clip_low=1.5", "algorithm.clip_low=1.5 is out of range; valid: [0.0, 1.0]"),
+    ("algorithm.kl_reference=/no/such/model", "algorithm.kl_reference='/no/such/model' is neither rl_start, none nor"),
+    ("algorithm.loss=ppo", "algorithm.loss='ppo' is not valid; choose one of 'grpo', 'gspo', 'cispo'"),
+    ("algorithm.mismatch_high=0.9", "algorithm.mismatch_high=0.9 is out of range; valid: [1.0, inf]"),
     ("cluster.colocate=true rollout.num_engines=2 algorithm.max_staleness=1",
      "cluster.colocate=true needs rollout.num_engines=2 equal to learner.num_ranks=1 (one engine beside each "
      "rank); algorithm.max_staleness=0 (an engine cannot generate while its device trains)"),

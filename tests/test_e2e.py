@@ -36,14 +36,20 @@ RUNS = {
     # One transformers engine fed through the object store, colocated with the learner rank
     # (it sleeps while the rank trains, and refuses work while asleep); truncated answers
     # masked; a mixture of four tasks, one of them a dataset, scored by two checker
-    # processes; DAPO's dynamic sampling refilling the batch with groups that have signal.
+    # processes, drawn by a learnability curriculum without settled prompts; DAPO's dynamic
+    # sampling refilling the batch with groups that have signal; tokens outside the mismatch
+    # band dropped (none: same numerics); an entropy bonus.
     "transformers-mixture": ["rollout.engine=transformers", "cluster.colocate=true", "algorithm.mask_truncated=true",
                              "task.countdown.weight=1", "task.countdown.num_numbers=3", "task.knights.weight=1",
                              "task.math.weight=1", "task.math.path={data}", "rewards.processes=2",
-                             "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_rounds=2"],
+                             "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_rounds=2",
+                             "algorithm.prompt_filter=skip", "algorithm.curriculum=learnability",
+                             "algorithm.mismatch=mis_token", "algorithm.entropy_coef=0.001"],
     # Two learner ranks (ZeRO-2 over gloo), a checkpoint every two of four steps: the run
-    # tests/test_resume.py kills rank 1 of, and compares with this one.
-    "learner-x2": ["learner.num_ranks=2", "learner.num_cpus=0.5", "algorithm.steps=4", "checkpoint.every=2"],
+    # tests/test_resume.py kills rank 1 of, and compares with this one. GSPO, with the KL
+    # folded into the reward (each rank scores its shard against the reference).
+    "learner-x2": ["learner.num_ranks=2", "learner.num_cpus=0.5", "algorithm.steps=4", "checkpoint.every=2",
+                   "algorithm.loss=gspo", "algorithm.kl_in=reward"],
 }
 
 
@@ -88,10 +94,12 @@ def test_two_grpo_steps_through_the_real_entry_point(finished, name):
                 "timing/generate", "timing/reward", "rollout/skipped_prompts", "reward/length",
                 "reward/check_failed"]:
         assert all(key in r for r in rows), key
+    kl = "reward/kl_penalty" if "algorithm.kl_in=reward" in rollout else "learner/kl"
     for r in rows:  # a step with no group that has signal learns nothing and syncs nothing
-        learned = {"learner/clip_fraction", "learner/kl", "learner/entropy", "learner/lr", "timing/learn",
-                   "timing/sync", "sync/bytes", "learner/offpolicy_gap", "throughput/learn_tokens_per_s"}
+        learned = {"learner/clip_fraction", kl, "learner/entropy", "learner/lr", "timing/learn", "timing/sync",
+                   "sync/bytes", "learner/offpolicy_gap", "learner/mismatch_kl", "throughput/learn_tokens_per_s"}
         assert learned <= set(r) if r["groups/trained"] else not learned & set(r), r
+        assert ("learner/kl" in r) == (r["groups/trained"] > 0 and kl == "learner/kl"), r
     trained = [r for r in rows if r["groups/trained"]]
     assert trained, "no step learned anything; the test says nothing about learning"
     # Versions: cold start made 1, every step that learned made one more.
@@ -100,7 +108,12 @@ def test_two_grpo_steps_through_the_real_entry_point(finished, name):
     # The KL reference is the policy RL starts from (after cold start), not the initial model
     # (which was of order 1 away): no KL before the first update, a little after one step at
     # the warm-up's lr (the second update's mini-batch).
-    assert trained[0]["learner/kl"] < 1e-3
+    assert trained[0][kl] < 1e-3
+    if "algorithm.curriculum=learnability" in rollout:  # every task weighted, after its first scores
+        assert all(abs(sum(r[f"curriculum/{t}/weight"] for t in ("arithmetic", "countdown", "knights", "math"))
+                       - 1) < 1e-9 and 0 <= r["prompts/skipped"] < 1 for r in rows)
+    if "algorithm.mismatch=mis_token" in rollout:  # the engine samples in the learner's numerics
+        assert all(r["learner/masked_tokens"] == 0 for r in trained)
     prompts = read_rows(run_dir / "prompts.jsonl")
     for r in rows:
         rounds = sum(p["step"] == r["step"] for p in prompts)  # 1 + dynamic sampling's extra rounds

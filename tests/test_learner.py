@@ -75,7 +75,7 @@ def ranks(ray_cluster, tiny_model, tmp_path_factory):
             ray.get([l.save_state.remote(state) for l in started[shape]], timeout=300)
         learners = started[shape]
         ray.get([l.load_state.remote(state) for l in learners], timeout=300)
-        ray.get([l.__ray_call__.remote(configure, micro_batch_size, AlgorithmConfig(**algorithm))
+        ray.get([l.__ray_call__.remote(configure, micro_batch_size, AlgorithmConfig(**algorithm).resolved())
                  for l in learners], timeout=60)
         return learners
 
@@ -142,7 +142,7 @@ def test_the_second_update_clips_as_a_recomputation_says(ranks):
     # A second learner replays update 1 alone; its log-probs give the ratios update 2 saw.
     adv = np.array([2, 2, -2, -2, 2, 2, -2, -2], dtype=np.float32)
     batch, lr = fixed_batch(adv), 5e-2
-    (learner,) = ranks(1, 2, recompute_old_logprobs=True)
+    (learner,) = ranks(1, 2, old_logprobs="learner")
     (replay,) = ranks(1, 2, copy=1)
     old = [token_logprobs(replay, batch, i) for i in range(4, 8)]
     m = ray.get(learner.train_step.remote(batch, lr, 2), timeout=300)
@@ -181,10 +181,11 @@ def test_loss_and_gradient_are_the_same_however_the_batch_is_cut(ranks):
     # runs empty micro-batches so that the other's collectives are answered). Each part is
     # weighted by its share of the batch's tokens (or sequences), so the gradient, and the
     # logged loss, must not depend on the cut.
-    # Token mean of -A: -(4.5 + 2 - 5 - 6 + 3 + 0.8 - 3.5 - 1.8) / 36 = 6 / 36; sequence mean: -0.2 / 8.
+    # Token mean of -A: -(4.5 + 2 - 5 - 6 + 3 + 0.8 - 3.5 - 1.8) / 36 = 6 / 36; sequence mean: -0.2 / 8;
+    # constant (Dr. GRPO): the same sum over 8 sequences x 32 tokens (the sampling's max_new_tokens).
     adv = np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.3], dtype=np.float32)
     batch = fixed_batch(adv)
-    expected = {"token": 6 / 36, "sequence": -0.2 / 8}
+    expected = {"token": 6 / 36, "sequence": -0.2 / 8, "constant": 6 / 256}
     results = {aggregation: [] for aggregation in expected}
     # Switches a live rank's aggregation (a lambda, as `configure` is).
     set_aggregation = lambda rank, a: setattr(rank, "algo", dataclasses.replace(rank.algo, aggregation=a))  # noqa: E731
@@ -228,6 +229,75 @@ def test_importance_weights_against_a_known_behaviour_policy(ranks):
         assert got["is_weight_mean"] == pytest.approx(weight, rel=1e-5)
         norms[weight] = got["grad_norm"]
     assert norms[0.5] == pytest.approx(norms[1.0] / 2, rel=1e-4)
+
+
+def set_sampler(learner, batch, shift):
+    """Make the batch's sampling log-probs the learner's own plus `shift[i]` for answer i:
+    the sampler then had pi_old / pi_sampler = exp(-shift[i]) on every token of answer i."""
+    for i in range(len(batch)):
+        batch.sampling_logprobs[i, batch.loss_mask[i].astype(bool)] = token_logprobs(learner, batch, i) + shift[i]
+
+
+def test_masked_importance_sampling_drops_exactly_the_tokens_and_sequences_outside_the_band(ranks):
+    # Answers 0 and 5 had r = 3 on every token (outside [0.5, 2]), the others r = 1. One update
+    # at lr 0: pi_old is the learner's current policy, the loss is the token mean of -w * A.
+    adv = np.array([1, -1, 1, -1, 1, -1, 1, -1], dtype=np.float32)
+    batch = fixed_batch(adv)
+    shift = np.where(np.isin(np.arange(8), [0, 5]), -np.log(3.0), 0.0)
+    kept = ~np.isin(np.arange(8), [0, 5])
+    for mode in ("mis_token", "mis_sequence"):
+        (learner,) = ranks(1, 2, mismatch=mode)
+        set_sampler(learner, batch, shift)
+        m = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+        assert m["masked_tokens"] == pytest.approx(LENGTHS[~kept].sum() / LENGTHS.sum(), rel=1e-6), mode
+        assert m["masked_sequences"] == pytest.approx(2 / 8, rel=1e-6), mode
+        assert m["pg_loss"] == pytest.approx(-(adv * LENGTHS)[kept].sum() / LENGTHS.sum(), rel=1e-5), mode
+        assert m["offpolicy_gap"] == pytest.approx(np.log(3.0) * LENGTHS[~kept].sum() / LENGTHS.sum(), rel=1e-5)
+        assert m["mismatch_kl"] == pytest.approx((3 - 1 - np.log(3.0)) * LENGTHS[~kept].sum() / LENGTHS.sum(),
+                                                 rel=1e-5)
+    # No correction: the same sampler is only measured, and every token counts.
+    (learner,) = ranks(1, 2)
+    m = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+    assert "masked_tokens" not in m and m["pg_loss"] == pytest.approx(-(adv * LENGTHS).sum() / LENGTHS.sum(),
+                                                                      abs=1e-6)
+
+
+def test_cispo_is_reinforce_weighted_by_the_clipped_ratio(ranks):
+    # One update: every ratio is 1, inside any clip range, so the loss is -A * lp per token, averaged.
+    adv = np.array([1.5, 0.5, -1, -1, 1, 0.2, -0.7, -0.3], dtype=np.float32)
+    batch = fixed_batch(adv)
+    (learner,) = ranks(1, 2, loss="cispo")
+    lp = [token_logprobs(learner, batch, i) for i in range(8)]
+    m = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+    assert m["pg_loss"] == pytest.approx(-sum(a * l.sum() for a, l in zip(adv, lp)) / LENGTHS.sum(), rel=1e-5)
+
+
+def test_an_entropy_bonus_alone_raises_the_entropy(ranks):
+    # Advantages all 0: without a bonus there is no gradient at all; with one, steps raise the
+    # entropy of the sampling distribution on the batch's positions.
+    batch = fixed_batch(np.zeros(8, dtype=np.float32))
+    (learner,) = ranks(1, 2)
+    assert ray.get(learner.train_step.remote(batch, 1e-2, 1), timeout=300)["grad_norm"] == 0.0
+    (learner,) = ranks(1, 2, entropy_coef=0.1)
+    entropies = [ray.get(learner.train_step.remote(batch, 1e-4, 1), timeout=300)["entropy"] for _ in range(3)]
+    assert entropies[0] < entropies[1] < entropies[2], entropies
+
+
+def test_the_kl_folded_into_the_reward_is_each_answers_sum_in_the_shards_order(ranks, tiny_model):
+    # The reference is the policy itself (as it starts); the sampler's log-probs are the policy's
+    # plus delta_i, so each token's d = ref - mu = -delta_i: k1 = delta_i, k3 = e^-delta_i + delta_i - 1,
+    # summed over answer i's tokens. Micro-batches of 3 (3 + 3 + 2), in the shard's order.
+    delta = np.array([0.1, -0.2, 0.3, 0.0, 0.5, -0.5, 0.05, 1.0])
+    batch = fixed_batch(np.zeros(8, dtype=np.float32))
+    for estimator, per_token in (("k1", delta), ("k3", np.exp(-delta) + delta - 1)):
+        (learner,) = ranks(1, 2, micro_batch_size=3, kl_beta=0.1, kl_in="reward", kl_estimator=estimator)
+        ray.get(learner.load_reference.remote(tiny_model), timeout=300)
+        set_sampler(learner, batch, delta)
+        got = ray.get(learner.sequence_kl.remote(batch), timeout=300)
+        np.testing.assert_allclose(got, per_token * LENGTHS, rtol=1e-4, atol=1e-5, err_msg=estimator)
+    # The loss then has no KL term: none is measured, and the reference runs no forward in it.
+    m = ray.get(learner.train_step.remote(batch, 0.0, 1), timeout=300)
+    assert "kl" not in m
 
 
 def test_the_kl_reference_is_the_model_it_is_given(ranks, tiny_model, tmp_path):

@@ -72,7 +72,9 @@ def test_learner_flops_count_the_body_on_every_token_and_the_head_on_answers_onl
     ({}, 0),
     ({"kl_beta": 0.04}, 1),  # the frozen reference
     ({"updates_per_step": 2}, 0),  # old log-probs from the engine
-    ({"updates_per_step": 2, "recompute_old_logprobs": True}, 1),
+    ({"updates_per_step": 2, "old_logprobs": "learner"}, 1),
+    ({"updates_per_step": 2, "mismatch": "mis_token"}, 1),  # a correction takes pi_old from the learner
+    ({"kl_beta": 0.04, "kl_in": "reward"}, 1),  # the reference's pass, before the advantages
     ({"updates_per_step": 2, "max_staleness": 1, "kl_beta": 0.04}, 2),
     ({"updates_per_step": 1, "max_staleness": 1}, 0),  # one update: the trained pass is the old policy
 ])
