@@ -6,17 +6,20 @@ tasks, with two seeds, on the same wall-clock budget of RL; real `r1ray train` r
 
 Every run is the default job (configs/default.yaml: the tiny Llama, cold start, fp32) with the
 task's and the variant's overrides and `algorithm.max_minutes=--minutes`: RL stops after the
-step that passes the budget, then held-out accuracy is measured as after any run. The budget
-is RL's alone (start-up, cold start and the first evaluations are the same for every variant
-of a task and seed, and are not in it); the held-out evaluations every `--eval-every` steps are
-in it, greedy only (`eval.k=1`), the same problems for every run.
+step that passes the budget, then held-out accuracy is measured as after any run. The cold
+start is run once per task and seed (`algorithm.steps=0`), and every variant starts RL from
+its model: the same start, and its minutes are not spent again per variant. The budget is
+RL's alone (start-up and the first evaluations are not in it); the held-out evaluations
+every `--eval-every` steps are in it, greedy only (`eval.k=1`), the same problems for every
+run.
 
 `--step-time N` measures instead what each variant costs a step: N steps of the default
 job per variant with learner.lr=1e-12, which leaves fp32 weights exactly as they are (an Adam
 update of ~1e-12 is below their rounding), so every variant samples, scores and learns from the
 same batches and the difference is the variant's own work: median `timing/learn` and
-`timing/step` against GRPO's, in the same invocation (the "same samples" column checks that the
-rewards of every step match GRPO's).
+`timing/step` against GRPO's, in the same invocation, GRPO run first and again last (their
+difference is the machine's noise); the "same samples" column checks that the rewards of every
+step match GRPO's.
 
 The table (means over seeds; +- half the range): held-out greedy accuracy before RL and after;
 reward gained per minute of RL (mean reward of the last 10 steps minus the first 10, over RL's
@@ -158,10 +161,11 @@ def plot(summaries: dict, path: Path) -> None:
 def step_times(variants: list[str], steps: int, runs_dir: Path, extra: list[str]) -> str:
     """The --step-time table: each variant's median learn and step time against GRPO's."""
     got = {}
-    for variant in ["grpo", *[v for v in variants if v != "grpo"]]:
-        name = "steptime-" + variant.replace(" + ", "+").replace(" ", "_")
-        result = run(name, runs_dir, [*COSTED[variant], f"algorithm.steps={steps}", "learner.lr=1e-12",
-                                      "task.eval_prompts=0", "checkpoint.every=0", *extra])
+    # GRPO first and again last: the two runs' difference is the noise of the machine.
+    for variant in ["grpo", *[v for v in variants if v != "grpo"], "grpo (again)"]:
+        name = "steptime-" + variant.replace(" + ", "+").replace(" ", "_").replace("(", "").replace(")", "")
+        result = run(name, runs_dir, [*COSTED[variant.removesuffix(" (again)")], f"algorithm.steps={steps}",
+                                      "learner.lr=1e-12", "task.eval_prompts=0", "checkpoint.every=0", *extra])
         if result["returncode"] or not result["rows"]:
             continue
         rows = result["rows"][1:]  # the first step warms up
@@ -206,12 +210,19 @@ def main() -> None:
         return
     summaries = {}
     for task in tasks:
+        starts = {}  # seed -> the cold-started model every variant's RL starts from
+        for seed in range(args.seeds):
+            start = run(f"{task}-start-{seed}", runs_dir, [*TASKS[task], f"algorithm.seed={seed}", "algorithm.steps=0",
+                                                           *args.set])
+            if start["returncode"]:
+                sys.exit(f"algorithms: the cold start of {task} (seed {seed}) failed")
+            starts[seed] = runs_dir / f"{task}-start-{seed}" / "model"
         for variant in variants:
             runs = []
             for seed in range(args.seeds):
                 name = f"{task}-{variant}-{seed}".replace(" + ", "+").replace(" ", "_")
-                overrides = [*TASKS[task], *COSTED[variant], f"algorithm.seed={seed}",
-                             f"algorithm.max_minutes={args.minutes}", "algorithm.steps=100000",
+                overrides = [*TASKS[task], *COSTED[variant], f"algorithm.seed={seed}", f"model.path={starts[seed]}",
+                             "cold_start.steps=0", f"algorithm.max_minutes={args.minutes}", "algorithm.steps=100000",
                              f"eval.every={args.eval_every}", "eval.k=1", "checkpoint.every=0", *args.set]
                 result = run(name, runs_dir, overrides)
                 if result["returncode"] == 0 and result["rows"]:
