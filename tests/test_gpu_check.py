@@ -62,7 +62,9 @@ def test_gpu_check_runs_on_cpu_without_ray_vllm_deepspeed(tmp_path):
 
     for dtype, bound in GRPO_BOUNDS.items():
         math = sections["grpo_math"][dtype]
-        terms = ("advantages", "is_weights", "kl", "loss_token", "grad_token", "loss_sequence", "grad_sequence")
+        variants = ("grpo_token", "grpo_sequence", "grpo_constant", "gspo_sequence", "cispo_token")
+        terms = ("advantages", "is_weights", "kl_k1", "kl_k2", "kl_k3",
+                 *(f"{kind}_{variant}" for kind in ("loss", "grad") for variant in variants))
         assert all(math[t]["max_rel"] < bound for t in terms), (dtype, math)
         assert math["finite"] and math["exact_zero_advantages"]
     step = sections["learner_logprobs"]["step"]
