@@ -104,8 +104,9 @@ class Curriculum:
         if self.algo.prompt_filter != "none":
             out["prompts/skipped"] = self._skipped / max(self._drawn, 1)
         if self.algo.curriculum != "none":
-            total = sum(self.weights().values())
-            for task, weight in sorted(self.weights().items()):
+            weights = self.weights()
+            total = sum(weights.values())
+            for task, weight in sorted(weights.items()):
                 out[f"curriculum/{task}/weight"] = weight / total
                 if task in self.pass_rate:
                     out[f"curriculum/{task}/pass_rate"] = self.pass_rate[task]
