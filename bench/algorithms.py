@@ -25,8 +25,8 @@ The table (means over seeds; +- half the range): held-out greedy accuracy before
 reward gained per minute of RL (mean reward of the last 10 steps minus the first 10, over RL's
 minutes); response length and policy entropy over the last 10 steps; the median step time and
 the steps done in the budget. The plot: held-out greedy accuracy against minutes of RL, one
-line per variant (mean over seeds), one panel per task (--plot, a PNG).
-"""
+line per variant (mean over seeds), one panel per task (--plot, a PNG); its last point is the
+accuracy after the last step."""
 
 from __future__ import annotations
 
@@ -71,8 +71,13 @@ solves 5-30% of the time (its `before RL` column says how often): 3-digit sums, 
 default cold start (seed 0, 2026-12-03; with 3 operands of 2 or 3 digits it solved none)."""
 
 
-def run(name: str, runs_dir: Path, overrides: list[str]) -> dict:
-    """One `r1ray train`; its metrics rows, held-out results and wall time."""
+def run(name: str, runs_dir: Path, overrides: list[str], reuse: bool = False) -> dict:
+    """One `r1ray train`; its metrics rows, held-out results and wall time. With `reuse`, a run
+    that finished before under the same name and overrides is read back, not run again."""
+    folder = runs_dir / name
+    done = folder / "bench.json"
+    if reuse and done.exists() and json.loads(done.read_text())["overrides"] == overrides:
+        return read(folder, 0, json.loads(done.read_text())["seconds"])
     cmd = [sys.executable, "-m", "r1ray", "train", "--config", str(REPO / "configs/default.yaml"), *overrides,
            f"cluster.runs_dir={runs_dir}", f"logging.run_name={name}", "logging.wandb_mode=disabled",
            "logging.progress=false"]
@@ -80,13 +85,20 @@ def run(name: str, runs_dir: Path, overrides: list[str]) -> dict:
     start = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
-    folder = runs_dir / name
+    seconds = time.monotonic() - start
+    if proc.returncode:
+        print(f"algorithms: {name} failed (exit {proc.returncode}); see {log}", flush=True)
+    else:
+        done.write_text(json.dumps({"overrides": overrides, "seconds": seconds}))
+    return read(folder, proc.returncode, seconds)
+
+
+def read(folder: Path, returncode: int, seconds: float) -> dict:
+    """A run folder's metrics rows and held-out results."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()] \
         if (folder / "metrics.jsonl").exists() else []
     results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
-    if proc.returncode:
-        print(f"algorithms: {name} failed (exit {proc.returncode}); see {log}", flush=True)
-    return {"returncode": proc.returncode, "seconds": time.monotonic() - start, "rows": rows, "results": results}
+    return {"returncode": returncode, "seconds": seconds, "rows": rows, "results": results}
 
 
 def summary(result: dict) -> dict:
@@ -148,9 +160,11 @@ def plot(summaries: dict, path: Path) -> None:
         for (t, variant), runs in summaries.items():
             if t != task or not runs:
                 continue
-            n = min(len(r["curve"]) for r in runs)
+            n = min(len(r["curve"]) for r in runs)  # the evaluations every seed reached
             xs = [statistics.fmean(r["curve"][i][0] for r in runs) for i in range(n)]
             ys = [statistics.fmean(r["curve"][i][1] for r in runs) for i in range(n)]
+            xs.append(statistics.fmean(r["minutes"] for r in runs))  # after the last step: the same problems
+            ys.append(statistics.fmean(r["after"] for r in runs))
             ax.plot(xs, ys, marker="o", markersize=3, label=variant)
         ax.set(title=task, xlabel="minutes of RL", ylabel="held-out accuracy (greedy)")
         ax.grid(alpha=0.3)
@@ -195,6 +209,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/bench-algorithms")
     parser.add_argument("--plot", default="", help="write the accuracy-against-time plot here (a PNG)")
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run (key=value)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back the runs that finished before in --runs-dir with the same overrides")
     parser.add_argument("--step-time", type=int, default=0, metavar="N",
                         help="measure each variant's step time over N steps instead (module docstring)")
     args = parser.parse_args()
@@ -214,24 +230,26 @@ def main() -> None:
         starts = {}  # seed -> the cold-started model every variant's RL starts from
         for seed in range(args.seeds):
             start = run(f"{task}-start-{seed}", runs_dir, [*TASKS[task], f"algorithm.seed={seed}", "algorithm.steps=0",
-                                                           *args.set])
+                                                           *args.set], args.reuse)
             if start["returncode"]:
                 sys.exit(f"algorithms: the cold start of {task} (seed {seed}) failed")
             starts[seed] = runs_dir / f"{task}-start-{seed}" / "model"
-        for variant in variants:
-            runs = []
-            for seed in range(args.seeds):
+        runs = {variant: [] for variant in variants}
+        # Seed by seed, the variants in turn, reversed for every other seed: a machine that speeds
+        # up or slows down over the hours favours no variant.
+        for seed in range(args.seeds):
+            for variant in variants if seed % 2 == 0 else variants[::-1]:
                 name = f"{task}-{variant}-{seed}".replace(" + ", "+").replace(" ", "_")
                 overrides = [*TASKS[task], *COSTED[variant], f"algorithm.seed={seed}", f"model.path={starts[seed]}",
                              "cold_start.steps=0", f"algorithm.max_minutes={args.minutes}", "algorithm.steps=100000",
                              f"eval.every={args.eval_every}", "eval.k=1", "checkpoint.every=0", *args.set]
-                result = run(name, runs_dir, overrides)
+                result = run(name, runs_dir, overrides, args.reuse)
                 if result["returncode"] == 0 and result["rows"]:
-                    runs.append(summary(result))
-                    print(f"algorithms: {name}: {runs[-1]['steps']} steps in {runs[-1]['minutes']:.1f} min of RL, "
-                          f"accuracy {runs[-1]['before']} -> {runs[-1]['after']} ({result['seconds']:.0f} s in all)",
-                          flush=True)
-            summaries[(task, variant)] = runs
+                    got = summary(result)
+                    runs[variant].append(got)
+                    print(f"algorithms: {name}: {got['steps']} steps in {got['minutes']:.1f} min of RL, "
+                          f"accuracy {got['before']} -> {got['after']} ({result['seconds']:.0f} s in all)", flush=True)
+        summaries.update({(task, variant): runs[variant] for variant in variants})
     print()
     print(describe("r1ray bench/algorithms.py " + " ".join(sys.argv[1:])))
     print(table(summaries, args.minutes, args.seeds))
