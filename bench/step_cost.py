@@ -2,9 +2,10 @@
 one batch: the default job's learner (configs/default.yaml: the tiny Llama, one ZeRO-2 rank,
 fp32, two updates per step) trains on the same batch under each option in turn, round after
 round, the options in a new random order every round, so that a machine that slows down or
-speeds up favours none of them. The table gives each option's median step and its fastest (the
-step least disturbed by whatever else the machine ran), each against GRPO's. GRPO appears twice ("grpo" and "grpo (again)"): the two are
-identical work, and their difference is what this measurement cannot resolve.
+speeds up favours none of them. The table gives each option's median step and its fastest
+(the step least disturbed by whatever else the machine ran), each against GRPO's. GRPO
+appears twice ("grpo" and "grpo (again)"): the two are identical work, and their difference
+is what this measurement cannot resolve.
 
     .venv/bin/python bench/step_cost.py                 # every option of bench/algorithms.py
     .venv/bin/python bench/step_cost.py --rounds 20 --variants gspo,cispo
@@ -12,10 +13,11 @@ identical work, and their difference is what this measurement cannot resolve.
 The batch has the default job's shape: 16 arithmetic prompts of its task rendered in the R1
 template, 8 answers each of 8 to `rollout.max_new_tokens` tokens (random ids; the cost of a
 step does not depend on which tokens). That is more than a typical step of the default job
-learns from (the groups whose rewards differ, ~15-token answers): the ratios are the point. One step is `Learner.train_step` with learning rate 0
-(so the weights stay as they are and every round sees the same model), plus, for the KL in the
-reward, `Learner.sequence_kl` on the batch, which the driver calls before the step. The options
-that need the reference model load it (the policy's own start weights).
+learns from (the groups whose rewards differ, ~15-token answers): the ratios are the point.
+One step is `Learner.train_step` with learning rate 0 (so the weights stay as they are and
+every round sees the same model), plus, for the KL in the reward, `Learner.sequence_kl` on
+the batch, which the driver calls before the step. The options that need the reference model
+load it (the policy's own start weights).
 """
 
 from __future__ import annotations
