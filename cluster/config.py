@@ -152,6 +152,10 @@ class EvalConfig:
     greedily), logging eval/pass@1/greedy, eval/pass@1, eval/pass@k and eval/maj@k."""
     k: int = option(4, lo=1)
     """Samples per held-out problem for pass@k and maj@k (1: greedy only)."""
+    length_buckets: int = option(0, lo=0)
+    """Above 0: also the sampled answers' accuracy and share by length, in this many ranges of
+    tokens (eval/by_length/...; cluster/evaluate.py); then the accuracy before and after RL
+    samples k answers too, so that its by-length figures show where RL started and ended."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ one greedy answer, and with k > 1 also k answers sampled at `rollout.temperature
 - `maj@k`: share of problems where the most common final answer among the k is right
   (ties go to the answer seen first). Answers vote by the verifier's equivalence classes
   (`rewards.math.canonical_answer`): "0.5", "1/2" and "\\frac{1}{2}" are one answer.
+With `eval.length_buckets` = n > 0, the k sampled answers are also split by length into n
+equal ranges of tokens up to `rollout.max_new_tokens`: `by_length/<lo>-<hi>/pass@1` is the
+share of right answers in a range (NaN when it holds none), `by_length/<lo>-<hi>/share` the
+share of all sampled answers that fall in it. Whether longer answers are the right ones.
 An answer is right only at full credit (its checker's score is 1.0): a task with partial
 credit (`task.code.partial_credit`) scores 0.5 for half the tests passed, and two half-right
 answers are not a right one. Each metric is reported over all problems and per task
@@ -55,6 +59,22 @@ def majority_correct(answers: list[str | None], scores: list[float]) -> float:
     return float(scores[answers.index(top)] == 1.0)
 
 
+def by_length(lengths: list[int], right: list[bool], max_tokens: int, buckets: int) -> dict[str, float]:
+    """Accuracy and share of answers by length (module docstring): `buckets` equal ranges of
+    [0, max_tokens] tokens, each [lo, hi) but the last, which holds max_tokens (and anything
+    longer) too; `by_length/0-7/pass@1` for lengths 0 to 7."""
+    lengths, right = np.asarray(lengths), np.asarray(right, dtype=bool)
+    edges = np.linspace(0, max_tokens, buckets + 1).round().astype(int)
+    out = {}
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        last = i == buckets - 1
+        inside = (lengths >= lo) & ((lengths < hi) | last)
+        key = f"by_length/{lo}-{hi if last else hi - 1}"
+        out[f"{key}/pass@1"] = float(right[inside].mean()) if inside.any() else float("nan")
+        out[f"{key}/share"] = float(inside.mean()) if len(lengths) else float("nan")
+    return out
+
+
 def vote_key(text: str, last_number: bool = False) -> str | None:
     """The answer a vote counts, read as the checkers read it: the marked final answer (or,
     with `task.answer=last_number`, else the last number), as its equivalence class's key."""
@@ -73,6 +93,7 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
     by_id = {p.id: p for p in problems}
     greedy: dict[str, list] = {p.id: [] for p in problems}
     sampled: dict[str, list] = {p.id: [] for p in problems}
+    lengths: list[tuple[int, bool]] = []  # (tokens, right) of every sampled answer
     bar = tqdm(total=len(problems), desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(problems), CHUNK):
         chunk = problems[start:start + CHUNK]
@@ -86,6 +107,8 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
             for s in samples:
                 into[s.prompt_id].append((s.reward_breakdown["correct"],
                                           vote_key(s.text, cfg.task.answer == "last_number")))
+                if into is sampled:
+                    lengths.append((len(s.response_ids), s.reward_breakdown["correct"] == 1.0))
         bar.update(len(chunk))
     bar.close()
     tasks = sorted({p.task for p in problems})
@@ -101,6 +124,10 @@ def evaluate(cfg: Config, rollouts, rewarders, fmt: PromptFormat, problems: list
             out[f"{prefix}pass@1{suffix}"] = float(np.mean([r / k for r in right]))
             out[f"{prefix}pass@{k}{suffix}"] = float(np.mean([pass_at_k(k, r, k) for r in right]))
             out[f"{prefix}maj@{k}{suffix}"] = float(np.mean([majority_correct(a, c) for c, a in per]))
+    if k > 1 and cfg.eval.length_buckets:
+        got = by_length([n for n, _ in lengths], [r for _, r in lengths], cfg.rollout.max_new_tokens,
+                        cfg.eval.length_buckets)
+        out |= {prefix + key: v for key, v in got.items()}
     return out
 
 

@@ -1,4 +1,4 @@
-"""`r1ray plot RUN_DIR`: reward, response length and KL curves from a run's metrics.jsonl,
+"""`r1ray plot RUN_DIR`: reward, response length, reflection rate, KL and held-out curves from a run's metrics.jsonl,
 drawn to a PNG with matplotlib (no W&B needed).
 
     r1ray plot runs/grpo-20261127-101500            # writes runs/grpo-.../curves.png
@@ -16,6 +16,7 @@ import numpy as np
 PANELS = [
     ("reward", [("reward/mean", "mean"), ("reward/correct", "correct"), ("reward/format", "format")]),
     ("response length (tokens)", [("response_length/mean", "mean"), ("response_length/max", "max")]),
+    ("reflection", [("rollout/reflection_rate", "answers that check their work")]),
     ("KL to the reference", [("learner/kl", "k3 KL")]),
     ("held-out evaluation", [("eval/pass@1/greedy", "pass@1 greedy"), ("eval/pass@1", "pass@1")]),
 ]

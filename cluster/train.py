@@ -428,11 +428,14 @@ def learn(cfg: Config, learners: list, samples: list[Sample], advantages: np.nda
 
 def accuracy(cfg: Config, actors: Actors, problems: list[Problem], when: str) -> dict[str, float]:
     """Greedy accuracy on the held-out problems: `accuracy/<when>`, and per task
-    (`accuracy/<when>/<task>`) when the run mixes tasks."""
+    (`accuracy/<when>/<task>`) when the run mixes tasks. With `eval.length_buckets`, also the
+    k sampled answers' figures (`accuracy/<when>/pass@1`, `.../by_length/...`)."""
     if not problems:
         return {f"accuracy/{when}": float("nan")}
-    got = evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, problems, k=1, prefix="")
-    return {f"accuracy/{when}{key.removeprefix('pass@1/greedy')}": v for key, v in got.items()}
+    k = cfg.eval.k if cfg.eval.length_buckets else 1
+    got = evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, problems, k=k, prefix="")
+    return {f"accuracy/{when}" + (key.removeprefix("pass@1/greedy") if key.startswith("pass@1/greedy")
+                                  else "/" + key): v for key, v in got.items()}
 
 
 def probe_sequence(cfg: Config, actors: Actors, tasks: Mixture) -> np.ndarray:

@@ -115,6 +115,13 @@ class ArithmeticTask:
     operation: str = "+"
     """Either "+" or "-". For "-" the operands are ordered largest first and only tuples whose
     result is non-negative are kept, so answers are never negative."""
+    direct_traces: float = 0.0
+    """Share of problems whose reference trace states the answer at once, with no working
+    (see `reference_trace`), in [0, 1]."""
+    checked_traces: float = 0.0
+    """Share whose trace guesses the answer, then checks it column by column and corrects it
+    when the check disagrees (half of these guesses are wrong); direct_traces + checked_traces
+    <= 1, and the rest work it out column by column."""
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= MAX_DIGITS:
@@ -134,6 +141,12 @@ class ArithmeticTask:
             raise ValueError(
                 f"operation={self.operation!r} is invalid; must be one of {OPERATIONS}"
             )
+        for name in ("direct_traces", "checked_traces"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; must be in [0, 1]")
+        if self.direct_traces + self.checked_traces > 1.0:
+            raise ValueError(f"direct_traces={self.direct_traces} + checked_traces={self.checked_traces} "
+                             "is above 1; they are shares of the same traces")
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[ArithmeticProblem]:
         """`n` problems drawn with replacement from `split`; deterministic given `rng`'s state."""
@@ -167,7 +180,14 @@ class ArithmeticTask:
         return out
 
     def reference_trace(self, problem: ArithmeticProblem) -> str:
-        """A worked solution for cold-start SFT: what follows the prompt's `<think>`.
+        """A solution for cold-start SFT: what follows the prompt's `<think>`. Its style is a
+        function of the problem's id (`trace_style`): a share `direct_traces` states the answer
+        at once and commits to it, `85</think><answer>85</answer>`; a share `checked_traces`
+        states an answer the same way, then checks it with the column-by-column working and
+        keeps it (`85 wait, check: 7+8=15 4+3+1=8 yes</think>...`) or, for the half whose
+        answer is planted wrong by one carry or borrow (`planted_guess`), corrects it (`95
+        wait, check: 7+8=15 4+3+1=8 no, 85</think>...`); the rest are the working alone,
+        described next.
 
         Column by column from the least significant digit, one step per column, separated by
         spaces. Addition writes the column's digits, then the carry if non-zero, and their
@@ -183,11 +203,25 @@ class ArithmeticTask:
                 f"problem {problem.id} has answer {problem.answer}, which is not the result of "
                 f"operation={self.operation!r} on {problem.operands}"
             )
-        if self.operation == "+":
-            steps = _addition_steps(problem.operands)
-        else:
-            steps = _subtraction_steps(problem.operands)
-        return f"{' '.join(steps)}{THINK_CLOSE}{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
+        answer = f"{THINK_CLOSE}{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
+        style = self.trace_style(problem)
+        if style == "direct":
+            return problem.answer + answer
+        working = " ".join(_addition_steps(problem.operands) if self.operation == "+"
+                           else _subtraction_steps(problem.operands))
+        if style == "column":
+            return working + answer
+        guess = planted_guess(problem)
+        verdict = "yes" if guess == problem.answer else f"no, {problem.answer}"
+        return f"{guess} wait, check: {working} {verdict}{answer}"
+
+    def trace_style(self, problem: ArithmeticProblem) -> str:
+        """"direct", "checked" or "column": which `reference_trace` the problem gets, drawn
+        from the shares by a hash of its id (the same in every run and process)."""
+        u = _unit_hash("style", problem.id)
+        if u < self.direct_traces:
+            return "direct"
+        return "checked" if u < self.direct_traces + self.checked_traces else "column"
 
     def _draw(self, rng: random.Random, split: str) -> tuple[int, ...]:
         # Rejection sampling keeps the train distribution the same as without a split,
@@ -216,6 +250,25 @@ class ArithmeticTask:
             answer=str(_evaluate(self.operation, operands)),
             operands=operands,
         )
+
+
+def planted_guess(problem: ArithmeticProblem) -> str:
+    """The guess a checked trace starts from: the answer for half the problems (by a hash of
+    the id); for the other half the answer off by one carry or borrow, 10^k for a column k of
+    the answer, up or down (down only where the guess stays non-negative)."""
+    answer = int(problem.answer)
+    if _unit_hash("guess", problem.id) < 0.5:
+        return problem.answer
+    u = _unit_hash("slip", problem.id)
+    column = int(u * len(problem.answer))
+    step = 10**column
+    down = answer - step >= 0 and int(u * 2 * len(problem.answer)) % 2 == 0
+    return str(answer - step if down else answer + step)
+
+
+def _unit_hash(salt: str, key: str) -> float:
+    """A number in [0, 1) fixed by `salt` and `key` (crc32: stable across processes)."""
+    return zlib.crc32(f"{salt}:{key}".encode()) / 2**32
 
 
 def _check_split(split: str) -> None:

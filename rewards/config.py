@@ -20,11 +20,22 @@ class ArithmeticTaskConfig:
     """Operands per problem."""
     operation: str = option("+", choices=("+", "-"))
     """The arithmetic operation."""
+    direct_traces: float = option(0.0, lo=0.0, hi=1.0)
+    """Share of cold-start traces that state the answer at once, with no working ("85</think>...")."""
+    checked_traces: float = option(0.0, lo=0.0, hi=1.0)
+    """Share of cold-start traces that state an answer the same way, then check it column by
+    column ("85 wait, check: ...") and correct it where it was wrong (half of them, planted). The
+    rest of the traces
+    (1 - direct - checked) work the answer out column by column (rewards/arithmetic.py)."""
 
     def __post_init__(self) -> None:
         if self.min_digits > self.max_digits:
             raise ConfigError(f"task.arithmetic.min_digits={self.min_digits} must be <= "
                               f"task.arithmetic.max_digits={self.max_digits}")
+        if self.direct_traces + self.checked_traces > 1:
+            raise ConfigError(f"task.arithmetic.direct_traces={self.direct_traces:g} + "
+                              f"task.arithmetic.checked_traces={self.checked_traces:g} is above 1: they are "
+                              "shares of the same cold-start traces")
 
 
 @dataclass(frozen=True)

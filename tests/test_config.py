@@ -130,6 +130,8 @@ def test_overrides_win_over_the_file(tmp_path):
     ("cluster.colocate=true rollout.num_engines=2 algorithm.max_staleness=1",
      "cluster.colocate=true needs rollout.num_engines=2 equal to learner.num_ranks=1 (one engine beside each "
      "rank); algorithm.max_staleness=0 (an engine cannot generate while its device trains)"),
+    ("task.arithmetic.direct_traces=0.9 task.arithmetic.checked_traces=0.2",
+     "task.arithmetic.direct_traces=0.9 + task.arithmetic.checked_traces=0.2 is above 1"),
     ("sync.transport=cuda_ipc", "sync.transport=cuda_ipc needs cluster.colocate=true, learner.num_gpus=1 and "
                                 "learner.zero_stage 1 or 2 (got colocate=False, num_gpus=0, zero_stage=2)"),
     # On CPU an engine's shards are processes (tests/test_weight_sync.py); on GPUs, one GPU each.

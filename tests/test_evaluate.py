@@ -32,7 +32,8 @@ def test_majority_vote_takes_the_most_common_answer_first_seen_on_ties():
 
 
 class AnswerKey:
-    """Stand-in rollout pool (unit-test double): answers each problem from a fixed key."""
+    """Stand-in rollout pool (unit-test double): answers each problem from a fixed key, each
+    answer as many tokens long as its text."""
 
     def __init__(self, key):
         self.key = key
@@ -42,7 +43,7 @@ class AnswerKey:
         for pid in prompt_ids:
             texts = [self.key[pid][0]] if sampling.greedy else self.key[pid][1]
             assert len(texts) == sampling.n
-            out += [Sample(pid, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32),
+            out += [Sample(pid, np.zeros(1, np.int32), np.zeros(len(t), np.int32), np.zeros(len(t), np.float32),
                            f"x</think><answer>{t}</answer>", "stop", 0) for t in texts]
         return out
 
@@ -70,6 +71,27 @@ def test_evaluate_reproduces_an_answer_key():
     got = evaluate(cfg, AnswerKey(key), Checker(tasks.tasks), prompt_format(cfg, "unused"), [a, b, c], k=4)
     assert got == pytest.approx({"eval/pass@1/greedy": 1 / 3, "eval/pass@1": (2 / 4 + 1 / 4) / 3,
                                  "eval/pass@4": 2 / 3, "eval/maj@4": 1 / 3})
+
+
+def test_accuracy_by_length_splits_the_sampled_answers():
+    from cluster.evaluate import by_length
+
+    got = by_length([0, 7, 8, 15, 31, 32, 40], [True, False, True, True, False, True, True], 32, 4)
+    assert got == pytest.approx({
+        "by_length/0-7/pass@1": 1 / 2, "by_length/0-7/share": 2 / 7,
+        "by_length/8-15/pass@1": 1.0, "by_length/8-15/share": 2 / 7,
+        "by_length/16-23/pass@1": np.nan, "by_length/16-23/share": 0.0,
+        "by_length/24-32/pass@1": 2 / 3, "by_length/24-32/share": 3 / 7}, nan_ok=True)  # 40: past the end
+    cfg = load_config(None, ["cold_start.steps=0", "eval.length_buckets=2", "rollout.max_new_tokens=16"])
+    tasks = build_mixture(cfg.task)
+    a, b = tasks.eval_problems(0, 2)
+    long_wrong = "0" * 12  # 12 tokens, in 8-16; every gold here is 1-3 digits, in 0-7
+    key = {a.id: ("0", [a.reference.answer, long_wrong, a.reference.answer]),
+           b.id: ("0", ["0" if b.reference.answer != "0" else "1", long_wrong, b.reference.answer])}
+    got = evaluate(cfg, AnswerKey(key), Checker(tasks.tasks), prompt_format(cfg, "unused"), [a, b], k=3)
+    assert {k: v for k, v in got.items() if "by_length" in k} == pytest.approx({
+        "eval/by_length/0-7/pass@1": 3 / 4, "eval/by_length/0-7/share": 4 / 6,
+        "eval/by_length/8-16/pass@1": 0.0, "eval/by_length/8-16/share": 2 / 6})
 
 
 class HalfCredit:

@@ -47,3 +47,18 @@ def test_evaluate_may_not_read_what_a_training_stage_precedes(tmp_path):
               {"name": "general_data", "kind": "general", "rows": 30}]
     with pytest.raises(ConfigError, match="evaluate refers to @general_data, which runs after stage 'cold_start'"):
         _recipe(tmp_path, stages, {"set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}}}})
+
+
+def test_the_r1_zero_miniature_never_trains_on_its_held_out_sums():
+    from pathlib import Path
+
+    from cluster.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/r1-zero-mini.yaml")
+    tasks = build_mixture(cfg.task)
+    held = {p.prompt for p in tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)}
+    assert len(held) == cfg.task.eval_prompts
+    # what the cold start writes traces for, and what RL draws: the same train split
+    drawn = tasks.sample(random.Random(0), 20_000, names=tasks.with_traces())
+    assert not held & {p.prompt for p in drawn}
+    assert all(tasks.held_out(q) for q in held) and not any(tasks.held_out(p.prompt) for p in drawn[:2000])

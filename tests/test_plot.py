@@ -15,11 +15,13 @@ def write_run(tmp_path, rows):
     return tmp_path
 
 
-def recorded(steps=30, kl=True, evals=True):
+def recorded(steps=30, kl=True, evals=True, reflection=True):
     rows = []
     for s in range(1, steps + 1):
         row = {"step": s, "reward/mean": s / steps, "reward/correct": s / steps / 2, "reward/format": 1.0,
                "response_length/mean": 20 + s, "response_length/max": 32, "task/arithmetic/reward": 0.5}
+        if reflection:
+            row["rollout/reflection_rate"] = s / steps
         if kl:
             row["learner/kl"] = 0.001 * s
         if evals and s % 10 == 0:
@@ -37,10 +39,11 @@ def test_one_panel_per_family_of_logged_curves(tmp_path):
     import matplotlib.image
 
     full = plot(write_run(tmp_path / "a", recorded()))
-    bare = plot(write_run(tmp_path / "b", recorded(kl=False, evals=False)), tmp_path / "bare.png", window=1)
+    bare = plot(write_run(tmp_path / "b", recorded(kl=False, evals=False, reflection=False)), tmp_path / "bare.png",
+                window=1)
     assert full == tmp_path / "a" / "curves.png" and bare == tmp_path / "bare.png"
-    # 2.6 inches at 100 dpi per panel: reward, length, KL, eval vs reward, length.
-    assert matplotlib.image.imread(full).shape[0] == 4 * 260
+    # 2.6 inches at 100 dpi per panel: reward, length, reflection, KL, eval vs reward, length.
+    assert matplotlib.image.imread(full).shape[0] == 5 * 260
     assert matplotlib.image.imread(bare).shape[0] == 2 * 260
 
 

@@ -167,6 +167,75 @@ def test_reference_traces_are_correct_and_well_formed(task):
         assert _answer_from_steps(steps, task.operation) == problem.answer, trace
 
 
+# --- trace styles: direct, checked (a guess, then a check that corrects it), column -------------
+
+
+@pytest.mark.parametrize(
+    "task, operands, trace",
+    [
+        (ArithmeticTask(direct_traces=1.0), (47, 38), "85</think><answer>85</answer>"),
+        (ArithmeticTask(checked_traces=1.0), (47, 38), "85 wait, check: 7+8=15 4+3+1=8 yes</think><answer>85</answer>"),
+        # planted: 99+99 guessed as 188, a carry dropped from the tens
+        (ArithmeticTask(checked_traces=1.0), (99, 99),
+         "188 wait, check: 9+9=18 9+9+1=19 no, 198</think><answer>198</answer>"),
+        (ArithmeticTask(operation="-", checked_traces=1.0), (50, 41),
+         "8 wait, check: 10-1=9 5-4-1=0 no, 9</think><answer>9</answer>"),
+    ],
+)
+def test_trace_style_examples(task, operands, trace):
+    assert task.reference_trace(_problem(task, *operands)) == trace
+
+
+@pytest.mark.parametrize("operation", ["+", "-"])
+def test_the_check_line_catches_every_planted_mistake(operation):
+    from cluster.metrics import reflects
+
+    task = ArithmeticTask(1, 3, 2, operation, checked_traces=1.0)
+    planted = 0
+    for problem in task.sample(random.Random(0), 1000):
+        trace = task.reference_trace(problem)
+        guess, working, verdict, corrected, answer = re.fullmatch(
+            r"(\d+) wait, check: (.+) (yes|no, (\d+))</think><answer>(\d+)</answer>", trace).groups()
+        assert _answer_from_steps(working.split(" "), operation) == problem.answer == answer, trace
+        if verdict == "yes":
+            assert guess == problem.answer, trace
+        else:
+            planted += 1
+            assert corrected == problem.answer, trace
+            slip = abs(int(guess) - int(problem.answer))  # one carry or borrow: a power of ten
+            assert slip in {10**k for k in range(len(problem.answer))}, trace
+        assert check(trace, problem.answer) == (1.0, "correct") and format_reward(trace) == (1.0, "ok")
+        assert reflects(trace), trace
+    assert 430 <= planted <= 570  # half, give or take 4.4 binomial standard deviations
+
+
+def test_trace_styles_come_in_their_shares_and_are_fixed_per_problem():
+    from cluster.metrics import reflects
+
+    task = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1)
+    problems = task.sample(random.Random(1), 4000)
+    styles = [task.trace_style(p) for p in problems]
+    for style, share in (("direct", 0.6), ("checked", 0.1), ("column", 0.3)):
+        assert abs(styles.count(style) / len(styles) - share) < 0.035, style  # ~4.5 standard deviations
+    again = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1)
+    assert [again.reference_trace(p) for p in problems[:200]] == [task.reference_trace(p) for p in problems[:200]]
+    for problem, style in zip(problems[:300], styles):
+        trace = task.reference_trace(problem)
+        assert reflects(trace) == (style == "checked")
+        assert (trace == f"{problem.answer}</think><answer>{problem.answer}</answer>") == (style == "direct")
+        assert format_reward(trace) == (1.0, "ok")  # every style earns the format reward: none is favoured
+
+
+@pytest.mark.parametrize("shares, message", [
+    ({"direct_traces": 1.5}, "direct_traces=1.5 is invalid; must be in [0, 1]"),
+    ({"checked_traces": -0.1}, "checked_traces=-0.1 is invalid; must be in [0, 1]"),
+    ({"direct_traces": 0.7, "checked_traces": 0.4}, "direct_traces=0.7 + checked_traces=0.4 is above 1"),
+])
+def test_trace_shares_out_of_range_are_refused(shares, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ArithmeticTask(**shares)
+
+
 def test_reference_trace_rejects_problem_of_another_operation():
     problem = _problem(ADD, 47, 38)
     with pytest.raises(ValueError, match=r"add-47-38 has answer 85.*operation='-'"):
