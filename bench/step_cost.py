@@ -108,7 +108,7 @@ def main() -> None:
         elif not wants_reference:
             learner.reference = None  # no reference pass is run without one
         start = time.perf_counter()
-        if learner.algo.kl_beta > 0 and learner.algo.kl_in == "reward":
+        if wants_reference and learner.algo.kl_in == "reward":
             learner.sequence_kl(batch)
         learner.train_step(batch, 0.0, steps)
         return time.perf_counter() - start

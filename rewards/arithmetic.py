@@ -119,9 +119,9 @@ class ArithmeticTask:
     """Share of problems whose reference trace states the answer at once, with no working
     (see `reference_trace`), in [0, 1]."""
     checked_traces: float = 0.0
-    """Share whose trace guesses the answer, then checks it column by column and corrects it
-    when the check disagrees (half of these guesses are wrong); direct_traces + checked_traces
-    <= 1, and the rest work it out column by column."""
+    """Share whose trace states an answer the same way, then checks it column by column and
+    corrects it when the check disagrees (half of these answers are planted wrong);
+    direct_traces + checked_traces <= 1, and the rest work it out column by column."""
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= MAX_DIGITS:
