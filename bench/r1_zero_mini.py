@@ -39,9 +39,11 @@ def train(overrides: list[str], runs_dir: Path) -> Path:
     return runs_dir / name
 
 
-def curve_table(rows: list[dict], window: int) -> str:
+def curve_table(rows: list[dict], results: dict, window: int) -> str:
     lines = ["| steps | correct | response tokens | reflection rate | held-out greedy | held-out pass@1 (sampled) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|",
+             f"| before RL | | | | {results.get('accuracy/before_rl', float('nan')):.3f} "
+             f"| {results.get('accuracy/before_rl/pass@1', float('nan')):.3f} |"]
     for start in range(0, len(rows), window):
         part = rows[start:start + window]
 
@@ -82,7 +84,7 @@ def main() -> None:
     parser.add_argument("--run", default="", help="a finished run folder to report on (default: run the config)")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for the run (key=value)")
     parser.add_argument("--runs-dir", default="runs/bench-r1-zero-mini")
-    parser.add_argument("--window", type=int, default=25, help="steps per table row")
+    parser.add_argument("--window", type=int, default=10, help="steps per table row")
     parser.add_argument("--plot", default="", help="also write the run's curves here (a PNG)")
     args = parser.parse_args()
     start = time.monotonic()
@@ -94,7 +96,7 @@ def main() -> None:
     if not args.run:
         print(f"run {run.name}: {(time.monotonic() - start) / 60:.1f} min end to end")
     print()
-    print(curve_table(rows, args.window))
+    print(curve_table(rows, results, args.window))
     print()
     print(length_table(results))
     if args.plot:

@@ -20,6 +20,9 @@ PANELS = [
     ("KL to the reference", [("learner/kl", "k3 KL")]),
     ("held-out evaluation", [("eval/pass@1/greedy", "pass@1 greedy"), ("eval/pass@1", "pass@1")]),
 ]
+# The held-out curves start at step 0 with the evaluation as RL began (results.json, written when
+# the run finishes), so a curve shows what RL changed, not only what it reached.
+AT_RL_START = {"eval/pass@1/greedy": "accuracy/before_rl", "eval/pass@1": "accuracy/before_rl/pass@1"}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -35,6 +38,17 @@ def read_metrics(path: Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} has no steps yet")
     return rows
+
+
+def series(rows: list[dict], metric: str, results: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `metric`; a held-out curve begins with its value at RL's start (step 0),
+    where `results` (results.json) has one."""
+    points = [(r["step"], r[metric]) for r in rows if metric in r]
+    start = results.get(AT_RL_START.get(metric, ""))
+    if start is not None and start == start:  # NaN: no held-out set
+        points.insert(0, (0, start))
+    steps, values = np.array(points, dtype=float).T
+    return steps, values
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -54,16 +68,17 @@ def plot(run_dir: Path, out: Path | None = None, window: int = 10) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    finished = Path(run_dir) / "results.json"
+    results = json.loads(finished.read_text()) if finished.is_file() else {}
     tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("task/")})
-    panels = [(title, list(series) + ([(f"task/{t}/reward", t) for t in tasks] if title == "reward" and len(tasks) > 1
-                                      else [])) for title, series in PANELS]
+    panels = [(title, list(curves) + ([(f"task/{t}/reward", t) for t in tasks] if title == "reward" and len(tasks) > 1
+                                      else [])) for title, curves in PANELS]
     panels = [(t, [(m, l) for m, l in s if any(m in r for r in rows)]) for t, s in panels]
     panels = [(t, s) for t, s in panels if s]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, series) in zip(axes[:, 0], panels):
-        for metric, label in series:
-            points = [(r["step"], r[metric]) for r in rows if metric in r]
-            steps, values = np.array(points, dtype=float).T
+    for ax, (title, curves) in zip(axes[:, 0], panels):
+        for metric, label in curves:
+            steps, values = series(rows, metric, results)
             sparse = metric.startswith("eval/")  # a few points: draw them as they are
             ax.plot(steps, values if sparse else smooth(values, window), marker="o" if sparse else None,
                     label=label)

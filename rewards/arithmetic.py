@@ -119,9 +119,14 @@ class ArithmeticTask:
     """Share of problems whose reference trace states the answer at once, with no working
     (see `reference_trace`), in [0, 1]."""
     checked_traces: float = 0.0
-    """Share whose trace states an answer the same way, then checks it column by column and
-    corrects it when the check disagrees (half of these answers are planted wrong);
-    direct_traces + checked_traces <= 1, and the rest work it out column by column."""
+    """Share whose trace states the hurried answer (`hurried_answer`: the columns without
+    their carries or borrows), then checks it column by column and corrects it when the
+    check disagrees; direct_traces + checked_traces <= 1, and the rest work it out column by
+    column."""
+    hurried_direct: bool = False
+    """Whether direct traces state the hurried answer too (right only where no column
+    carries or borrows) rather than the exact one: a corpus whose answers given at once are
+    unreliable, as a base model's are on sums it cannot do in its head."""
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= MAX_DIGITS:
@@ -182,12 +187,12 @@ class ArithmeticTask:
     def reference_trace(self, problem: ArithmeticProblem) -> str:
         """A solution for cold-start SFT: what follows the prompt's `<think>`. Its style is a
         function of the problem's id (`trace_style`): a share `direct_traces` states the answer
-        at once and commits to it, `85</think><answer>85</answer>`; a share `checked_traces`
-        states an answer the same way, then checks it with the column-by-column working and
-        keeps it (`85 wait, check: 7+8=15 4+3+1=8 yes</think>...`) or, for the half whose
-        answer is planted wrong by one carry or borrow (`planted_guess`), corrects it (`95
-        wait, check: 7+8=15 4+3+1=8 no, 85</think>...`); the rest are the working alone,
-        described next.
+        at once and commits to it, `85</think><answer>85</answer>` (with `hurried_direct`, the
+        hurried answer `75</think><answer>75</answer>`); a share `checked_traces` states the
+        hurried answer (`hurried_answer`: the columns without their carries), then checks it
+        with the column-by-column working and keeps it where it was right (`46 wait, check:
+        5+1=6 2+2=4 yes</think>...`) or corrects it (`75 wait, check: 7+8=15 4+3+1=8 no,
+        85</think>...`); the rest are the working alone, described next.
 
         Column by column from the least significant digit, one step per column, separated by
         spaces. Addition writes the column's digits, then the carry if non-zero, and their
@@ -203,15 +208,16 @@ class ArithmeticTask:
                 f"problem {problem.id} has answer {problem.answer}, which is not the result of "
                 f"operation={self.operation!r} on {problem.operands}"
             )
-        answer = f"{THINK_CLOSE}{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
         style = self.trace_style(problem)
         if style == "direct":
-            return problem.answer + answer
+            stated = hurried_answer(self.operation, problem.operands) if self.hurried_direct else problem.answer
+            return f"{stated}{THINK_CLOSE}{ANSWER_OPEN}{stated}{ANSWER_CLOSE}"
+        answer = f"{THINK_CLOSE}{ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
         working = " ".join(_addition_steps(problem.operands) if self.operation == "+"
                            else _subtraction_steps(problem.operands))
         if style == "column":
             return working + answer
-        guess = planted_guess(problem)
+        guess = hurried_answer(self.operation, problem.operands)
         verdict = "yes" if guess == problem.answer else f"no, {problem.answer}"
         return f"{guess} wait, check: {working} {verdict}{answer}"
 
@@ -252,18 +258,17 @@ class ArithmeticTask:
         )
 
 
-def planted_guess(problem: ArithmeticProblem) -> str:
-    """The guess a checked trace starts from: the answer for half the problems (by a hash of
-    the id); for the other half the answer off by one carry or borrow, 10^k for a column k of
-    the answer, up or down (down only where the guess stays non-negative)."""
-    answer = int(problem.answer)
-    if _unit_hash("guess", problem.id) < 0.5:
-        return problem.answer
-    u = _unit_hash("slip", problem.id)
-    column = int(u * len(problem.answer))
-    step = 10**column
-    down = answer - step >= 0 and int(u * 2 * len(problem.answer)) % 2 == 0
-    return str(answer - step if down else answer + step)
+def hurried_answer(operation: str, operands: tuple[int, ...]) -> str:
+    """The answer of a solver who forgets carries and borrows: each column's result reduced to
+    its last digit, except the leading column, written whole. 47+38 gives "75" (85), 47+68
+    "105" (115), 52-38 "24" (14); it is right exactly when no column carries or borrows."""
+    top = max(len(str(x)) for x in operands)
+    digits = []
+    for i in range(top):
+        column = [d for d in (_column(x, i) for x in operands) if d is not None]
+        result = sum(column) if operation == "+" else column[0] - sum(column[1:])
+        digits.append(str(result if i == top - 1 else result % 10))
+    return str(int("".join(reversed(digits))))
 
 
 def _unit_hash(salt: str, key: str) -> float:

@@ -23,10 +23,13 @@ class ArithmeticTaskConfig:
     direct_traces: float = option(0.0, lo=0.0, hi=1.0)
     """Share of cold-start traces that state the answer at once, with no working ("85</think>...")."""
     checked_traces: float = option(0.0, lo=0.0, hi=1.0)
-    """Share of cold-start traces that state an answer the same way, then check it column by
-    column ("85 wait, check: ...") and correct it where it was wrong (half of them, planted). The
-    rest of the traces
-    (1 - direct - checked) work the answer out column by column (rewards/arithmetic.py)."""
+    """Share of cold-start traces that state the hurried answer (the columns without their
+    carries: "75" for 47+38), then check it column by column ("75 wait, check: ...") and correct
+    it where it was wrong. The rest of the traces (1 - direct - checked) work the answer out
+    column by column (rewards/arithmetic.py)."""
+    hurried_direct: bool = option(False)
+    """Direct traces state the hurried answer too, right only where no column carries: a corpus
+    whose answers given at once are unreliable."""
 
     def __post_init__(self) -> None:
         if self.min_digits > self.max_digits:

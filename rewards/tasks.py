@@ -406,7 +406,8 @@ def build_mixture(cfg: TaskConfig, held_out: HeldOut | None = None, what: str = 
     if c.weight > 0:
         tasks["arithmetic"] = Arithmetic(arithmetic.ArithmeticTask(
             min_digits=c.min_digits, max_digits=c.max_digits, num_operands=c.num_operands, operation=c.operation,
-            direct_traces=c.direct_traces, checked_traces=c.checked_traces),
+            direct_traces=c.direct_traces, checked_traces=c.checked_traces,
+            hurried_direct=c.hurried_direct),
             last_number=cfg.answer == "last_number", spelled_out=cfg.template == "chat")
     if cfg.countdown.weight > 0:
         c = cfg.countdown

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster.plot import plot, smooth
+from cluster.plot import plot, series, smooth
 from r1ray.cli import main
 
 
@@ -45,6 +45,19 @@ def test_one_panel_per_family_of_logged_curves(tmp_path):
     # 2.6 inches at 100 dpi per panel: reward, length, reflection, KL, eval vs reward, length.
     assert matplotlib.image.imread(full).shape[0] == 5 * 260
     assert matplotlib.image.imread(bare).shape[0] == 2 * 260
+
+
+def test_held_out_curves_start_where_rl_started():
+    rows = recorded()
+    results = {"accuracy/before_rl": 0.35, "accuracy/before_rl/pass@1": 0.38, "accuracy/after_rl": 0.9}
+    steps, values = series(rows, "eval/pass@1/greedy", results)  # the run logged no greedy figure: the start alone
+    assert steps.tolist() == [0] and values.tolist() == [0.35]
+    steps, values = series(rows, "eval/pass@1", results)
+    assert steps.tolist() == [0, 10, 20, 30] and values.tolist() == pytest.approx([0.38, 0.1, 0.2, 0.3])
+    steps, values = series(rows, "reward/mean", results)  # training curves start at step 1
+    assert steps[0] == 1 and len(steps) == 30
+    assert series(rows, "eval/pass@1", {})[0].tolist() == [10, 20, 30]  # a run still going: no results.json
+    assert series(rows, "eval/pass@1", {"accuracy/before_rl/pass@1": float("nan")})[0].tolist() == [10, 20, 30]
 
 
 def test_plot_command_names_a_missing_or_bad_metrics_file(tmp_path, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards.arithmetic import ArithmeticProblem, ArithmeticTask, check, in_eval_split
+from rewards.arithmetic import ArithmeticProblem, ArithmeticTask, check, hurried_answer, in_eval_split
 from rewards.format import R1_TEMPLATE, STOP_STRINGS, format_reward, render_prompt
 
 # --- check: the answer checker ------------------------------------------------------------
@@ -174,39 +174,62 @@ def test_reference_traces_are_correct_and_well_formed(task):
     "task, operands, trace",
     [
         (ArithmeticTask(direct_traces=1.0), (47, 38), "85</think><answer>85</answer>"),
-        (ArithmeticTask(checked_traces=1.0), (47, 38), "85 wait, check: 7+8=15 4+3+1=8 yes</think><answer>85</answer>"),
-        # planted: 99+99 guessed as 188, a carry dropped from the tens
+        (ArithmeticTask(direct_traces=1.0, hurried_direct=True), (47, 38), "75</think><answer>75</answer>"),
+        (ArithmeticTask(direct_traces=1.0, hurried_direct=True), (25, 21), "46</think><answer>46</answer>"),
+        (ArithmeticTask(checked_traces=1.0), (25, 21), "46 wait, check: 5+1=6 2+2=4 yes</think><answer>46</answer>"),
+        (ArithmeticTask(checked_traces=1.0), (47, 38),
+         "75 wait, check: 7+8=15 4+3+1=8 no, 85</think><answer>85</answer>"),
+        # the leading column is written whole: 99+99 hurried is 188, the tens' carry dropped
         (ArithmeticTask(checked_traces=1.0), (99, 99),
          "188 wait, check: 9+9=18 9+9+1=19 no, 198</think><answer>198</answer>"),
         (ArithmeticTask(operation="-", checked_traces=1.0), (50, 41),
-         "8 wait, check: 10-1=9 5-4-1=0 no, 9</think><answer>9</answer>"),
+         "19 wait, check: 10-1=9 5-4-1=0 no, 9</think><answer>9</answer>"),
     ],
 )
 def test_trace_style_examples(task, operands, trace):
     assert task.reference_trace(_problem(task, *operands)) == trace
 
 
+@pytest.mark.parametrize("operation, operands, hurried", [
+    ("+", (47, 38), "75"), ("+", (47, 68), "105"), ("+", (25, 21), "46"),
+    ("+", (99, 99, 99), "277"),  # the units' 27 leaves 7, its carry of 2 is dropped
+    ("+", (5, 993), "998"), ("+", (7, 8), "15"),  # one column: the leading one, whole
+    ("-", (52, 38), "24"), ("-", (100, 99), "111"), ("-", (50, 21, 9), "30"), ("-", (9, 4), "5"),
+])
+def test_hurried_answer_drops_every_carry_and_borrow(operation, operands, hurried):
+    assert hurried_answer(operation, operands) == hurried
+
+
+def _carries(operation: str, operands: tuple[int, ...]) -> bool:
+    """Whether some column below the leading one carries (+) or borrows (-), from the digits."""
+    width = max(len(str(x)) for x in operands)
+    digits = [[x // 10**i % 10 for x in operands] for i in range(width - 1)]
+    if operation == "+":
+        return any(sum(column) >= 10 for column in digits)
+    return any(column[0] < sum(column[1:]) for column in digits)
+
+
 @pytest.mark.parametrize("operation", ["+", "-"])
-def test_the_check_line_catches_every_planted_mistake(operation):
+def test_the_check_line_catches_every_hurried_mistake(operation):
     from cluster.metrics import reflects
 
     task = ArithmeticTask(1, 3, 2, operation, checked_traces=1.0)
-    planted = 0
+    wrong = 0
     for problem in task.sample(random.Random(0), 1000):
         trace = task.reference_trace(problem)
         guess, working, verdict, corrected, answer = re.fullmatch(
             r"(\d+) wait, check: (.+) (yes|no, (\d+))</think><answer>(\d+)</answer>", trace).groups()
         assert _answer_from_steps(working.split(" "), operation) == problem.answer == answer, trace
-        if verdict == "yes":
-            assert guess == problem.answer, trace
-        else:
-            planted += 1
+        # The hurried answer is wrong exactly where a column carries or borrows; dropping a carry
+        # makes a sum smaller, dropping a borrow a difference larger.
+        assert (verdict == "yes") == (guess == problem.answer) == (not _carries(operation, problem.operands)), trace
+        if verdict != "yes":
+            wrong += 1
             assert corrected == problem.answer, trace
-            slip = abs(int(guess) - int(problem.answer))  # one carry or borrow: a power of ten
-            assert slip in {10**k for k in range(len(problem.answer))}, trace
+            assert (int(guess) < int(problem.answer)) == (operation == "+"), trace
         assert check(trace, problem.answer) == (1.0, "correct") and format_reward(trace) == (1.0, "ok")
         assert reflects(trace), trace
-    assert 430 <= planted <= 570  # half, give or take 4.4 binomial standard deviations
+    assert 300 <= wrong <= 900  # both verdicts are common
 
 
 def test_trace_styles_come_in_their_shares_and_are_fixed_per_problem():
@@ -223,7 +246,19 @@ def test_trace_styles_come_in_their_shares_and_are_fixed_per_problem():
         trace = task.reference_trace(problem)
         assert reflects(trace) == (style == "checked")
         assert (trace == f"{problem.answer}</think><answer>{problem.answer}</answer>") == (style == "direct")
+        hurried = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1, hurried_direct=True)
+        guess = hurried_answer("+", problem.operands)
+        assert (hurried.reference_trace(problem) == f"{guess}</think><answer>{guess}</answer>") == (style == "direct")
         assert format_reward(trace) == (1.0, "ok")  # every style earns the format reward: none is favoured
+
+
+def test_the_config_sets_the_trace_styles():
+    from rewards.config import ArithmeticTaskConfig, TaskConfig
+    from rewards.tasks import build_mixture
+
+    c = ArithmeticTaskConfig(min_digits=2, max_digits=2, direct_traces=1.0, hurried_direct=True)
+    generator = build_mixture(TaskConfig(arithmetic=c)).tasks["arithmetic"].generator
+    assert generator.reference_trace(_problem(generator, 47, 38)) == "75</think><answer>75</answer>"
 
 
 @pytest.mark.parametrize("shares, message", [
