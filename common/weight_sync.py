@@ -494,3 +494,24 @@ class EngineWeightReceiver:
             # layer back on its own tensors, so a rollback can load whole weights again.
             finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
             raise
+        retie_output_embeddings(self.model_runner.get_model(), self.model_runner.model_config.hf_config)
+
+
+def retie_output_embeddings(model, hf_config) -> None:
+    """Make the output head of a model with tied embeddings (SmolLM2, Qwen2.5 up to 3B, Llama
+    3.2 1B/3B) compute with its input embeddings' new weights after a load.
+
+    Their checkpoints hold no head, so a reload never touches it, and on CPU the head keeps
+    the weights packed at the first load: without this the engine would go on sampling
+    through the first version's output head, whatever the learner trains."""
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None:
+        raise WeightSyncError(f"{type(model).__name__} ties its embeddings but has no lm_head and model.embed_tokens "
+                              "to tie again after a load: its output head would keep its first weights")
+    if head.weight is not embed.weight:
+        head.weight = embed.weight
+    # On CPU the head computes logits from a copy packed for oneDNN when it was loaded: pack it
+    # again from the new weights (no-op on GPUs).
+    head.quant_method.process_weights_after_loading(head)

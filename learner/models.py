@@ -51,6 +51,8 @@ class TinyLlamaSpec:
     max_position_embeddings: int = 256
     vocab_size: int = 320
     seed: int = 0
+    tie_word_embeddings: bool = False
+    """One matrix for the input embeddings and the output head, as SmolLM2 and Qwen2.5 have."""
 
 
 def build_tokenizer(vocab_size: int):
@@ -95,7 +97,7 @@ def build_tiny_llama(spec: TinyLlamaSpec, out_dir: str | Path) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
         torch_dtype="float32",
     )
     torch.manual_seed(spec.seed)

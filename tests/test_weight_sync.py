@@ -311,6 +311,39 @@ def test_the_check_lets_bf16_kernel_noise_pass_and_stops_a_corrupted_sync(ray_cl
         ray.kill(engine)
 
 
+@pytest.mark.slow
+def test_a_model_with_tied_embeddings_scores_through_its_new_output_head(ray_cluster, tmp_path):
+    """SmolLM2, Qwen2.5 and Llama 3.2 use their input embeddings as their output head, and their
+    checkpoints hold no head: after a sync the engine must compute logits with the new
+    embeddings. (Its CPU head kept the first version's packed copy, 1e-2 off after 40 steps.)"""
+    from transformers import AutoModelForCausalLM
+
+    from learner.models import TinyLlamaSpec, build_tiny_llama
+
+    path = str(build_tiny_llama(TinyLlamaSpec(tie_word_embeddings=True), tmp_path / "tied"))
+    weights = {name: t.numpy() for name, t in model_weights(path)}
+    assert "lm_head.weight" not in weights
+    rng = np.random.default_rng(0)
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = embed + rng.normal(0, 0.5, embed.shape).astype(np.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.from_numpy(weights["model.embed_tokens.weight"]))
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        logprobs = torch.log_softmax(model(torch.from_numpy(SEQ)[None]).logits[0, :-1], -1)
+    expected = logprobs.gather(-1, torch.from_numpy(SEQ[1:])[:, None])[:, 0].numpy()
+    engine = start_faulty(path, 0, fail_version=-1)
+    try:
+        before = ray.get(engine.score.remote(SEQ))
+        ray.get(engine.stage_weights.remote(weights, 1))
+        assert ray.get(engine.commit_weights.remote(1)) == 1
+        after = ray.get(engine.score.remote(SEQ))
+    finally:
+        ray.kill(engine)
+    assert np.abs(before - expected).mean() > 100 * CHECK["float32"].mean  # the change is visible
+    assert np.abs(after - expected).mean() < CHECK["float32"].mean
+
+
 # ---- the GPU topology on CPU: the engine core out of process, two tensor-parallel workers ------
 
 def served_state(worker) -> tuple:
