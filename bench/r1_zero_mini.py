@@ -5,9 +5,10 @@ ones? One real `r1ray train` run, then its curves as a table and a plot.
     .venv/bin/python bench/r1_zero_mini.py                    # run the config, then report
     .venv/bin/python bench/r1_zero_mini.py --run runs/x       # report on a finished run
     .venv/bin/python bench/r1_zero_mini.py --set algorithm.seed=1 --plot bench/r1_zero_mini.png
+    .venv/bin/python bench/r1_zero_mini.py --run runs/r1-zero-x --window 8   # any run, e.g. configs/r1-zero.yaml's
 
-The table: per window of steps, the training reward's correct part, the mean response length
-in tokens, `rollout/reflection_rate` (answers whose reasoning says "wait", "let me check", ...:
+The table: per window of steps, the training reward's correct and format parts, the mean
+response length in tokens, `rollout/reflection_rate` (answers whose reasoning says "wait", "let me check", ...:
 here the checked traces' "wait, check:") and the held-out evaluations that fall in the window
 (greedy and sampled pass@1, `eval.every`). Then held-out accuracy by answer length before RL
 and after (the k sampled answers per problem, `eval.length_buckets`).
@@ -40,9 +41,10 @@ def train(overrides: list[str], runs_dir: Path) -> Path:
 
 
 def curve_table(rows: list[dict], results: dict, window: int) -> str:
-    lines = ["| steps | correct | response tokens | reflection rate | held-out greedy | held-out pass@1 (sampled) |",
-             "|---|---|---|---|---|---|",
-             f"| before RL | | | | {results.get('accuracy/before_rl', float('nan')):.3f} "
+    lines = ["| steps | correct | format | response tokens | reflection rate | held-out greedy "
+             "| held-out pass@1 (sampled) |",
+             "|---|---|---|---|---|---|---|",
+             f"| before RL | | | | | {results.get('accuracy/before_rl', float('nan')):.3f} "
              f"| {results.get('accuracy/before_rl/pass@1', float('nan')):.3f} |"]
     for start in range(0, len(rows), window):
         part = rows[start:start + window]
@@ -52,8 +54,9 @@ def curve_table(rows: list[dict], results: dict, window: int) -> str:
             return f"{statistics.fmean(values):.{digits}f}" if values else ""
 
         lines.append(f"| {part[0]['step']}-{part[-1]['step']} | {mean('reward/correct', 3)} "
-                     f"| {mean('response_length/mean', 1)} | {mean('rollout/reflection_rate', 3)} "
-                     f"| {mean('eval/pass@1/greedy', 3)} | {mean('eval/pass@1', 3)} |")
+                     f"| {mean('reward/format', 3)} | {mean('response_length/mean', 1)} "
+                     f"| {mean('rollout/reflection_rate', 3)} | {mean('eval/pass@1/greedy', 3)} "
+                     f"| {mean('eval/pass@1', 3)} |")
     return "\n".join(lines)
 
 
