@@ -242,11 +242,11 @@ def test_trace_styles_come_in_their_shares_and_are_fixed_per_problem():
         assert abs(styles.count(style) / len(styles) - share) < 0.035, style  # ~4.5 standard deviations
     again = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1)
     assert [again.reference_trace(p) for p in problems[:200]] == [task.reference_trace(p) for p in problems[:200]]
+    hurried = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1, hurried_direct=True)
     for problem, style in zip(problems[:300], styles):
         trace = task.reference_trace(problem)
         assert reflects(trace) == (style == "checked")
         assert (trace == f"{problem.answer}</think><answer>{problem.answer}</answer>") == (style == "direct")
-        hurried = ArithmeticTask(1, 3, 2, "+", direct_traces=0.6, checked_traces=0.1, hurried_direct=True)
         guess = hurried_answer("+", problem.operands)
         assert (hurried.reference_trace(problem) == f"{guess}</think><answer>{guess}</answer>") == (style == "direct")
         assert format_reward(trace) == (1.0, "ok")  # every style earns the format reward: none is favoured
