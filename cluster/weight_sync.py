@@ -85,21 +85,22 @@ class WeightSync:
         self.version = 0
         """The version every engine serves after the last push that completed."""
 
-    def connect(self) -> None:
+    def connect(self, phase: str = "syncing weights") -> None:
         """Broadcast transport: form the sync group. Learner rank 0 is its rank 0, then come the
         engines' workers (the processes that hold an engine's weights: one per tensor-parallel
         shard), engine by engine. Members of a group formed before (engines that survived a
-        replacement, the learner) leave it first."""
+        replacement, the learner) leave it first. `phase`: what a failure is found in (a push
+        that re-forms the group is staging its version)."""
         if self.cfg.transport != "broadcast":
             return
-        self.manifest = self._get(self.learners[0].weight_manifest.remote(), "reading the manifest")
-        host, port = self._get(self.learners[0].sync_address.remote(), "choosing an address")
-        workers = self._get([r.weight_workers.remote() for r in self.rollouts], "counting the engines' workers")
+        self.manifest = self._get(self.learners[0].weight_manifest.remote(), "reading the manifest", phase)
+        host, port = self._get(self.learners[0].sync_address.remote(), "choosing an address", phase)
+        workers = self._get([r.weight_workers.remote() for r in self.rollouts], "counting the engines' workers", phase)
         world = 1 + sum(workers)
         refs = [self.learners[0].join_sync_group.remote(host, port, 0, world, self.cfg.timeout_s, self.device)]
         refs += [r.join_sync_group.remote(host, port, 1 + sum(workers[:i]), world, self.cfg.timeout_s, self.device)
                  for i, r in enumerate(self.rollouts)]
-        self._get(refs, f"forming the sync group of {world} processes at {host}:{port}")
+        self._get(refs, f"forming the sync group of {world} processes at {host}:{port}", phase)
         self.connected, self.members = True, list(self.rollouts)
 
     def replace(self, rollouts: list) -> None:
@@ -131,7 +132,8 @@ class WeightSync:
         holds the whole new version beside the served one."""
         if transport == "broadcast":
             if not self.connected or any(a is not b for a, b in zip(self.members, self.rollouts)):
-                self.connect()  # first, after a failed broadcast, or with an engine replaced since
+                # first, after a failed broadcast, or with an engine replaced since
+                self.connect(f"staging weights version {version}")
             bucket = int(self.cfg.bucket_mb * 2**20)
             sends = [l.send_weights.remote(bucket, self.cfg.timeout_s) for l in self.learners]
             receives = [r.receive_weights.remote(version, self.manifest, bucket, self.cfg.timeout_s)
