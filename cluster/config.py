@@ -156,6 +156,11 @@ class EvalConfig:
     """Above 0: also the sampled answers' accuracy and share by length, in this many ranges of
     tokens (eval/by_length/...; cluster/evaluate.py); then the accuracy before and after RL
     samples k answers too, so that its by-length figures show where RL started and ended."""
+    stop_drop: float = option(0.0, lo=0.0, hi=1.0)
+    """Above 0: end RL early, at the first evaluation (`every`) where a task's held-out greedy
+    accuracy is more than this below its value as RL began (reward hacking: a reward model's
+    score can rise while the answers get worse). Within a recipe the evaluation it reads holds
+    none of the questions the recipe's table reports."""
 
 
 @dataclass(frozen=True)

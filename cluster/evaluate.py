@@ -75,6 +75,20 @@ def by_length(lengths: list[int], right: list[bool], max_tokens: int, buckets: i
     return out
 
 
+def fallen(now: dict[str, float], start: dict[str, float], by: float) -> list[str]:
+    """The held-out greedy figures of an evaluation during RL (`now`: eval/pass@1/greedy, and
+    .../<task> per task of a mixture) more than `by` below their value as RL began (`start`:
+    the run's results, accuracy/before_rl[/<task>]), each as "<what> <start> -> <now>"."""
+    out = []
+    for key, value in now.items():
+        if key.startswith("eval/pass@1/greedy"):
+            what = key.removeprefix("eval/pass@1/greedy")
+            before = start.get("accuracy/before_rl" + what)
+            if before is not None and value < before - by:
+                out.append(f"{what.lstrip('/') or 'held-out accuracy'} {before:.3f} -> {value:.3f}")
+    return out
+
+
 def vote_key(text: str, last_number: bool = False) -> str | None:
     """The answer a vote counts, read as the checkers read it: the marked final answer (or,
     with `task.answer=last_number`, else the last number), as its equivalence class's key."""

@@ -19,10 +19,21 @@ PANELS = [
     ("reflection", [("rollout/reflection_rate", "answers that check their work")]),
     ("KL to the reference", [("learner/kl", "k3 KL")]),
     ("held-out evaluation", [("eval/pass@1/greedy", "pass@1 greedy"), ("eval/pass@1", "pass@1")]),
+    # Reward hacking shows here as it happens: the reward model's score rising while the answers
+    # that match the reference (which no reward reads) fall, in training and held out.
+    ("general task: reward model against the reference", [
+        ("reward/preference", "reward-model score"), ("task/general/correct", "matches the reference"),
+        ("eval/pass@1/greedy/general", "held out, greedy")]),
 ]
-# The held-out curves start at step 0 with the evaluation as RL began (results.json, written when
-# the run finishes), so a curve shows what RL changed, not only what it reached.
-AT_RL_START = {"eval/pass@1/greedy": "accuracy/before_rl", "eval/pass@1": "accuracy/before_rl/pass@1"}
+
+
+def at_rl_start(metric: str) -> str:
+    """The results.json key of a held-out curve's value as RL began ("" for a training curve):
+    held-out curves start at step 0 with it, so a curve shows what RL changed, not only what it
+    reached (results.json is written when the run finishes)."""
+    if metric.startswith("eval/pass@1/greedy"):  # per task: eval/pass@1/greedy/<task>
+        return "accuracy/before_rl" + metric.removeprefix("eval/pass@1/greedy")
+    return "accuracy/before_rl/" + metric.removeprefix("eval/") if metric.startswith("eval/") else ""
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -44,7 +55,7 @@ def series(rows: list[dict], metric: str, results: dict) -> tuple[np.ndarray, np
     """(steps, values) of `metric`; a held-out curve begins with its value at RL's start (step 0),
     where `results` (results.json) has one."""
     points = [(r["step"], r[metric]) for r in rows if metric in r]
-    start = results.get(AT_RL_START.get(metric, ""))
+    start = results.get(at_rl_start(metric))
     if start is not None and start == start:  # NaN: no held-out set
         points.insert(0, (0, start))
     steps, values = np.array(points, dtype=float).T

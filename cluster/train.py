@@ -38,7 +38,7 @@ from actors.rollout import check_fit
 from cluster import checkpoint, faults, placement
 from cluster.config import Config, ConfigError, to_dict
 from cluster.curriculum import Curriculum
-from cluster.evaluate import evaluate
+from cluster.evaluate import evaluate, fallen
 from cluster.faults import NO_FAULTS, Faults
 from cluster.metrics import MetricsLogger, forward_only_passes, rollout_metrics, task_metrics, throughput_metrics
 from cluster.pipeline import Produced, Rollout
@@ -85,18 +85,21 @@ class LearnerDied(Exception):
         self.run_dir, self.rank, self.phase, self.cause = run_dir, rank, phase, cause
 
 
-def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None) -> dict[str, float]:
+def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = None,
+          reported: HeldOut | None = None) -> dict[str, float]:
     """Run cold-start SFT then `algorithm.steps` GRPO steps, or continue the run in `resume`
     (or the unfinished run `logging.run_name` names, `_own_run`) from its newest checkpoint;
     returns the run's results. When a learner rank dies, every actor is stopped and the run
     goes on from its newest checkpoint (from the start, in the same folder, before the first
-    one) in the same Ray session, run folder and W&B run, `cluster.auto_resume` times."""
+    one) in the same Ray session, run folder and W&B run, `cluster.auto_resume` times.
+    `held_out`: questions never trained on, beyond the tasks' eval splits; `reported`: those a
+    pipeline reports on, which the run's own evaluation (what `eval.stop_drop` reads) leaves out."""
     account, started = Faults.of(cfg), time.time()
     own = _own_run(cfg) if resume is None else None  # a restarted driver's run folder
     resume, start_over = resume or own, own is not None  # without a checkpoint it starts from the beginning
     while True:
         try:
-            return attempt(cfg, resume, held_out, account, started, start_over)
+            return attempt(cfg, resume, held_out, reported, account, started, start_over)
         except LearnerDied as died:
             saved = checkpoint.complete(died.run_dir)
             account.charge("learner", died.rank, died.phase, died.cause,
@@ -104,8 +107,8 @@ def train(cfg: Config, resume: Path | None = None, held_out: HeldOut | None = No
             resume, start_over = died.run_dir, True
 
 
-def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account: Faults, started: float,
-            start_over: bool = False) -> dict[str, float]:
+def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, reported: HeldOut | None,
+            account: Faults, started: float, start_over: bool = False) -> dict[str, float]:
     """One attempt at the run (`train`'s arguments; `start_over`: a `resume` folder without a
     checkpoint starts from the beginning). Raises `LearnerDied`, every actor stopped, when a
     learner rank has died, whatever error its death caused here."""
@@ -114,7 +117,7 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
     placement.check_fits(cfg)  # a local cluster's CPUs, before anything is built
     model_path = resolve_model(cfg)
     tasks = build_mixture(cfg.task, held_out, cfg.logging.run_name or "train")  # a bad dataset stops the run here
-    eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts)
+    eval_set = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts, avoid=reported)
     ckpt = checkpoint.latest(resume, missing_ok=start_over) if resume else None
     state = checkpoint.load_state(ckpt) if ckpt else {"step": 0, "version": 0, "results": {}}
     if ckpt:
@@ -161,10 +164,17 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
         for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
             faults.at_step(step)
             metrics, version, ahead = grpo_step(cfg, actors, prompts, rng, step, version, ahead, probe, logger)
+            fell = []  # held-out figures fallen below RL's start by more than eval.stop_drop
             if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
                 metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
+                fell = fallen(metrics, results, cfg.eval.stop_drop) if cfg.eval.stop_drop else []
             logger.log({"step": step, **metrics, **account.metrics()})
-            last = step == cfg.algorithm.steps or 0 < cfg.algorithm.max_minutes * 60 <= time.monotonic() - rl_start
+            if fell:
+                print(f"r1ray: stopping RL after step {step} of {cfg.algorithm.steps}: held out, "
+                      f"{', '.join(fell)} (more than eval.stop_drop={cfg.eval.stop_drop:g} below RL's start)", flush=True)
+                results["rl/stopped_early_at"] = step
+            last = step == cfg.algorithm.steps or bool(fell) \
+                or 0 < cfg.algorithm.max_minutes * 60 <= time.monotonic() - rl_start
             if last or stop.signum or checkpoint.due(cfg.checkpoint, step, time.monotonic() - saved_at):
                 # an in-flight rollout is dropped: resume draws its prompts again
                 save(cfg, actors, run_dir, model_path, step, version,
@@ -187,7 +197,8 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, account:
         actors.release()
         logger.close()
         raise LearnerDied(run_dir, died[0], _phase(err, step), died[1]) from err
-    write_provenance(run_dir / "model", kind="rl", step=cfg.algorithm.steps, base=model_path, run=str(run_dir))
+    write_provenance(run_dir / "model", kind="rl", step=state["step"] if step is None else step, base=model_path,
+                     run=str(run_dir))  # the step it ended at: early, by eval.stop_drop or algorithm.max_minutes
     actors.release()  # in a pipeline the next stage's actors need the CPUs (an error ends the session)
     _finish(run_dir, logger, results, started)
     return results

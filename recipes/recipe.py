@@ -166,7 +166,8 @@ def _run_stage(recipe: Recipe, stage: Stage, folder: Path, outputs: dict[str, st
     job = Job(cfg, stage, folder / kind.output,
               model=_input(stage, stage.model, outputs) if stage.model else _model_path(cfg),
               data=_input(stage, stage.data, outputs) if stage.data else "", outputs=outputs,
-              held_out=held_out_split(recipe, cfg, outputs) if kind.trains else None)
+              held_out=held_out_split(recipe, cfg, outputs) if kind.trains else None,
+              reported=reported_split(recipe, outputs) if kind.trains else None)
     if not kind.resumes:  # a stage that did not finish starts again
         if folder.exists():
             shutil.rmtree(folder)
@@ -192,6 +193,9 @@ class Job:
     data: str
     outputs: dict[str, str]
     held_out: HeldOut | None
+    reported: HeldOut | None = None
+    """The questions the pipeline's table reports on: an RL stage's own evaluation, which may
+    decide when it stops (`eval.stop_drop`), uses other held-out ones."""
 
     @property
     def what(self) -> str:
@@ -263,7 +267,7 @@ def _rl_stage(job: Job) -> dict[str, float]:
             print(f"r1ray: {job.what}: resuming from {folder}", flush=True)
         except checkpoint.CheckpointError:
             shutil.rmtree(folder)  # stopped before its first checkpoint
-    return train(cfg, resume, job.held_out)
+    return train(cfg, resume, job.held_out, job.reported)
 
 
 @dataclass(frozen=True)
@@ -302,17 +306,31 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     """Greedy held-out accuracy of `model` on the recipe's evaluation mixture (in the
     pipeline's Ray session)."""
     from cluster.evaluate import evaluate_model
-    from rewards.tasks import build_mixture
 
-    tree = _merge(_eval_tree(recipe, outputs), {"model": {"path": model}, "cold_start": {"steps": 0}})
-    cfg = config_from_tree(tree)
-    tasks = build_mixture(cfg.task)
-    problems = tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
+    cfg, tasks, problems = _evaluation(recipe, outputs, model)
     got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
     if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
         (task,) = tasks.tasks
         got[f"pass@1/greedy/{task}"] = got["pass@1/greedy"]
     return got
+
+
+def _evaluation(recipe: Recipe, outputs: dict[str, str], model: str = "tiny"):
+    """(config, mixture, problems) of the pipeline's evaluation of `model`."""
+    from rewards.tasks import build_mixture
+
+    tree = _merge(_eval_tree(recipe, outputs), {"model": {"path": model}, "cold_start": {"steps": 0}})
+    cfg = config_from_tree(tree)
+    tasks = build_mixture(cfg.task)
+    return cfg, tasks, tasks.eval_problems(cfg.algorithm.seed, recipe.eval_prompts)
+
+
+def reported_split(recipe: Recipe, outputs: dict[str, str]) -> HeldOut:
+    """Whether a question is one the pipeline's table reports on (`evaluate_policy`'s problems)."""
+    from rewards.tasks import canonical
+
+    reported = frozenset(canonical(p.prompt) for p in _evaluation(recipe, outputs)[2])
+    return lambda question: canonical(question) in reported
 
 
 def held_out_split(recipe: Recipe, cfg: Config, outputs: dict[str, str]) -> HeldOut:

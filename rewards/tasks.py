@@ -361,13 +361,26 @@ class Mixture:
                 return problem
         raise RuntimeError(f"task {name}: no train problem outside the held-out split in 10000 draws")
 
-    def eval_problems(self, seed: int, n: int) -> list[Problem]:
+    def eval_problems(self, seed: int, n: int, avoid: HeldOut | None = None) -> list[Problem]:
         """`n` distinct held-out problems, shared out over the tasks by weight (each task at
-        least one), the same list for the same seed and config."""
+        least one), the same list for the same seed and config. `avoid`: questions left out,
+        each task's list drawn on past them (a pipeline's RL stage validates on held-out
+        problems its table does not report; fewer where a fixed dataset runs out)."""
         total = sum(self.weights.values())
         names = list(self.tasks)
         counts = Counter({t: max(1, round(n * self.weights[t] / total)) for t in names}) if n else Counter()
-        return [p for t in names for p in self.tasks[t].problems(seed, counts[t])]
+        return [p for t in names for p in self._held_out_problems(t, seed, counts[t], avoid)]
+
+    def _held_out_problems(self, name: str, seed: int, n: int, avoid: HeldOut | None) -> list[Problem]:
+        # A task's list for a seed grows by appending, so drawing as many more as were avoided
+        # until no more are keeps the first `n` it has outside `avoid`.
+        skipped = 0
+        while True:
+            drawn = self.tasks[name].problems(seed, n + skipped)
+            kept = [p for p in drawn if avoid is None or not avoid(p.prompt)]
+            if len(kept) >= n or len(drawn) < n + skipped:  # enough, or the task has no more
+                return kept[:n]
+            skipped = len(drawn) - len(kept)
 
     def with_traces(self) -> list[str]:
         """The tasks that can write reference traces for cold-start SFT."""

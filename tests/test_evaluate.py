@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cluster.config import load_config
-from cluster.evaluate import evaluate, majority_correct, pass_at_k
+from cluster.evaluate import evaluate, fallen, majority_correct, pass_at_k
 from cluster.prompts import prompt_format
 from common.records import Sample
 from rewards.tasks import build_mixture
@@ -23,6 +23,17 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
     with pytest.raises(ValueError, match="n=4, c=5"):
         pass_at_k(4, 5, 1)
+
+
+def test_early_stopping_names_each_held_out_figure_fallen_below_rls_start():
+    start = {"accuracy/before_rl": 0.80, "accuracy/before_rl/arithmetic": 0.70, "accuracy/before_rl/general": 0.875,
+             "accuracy/before_rl/pass@1": 0.9}
+    now = {"eval/pass@1/greedy": 0.76, "eval/pass@1/greedy/arithmetic": 0.72, "eval/pass@1/greedy/general": 0.80,
+           "eval/pass@1": 0.1, "reward/preference": 0.9}
+    assert fallen(now, start, 0.05) == ["general 0.875 -> 0.800"]  # 0.04 below: kept; sampled figures not read
+    assert fallen(now, start, 0.03) == ["held-out accuracy 0.800 -> 0.760", "general 0.875 -> 0.800"]
+    assert fallen(now, start, 0.075) == []  # 0.075 below is not more than 0.075
+    assert fallen(now, {}, 0.0) == []  # a resumed run of an older version: nothing to compare with
 
 
 def test_majority_vote_takes_the_most_common_answer_first_seen_on_ties():

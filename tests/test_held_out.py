@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cluster.config import ConfigError
-from recipes.recipe import _stage_config, held_out_split, load_recipe
+from recipes.recipe import _evaluation, _stage_config, held_out_split, load_recipe, reported_split
 from rewards import sorting
 from rewards.tasks import build_mixture, in_eval_bucket
 
@@ -62,3 +62,26 @@ def test_the_r1_zero_miniature_never_trains_on_its_held_out_sums():
     drawn = tasks.sample(random.Random(0), 20_000, names=tasks.with_traces())
     assert not held & {p.prompt for p in drawn}
     assert all(tasks.held_out(q) for q in held) and not any(tasks.held_out(p.prompt) for p in drawn[:2000])
+
+
+def test_the_r1_recipes_rl_stages_validate_on_held_out_questions_the_table_does_not_report(tmp_path):
+    # What final RL's early stop reads must not be what the pipeline's table reports: the
+    # stage's own evaluation (cluster/train.py, avoid=reported) is drawn past the table's.
+    from collections import Counter
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[1] / "configs/r1.yaml")
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps(r) + "\n" for r in sorting.sft_rows(random.Random(0), 2000)))
+    outputs = {s.name: str(general if s.name == "general_data" else tmp_path / s.name) for s in recipe.stages}
+    problems = _evaluation(recipe, outputs)[2]
+    table = {p.prompt for p in problems}
+    assert len(problems) == recipe.eval_prompts
+    reported = reported_split(recipe, outputs)
+    assert all(map(reported, table))
+    for name, shares in [("reasoning_rl", {"arithmetic": 200}), ("final_rl", {"arithmetic": 320, "general": 80})]:
+        cfg = _stage_config(recipe, next(s for s in recipe.stages if s.name == name), outputs)
+        tasks = build_mixture(cfg.task)
+        own = tasks.eval_problems(cfg.algorithm.seed, cfg.task.eval_prompts, avoid=reported)
+        assert Counter(p.task for p in own) == shares and cfg.eval.every > 0, name
+        assert not table & {p.prompt for p in own} and all(tasks.held_out(p.prompt) for p in own), name

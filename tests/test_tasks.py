@@ -52,6 +52,33 @@ def test_eval_set_is_shared_out_by_weight_distinct_and_repeatable():
                if p.task == "countdown")
 
 
+def test_an_eval_set_drawn_past_avoided_questions_keeps_each_tasks_order_and_share(tmp_path):
+    # A pipeline's RL stage validates on held-out problems its table does not report: the same
+    # lists drawn on past the reported ones, each task's share kept.
+    rows = [{"prompt": f"sort {i} {i + 1}", "response": "x", "answer": f"{i} {i + 1}"} for i in range(400)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = mixture("task.arithmetic.weight=3", "task.countdown.weight=1", "task.general.weight=1",
+                    f"task.general.path={tmp_path / 'g.jsonl'}")
+    reported = tasks.eval_problems(0, 50)
+    assert Counter(p.task for p in reported) == {"arithmetic": 30, "countdown": 10, "general": 10}
+    shown = {p.prompt for p in reported}
+    others = tasks.eval_problems(0, 50, avoid=shown.__contains__)
+    assert Counter(p.task for p in others) == {"arithmetic": 30, "countdown": 10, "general": 10}
+    assert not shown & {p.prompt for p in others}
+    assert others == [p for p in tasks.eval_problems(0, 100) if p.prompt not in shown]  # the next ones, in order
+    # Avoiding every other one of a longer list: each task's first ones outside it.
+    full = tasks.eval_problems(0, 400)
+    every_other = {p.prompt for p in full[:200:2]}
+    expected = [p for t, n in [("arithmetic", 30), ("countdown", 10), ("general", 10)]
+                for p in [q for q in full if q.task == t and q.prompt not in every_other][:n]]
+    assert tasks.eval_problems(0, 50, avoid=every_other.__contains__) == expected
+    # A fixed dataset that runs out gives what it has left: here 3 of its held-out rows.
+    left = tasks.tasks["general"].problems(0, 10_000)
+    avoided = {p.prompt for p in left[3:]}
+    got = tasks.eval_problems(0, 50, avoid=avoided.__contains__)
+    assert [p for p in got if p.task == "general"] == left[:3] and len(got) == 43
+
+
 def test_more_eval_prompts_than_a_small_task_holds_is_a_config_error():
     # 1-digit additions hold out 8 distinct problems: 32 cannot be drawn without repeats.
     tasks = build_mixture(load_config(None, ["task.arithmetic.max_digits=1"]).task)
