@@ -6,7 +6,8 @@
 A recipe file:
     name: r1-mini              # its folder: <config.cluster.runs_dir>/<name>/<stage name>/
     config: {...}              # the config every stage starts from (the keys of a train config)
-    evaluate: {prompts: 100, set: {...}}   # held-out greedy accuracy after each model stage
+    evaluate: {prompts: 100, k: 4, set: {...}}   # held-out accuracy after each model stage: greedy, and
+                                           # pass@1 over k samples (k > 1)
     stages:
       - {name: cold_start, kind: sft, data: "@traces", set: {sft: {epochs: 2}}}
 A string "@name" anywhere in a stage or in `evaluate.set` stands for stage `name`'s output (a
@@ -20,6 +21,7 @@ Stage kinds and what each writes in its folder (`KINDS` below declares each kind
     sft           model/        SFT on `data` (+ sft.mix_path at sft.mix_ratio)       recipes/sft.py
     rl            model/        GRPO, a normal run folder with checkpoints           cluster/train.py
     rejection     data.jsonl    rejection-sampled answers of `model`                  recipes/rejection.py
+    policy_pairs  data.jsonl    `model`'s own answers paired, right over wrong (+ `data`) recipes/pairs.py
     reward_model  model/        a Bradley-Terry reward model on `data` pairs          recipes/reward_model.py
     distill       student/      `model`'s verified traces learned by `student`       recipes/distill.py
 A stage is done when its folder has done.json (written last): done stages are skipped. An
@@ -78,6 +80,9 @@ class Recipe:
     eval_prompts: int
     eval_set: dict
     folder: Path
+    eval_k: int = 1
+    """Samples per held-out prompt beside the greedy answer (`evaluate.k`): above 1, the table
+    also shows pass@1 over them at `rollout.temperature`, the paper's measure."""
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -114,6 +119,11 @@ def load_recipe(path: str | Path) -> Recipe:
         seen.append(stage.name)
         stages.append(stage)
     evaluate = tree.get("evaluate") or {}
+    if sorted(set(evaluate) - {"prompts", "k", "set"}):
+        raise ConfigError(f"{path}: evaluate has unknown key {sorted(set(evaluate) - {'prompts', 'k', 'set'})[0]!r}; "
+                          "valid: prompts, k, set")
+    if not isinstance(evaluate.get("k", 1), int) or evaluate.get("k", 1) < 1:
+        raise ConfigError(f"{path}: evaluate.k={evaluate['k']!r}: give a whole number of samples, 1 or more")
     trains = next((s for s in stages if KINDS[s.kind].trains), None)
     for ref in _references(evaluate):
         if ref not in seen:
@@ -128,7 +138,7 @@ def load_recipe(path: str | Path) -> Recipe:
     base = config_from_tree(config)  # checks the shared config once
     name = tree.get("name") or path.stem
     return Recipe(name, config, stages, int(evaluate.get("prompts", 100)), evaluate.get("set") or {},
-                  Path(base.cluster.runs_dir).expanduser().resolve() / name)
+                  Path(base.cluster.runs_dir).expanduser().resolve() / name, evaluate.get("k", 1))
 
 
 def run_recipe(recipe: Recipe, redo: str | None = None) -> list[dict]:
@@ -218,6 +228,12 @@ def _pairs_stage(job: Job) -> dict[str, float]:
     return _write(job.output, sorting.preference_pairs(random.Random(job.cfg.algorithm.seed + 1), _rows(job.stage)))
 
 
+def _policy_pairs_stage(job: Job) -> dict[str, float]:
+    from recipes.pairs import policy_pairs
+
+    return policy_pairs(job.cfg, job.model, job.data, job.output, job.what, held_out=job.held_out)
+
+
 def _sft_stage(job: Job) -> dict[str, float]:
     from recipes.sft import sft
 
@@ -296,6 +312,7 @@ KINDS = {
     "sft": Kind("model", _sft_stage, needs_data=True, policy=True),
     "rl": Kind("model", _rl_stage, policy=True, resumes=True),
     "rejection": Kind("data.jsonl", _rejection_stage),
+    "policy_pairs": Kind("data.jsonl", _policy_pairs_stage),
     "reward_model": Kind("model", _reward_model_stage, needs_data=True),
     "distill": Kind("student", _distill_stage, policy=True),
 }
@@ -308,10 +325,10 @@ def evaluate_policy(recipe: Recipe, model: str, outputs: dict[str, str]) -> dict
     from cluster.evaluate import evaluate_model
 
     cfg, tasks, problems = _evaluation(recipe, outputs, model)
-    got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems)
+    got = evaluate_model(cfg, _model_path(cfg), tasks.tasks, problems, recipe.eval_k)
     if len(tasks.tasks) == 1:  # name the task in the key, as a mixture does
         (task,) = tasks.tasks
-        got[f"pass@1/greedy/{task}"] = got["pass@1/greedy"]
+        got |= {f"{key}/{task}": value for key, value in list(got.items())}
     return got
 
 
@@ -348,13 +365,15 @@ def print_summary(recipe: Recipe, records: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    # Greedy accuracy per task ("acc"), then pass@1 over evaluate.k samples where measured.
     tasks = sorted({k.rsplit("/", 1)[1] for r in records for k in r.get("eval", {}) if k.count("/") == 2})
+    keys = [(f"acc {t}", f"pass@1/greedy/{t}") for t in tasks]
+    keys += [(f"pass@1 {t}", f"pass@1/{t}") for t in tasks if any(f"pass@1/{t}" in r.get("eval", {}) for r in records)]
     table = Table(title=f"r1ray pipeline {recipe.name}: {recipe.folder}")
-    for column in ("stage", "kind", "status", "min", *[f"acc {t}" for t in tasks], "notes"):
+    for column in ("stage", "kind", "status", "min", *[name for name, _ in keys], "notes"):
         table.add_column(column)
     for r in records:
-        acc = [f"{r['eval'][f'pass@1/greedy/{t}']:.3f}" if f"pass@1/greedy/{t}" in r.get("eval", {}) else ""
-               for t in tasks]
+        acc = [f"{r['eval'][key]:.3f}" if key in r.get("eval", {}) else "" for _, key in keys]
         table.add_row(r["stage"], r["kind"], r.get("status", ""), f"{r.get('minutes', 0):.1f}", *acc,
                       _notes(r.get("metrics", {})))
     Console(width=200).print(table)

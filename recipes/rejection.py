@@ -116,7 +116,7 @@ def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str, *
     tasks = build_mixture(cfg.task, held_out, what)
     problems = train_prompts(cfg, tasks, what)
     with (nullcontext(served) if served else serving(cfg, model_path, tasks.tasks)) as (rollouts, rewarders):
-        groups = _sample(cfg, model_path, rollouts, rewarders, problems, what)
+        groups = sample_groups(cfg, model_path, rollouts, rewarders, problems, what)
     kept, stats = select(groups, cfg.rejection, cfg.rollout.max_new_tokens)
     print(f"r1ray: {what}: acceptance\n{stats_table(stats)}", flush=True)
     if not kept:
@@ -139,7 +139,7 @@ def rejection_sample(cfg: Config, model_path: str, out: str | Path, what: str, *
     return out_metrics
 
 
-def _sample(cfg: Config, model_path: str, rollouts, rewarders, problems: list, what: str) -> list[tuple]:
+def sample_groups(cfg: Config, model_path: str, rollouts, rewarders, problems: list, what: str) -> list[tuple]:
     """[(problem, its k scored samples)] for `problems`, in chunks."""
     from tqdm import tqdm
 

@@ -60,7 +60,13 @@ STAGES = [
      "set": {"rejection": {"prompts": 48, "k": 4}}},
     {"name": "sft", "kind": "sft", "data": "@rejection",
      "set": {"sft": {"mix_path": "@general_data", "mix_ratio": 0.5}}},
-    {"name": "reward_model", "kind": "reward_model", "data": "@preferences", "set": {"reward_model": {"epochs": 1}}},
+    # The SFT model above learns too little sorting to be ever right; this one, on the general
+    # data alone, is right sometimes, so its own answers make pairs.
+    {"name": "sorter", "kind": "sft", "data": "@general_data", "set": {"sft": {"epochs": 20}}},
+    {"name": "policy_pairs", "kind": "policy_pairs", "model": "@sorter", "data": "@preferences",
+     "set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}}, "rejection": {"prompts": 64, "k": 4},
+             "rollout": {"max_new_tokens": 24}}},  # a sorted answer is 18 tokens
+    {"name": "reward_model", "kind": "reward_model", "data": "@policy_pairs", "set": {"reward_model": {"epochs": 1}}},
     {"name": "final_rl", "kind": "rl", "model": "@sft",
      "set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}},
              "rewards": {"preference_model": "@reward_model"}}},
@@ -90,6 +96,20 @@ def test_every_stage_runs_feeds_the_next_and_is_skipped_once_done(tmp_path):
     assert {"id", "prompt_id", "task", "prompt", "response", "model", "model_step", "scores"} <= set(rows[0])
     assert rows[0]["model"].endswith("reasoning_rl/model") and rows[0]["model_step"] == 2
     assert len({(r["prompt_id"], r["response"]) for r in rows}) == len(rows)  # deduplicated
+    # The reward model learned the synthetic pairs and the SFT model's own answers, right over
+    # wrong by the reference; those are train prompts.
+    pairs = [json.loads(line) for line in (folder / "policy_pairs" / "data.jsonl").read_text().splitlines()]
+    given = [json.loads(line) for line in (folder / "preferences" / "data.jsonl").read_text().splitlines()]
+    policy = [p for p in pairs if p.get("source") == "policy"]
+    assert pairs[:len(given)] == given and len(policy) == len(pairs) - len(given) == records["policy_pairs"]["metrics"][
+        "pairs/policy"] > 0
+    from rewards.format import clean, final_answer
+
+    general = {r["prompt"]: r["answer"] for r in
+               (json.loads(line) for line in (folder / "general_data" / "data.jsonl").read_text().splitlines())}
+    for p in policy:
+        assert final_answer(clean(p["chosen"])).strip() == general[p["prompt"]] \
+            != (final_answer(clean(p["rejected"])) or "").strip()
     # The final RL scored general prompts with the reward model, arithmetic with rules.
     metrics = [json.loads(line) for line in (folder / "final_rl" / "metrics.jsonl").read_text().splitlines()]
     judged = [m["reward/preference"] for m in metrics if "reward/preference" in m]  # steps that drew general prompts
@@ -127,7 +147,7 @@ def _check_no_stage_trained_on_held_out_questions(folder, stdout):
     addition = build_mixture(load_config(None, ["task.arithmetic.max_digits=1"]).task)
     drops = {"cold_start": ("traces", 0), "sft": ("rejection", 0),
              "sft (sft.mix_path)": ("general_data", sum(r["prompt"] in evaluated for r in general)),
-             "reward_model": ("preferences", sum(r["prompt"] in evaluated for r in rows("preferences"))),
+             "reward_model": ("policy_pairs", sum(r["prompt"] in evaluated for r in rows("policy_pairs"))),
              "distill: student SFT": ("distill", 0)}
     assert drops["sft (sft.mix_path)"][1] > 0 and drops["reward_model"][1] > 0
     for stage, (source, n) in drops.items():
@@ -135,7 +155,8 @@ def _check_no_stage_trained_on_held_out_questions(folder, stdout):
         assert f"r1ray: stage {stage}: dropped {n} held-out rows of {folder / source / name}\n" in stdout, stage
     assert f"r1ray: final_rl (task.general): dropped 0 held-out rows of {folder / 'general_data' / 'data.jsonl'}\n" \
         in stdout
-    for written in rows("rejection") + rows("distill", "traces.jsonl"):  # train prompts only
+    policy = [r for r in rows("policy_pairs") if r.get("source") == "policy"]
+    for written in rows("rejection") + rows("distill", "traces.jsonl") + policy:  # train prompts only
         assert not addition.held_out(written["prompt"]) and written["prompt"] not in evaluated
 
 
@@ -177,6 +198,20 @@ def test_a_bad_recipe_is_refused_before_anything_runs(tmp_path, stages, message)
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(_recipe(tmp_path, stages))
+
+
+@pytest.mark.parametrize("evaluate, message", [
+    ({"prompts": 8, "k": 0}, "evaluate.k=0: give a whole number of samples, 1 or more"),
+    ({"prompts": 8, "k": 2.5}, "evaluate.k=2.5: give a whole number"),
+    ({"prompts": 8, "samples": 4}, "evaluate has unknown key 'samples'; valid: prompts, k, set"),
+])
+def test_a_bad_evaluation_is_refused_before_anything_runs(tmp_path, evaluate, message):
+    from cluster.config import ConfigError
+
+    stages = [{"name": "a", "kind": "traces", "rows": 1}]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(_recipe(tmp_path, stages, evaluate))
+    assert load_recipe(_recipe(tmp_path, stages, {"prompts": 8, "k": 4})).eval_k == 4
 
 
 def test_the_shipped_recipes_load():

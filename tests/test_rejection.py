@@ -71,3 +71,23 @@ def test_prompts_are_train_prompts_outside_the_runs_held_out_split():
     prompts = {p.prompt for p in train_prompts(cfg, build_mixture(cfg.task, lambda q: q in evaluated), "stage x")}
     assert prompts == set(train) - evaluated
     assert not any(plain.held_out(q) for q in prompts)
+
+
+def test_on_policy_pairs_put_each_distinct_wrong_answer_under_a_right_one():
+    from recipes.pairs import pair_up
+
+    q1, q2, q3 = (Problem(f"q{i}", "general", f"sort {i} 1", str(i)) for i in (1, 2, 3))
+    right_a, right_b = "in order</think><answer>1 1</answer>", "in order</think>  <answer>1 1</answer>"
+    groups = [(q1, [_sample(right_a), _sample("x</think><answer>1</answer>", correct=0.0),
+                    _sample(right_b), _sample("x</think><answer>1</answer>", correct=0.0),  # the same wrong twice
+                    _sample("y</think><answer>1 1 1</answer>", correct=0.0),
+                    _sample("z</think><answer>2</answer>", correct=0.0)]),
+              (q2, [_sample(right_a), _sample(right_a)]),  # nothing wrong: no pair
+              (q3, [_sample("x</think><answer>3</answer>", correct=0.0)])]  # nothing right: no pair
+    pairs, counts = pair_up(groups)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("sort 1 1", right_a, "x</think><answer>1</answer>"),
+        ("sort 1 1", right_b, "y</think><answer>1 1 1</answer>"),  # the right ones in turn
+        ("sort 1 1", right_a, "z</think><answer>2</answer>")]
+    assert len({p["id"] for p in pairs}) == 3 and {p["source"] for p in pairs} == {"policy"}
+    assert counts == {"samples": 9, "right": 4, "wrong": 5, "questions_with_both": 1, "pairs": 3}
