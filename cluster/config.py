@@ -365,6 +365,15 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def apply_overrides(tree: dict, overrides: typing.Sequence[str]) -> None:
+    """Set each `key=value` (dotted key, YAML value) in the nested dict `tree`, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-5")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
@@ -384,11 +393,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         tree = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-5")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    apply_overrides(tree, overrides)
     return config_from_tree(tree)
 
 

@@ -24,7 +24,7 @@ USAGE = """\
 usage: r1ray train [--config FILE] [--resume RUN_DIR] [key=value ...]
        r1ray eval --model PATH --task NAME [--k 8] [--prompts 200] [key=value ...]
        r1ray plot RUN_DIR [--out FILE.png]
-       r1ray pipeline RECIPE.yaml [--redo STAGE]
+       r1ray pipeline RECIPE.yaml [--redo STAGE] [--until STAGE] [--from RUN_DIR] [key=value ...]
        r1ray train-rm --data PAIRS.jsonl --out DIR [--config FILE] [key=value ...]
        r1ray distill --teacher PATH --student PATH_OR_CONFIG --task NAME [--out DIR] [key=value ...]
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser("plot", "run_dir", "--out", "--smooth").parse_args(rest)
         return run(lambda: _plot(args))
     if command == "pipeline":
-        args = _parser("pipeline", "recipe", "--redo").parse_args(rest)
+        args = _parser("pipeline", "recipe", "--redo", "--until", "--from", "overrides").parse_args(rest)
         return run(lambda: _pipeline(args))
     if command == "train-rm":
         args = _parser("train-rm", "--data", "--out", "--config", "overrides", required=("--out",)).parse_args(rest)
@@ -108,7 +108,7 @@ def _plot(args: argparse.Namespace) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from recipes.recipe import load_recipe, run_recipe
 
-    run_recipe(load_recipe(args.recipe), args.redo)
+    run_recipe(load_recipe(args.recipe, args.overrides), args.redo, args.until, args.source)
 
 
 def _train_rm(args: argparse.Namespace) -> None:
@@ -171,6 +171,9 @@ ARGUMENTS: dict[str, dict] = {  # name: argparse's keywords
     "--smooth": dict(type=int, default=10, help="trailing-mean window in steps (1: raw)"),
     "recipe": dict(help="a recipe file, e.g. configs/r1.yaml"),
     "--redo": dict(metavar="STAGE", help="run this stage and every later one again"),
+    "--until": dict(metavar="STAGE", help="stop after this stage"),
+    "--from": dict(metavar="RUN_DIR", dest="source", help="take the stages done in this run of the recipe "
+                   "(before --redo) instead of running them"),
     "--data": dict(required=True, help="JSONL of {prompt, chosen, rejected} rows"),
     "--teacher": dict(required=True, help="the teacher's HF model folder"),
     "--student": dict(required=True, help="an HF model folder, a YAML config with a model group, "

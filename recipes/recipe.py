@@ -2,6 +2,9 @@
 
     r1ray pipeline configs/r1.yaml              # runs what is not done yet, then the summary
     r1ray pipeline configs/r1.yaml --redo final_rl   # runs that stage (and the ones after) again
+    r1ray pipeline configs/r1.yaml name=r1-no-stop final_rl.set.eval.stop_drop=0 \
+        --from runs/r1-mini --redo final_rl --until final_rl   # a variant of one stage, the
+                                                               # stages before it taken as they are
 
 A recipe file:
     name: r1-mini              # its folder: <config.cluster.runs_dir>/<name>/<stage name>/
@@ -12,7 +15,9 @@ A recipe file:
       - {name: cold_start, kind: sft, data: "@traces", set: {sft: {epochs: 2}}}
 A string "@name" anywhere in a stage or in `evaluate.set` stands for stage `name`'s output (a
 model folder or a JSONL file); `model` is the model a stage starts from (default: the
-config's). `set` holds config keys for this stage only.
+config's). `set` holds config keys for this stage only. `key=value` arguments change the file's tree:
+`name=...`, `config.<key>=...`, `evaluate.<key>=...` or `<stage>.<key>=...` (e.g.
+`reward_model.data=@preferences`).
 
 Stage kinds and what each writes in its folder (`KINDS` below declares each kind once):
     traces        data.jsonl    reference reasoning traces of the tasks that write them (`rows`)
@@ -42,13 +47,14 @@ import json
 import random
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from cluster.config import Config, ConfigError, config_from_tree
+from cluster.config import Config, ConfigError, apply_overrides, config_from_tree
 from rewards.tasks import HeldOut
 
 
@@ -85,12 +91,14 @@ class Recipe:
     also shows pass@1 over them at `rollout.temperature`, the paper's measure."""
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and check a recipe file: kinds, unique names, references to earlier stages only."""
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Parse a recipe file, apply `key=value` overrides to it, and check it: kinds, unique
+    names, references to earlier stages only."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
+    _override(tree, overrides, path)
     unknown = sorted(set(tree) - {"name", "config", "evaluate", "stages"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid: name, config, evaluate, stages")
@@ -141,20 +149,49 @@ def load_recipe(path: str | Path) -> Recipe:
                   Path(base.cluster.runs_dir).expanduser().resolve() / name, evaluate.get("k", 1))
 
 
-def run_recipe(recipe: Recipe, redo: str | None = None) -> list[dict]:
-    """Run the stages not done (from `redo` on, all of them); returns each stage's record."""
+def _override(tree: dict, overrides: typing.Sequence[str], path: Path) -> None:
+    """`name=`, `config.*=`, `evaluate.*=` set the file's keys; `<stage>.*=` that stage's."""
+    stages = {raw.get("name"): raw for raw in tree.get("stages") or [] if isinstance(raw, dict)}
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head.partition("=")[0] in ("name", "config", "evaluate"):
+            apply_overrides(tree, [item])
+        elif head in stages and rest:
+            apply_overrides(stages[head], [rest])
+        else:
+            raise ConfigError(f"{path}: override {item!r}: give name=..., config.<key>=..., evaluate.<key>=... "
+                              f"or <stage>.<key>=... with a stage of {', '.join(map(str, stages))}")
+
+
+def run_recipe(recipe: Recipe, redo: str | None = None, until: str | None = None,
+               source: str | Path | None = None) -> list[dict]:
+    """Run the stages not done (from `redo` on, all of them) up to `until` (default: the last);
+    returns each stage's record. With `source` (another run of the recipe), the stages done
+    there are taken from there, up to the first that is done here, `redo` or not done there:
+    from that one on, every stage is this run's own."""
     names = [s.name for s in recipe.stages]
-    if redo and redo not in names:
-        raise ConfigError(f"--redo {redo!r} is not a stage; stages: {', '.join(names)}")
+    for flag, name in (("--redo", redo), ("--until", until)):
+        if name and name not in names:
+            raise ConfigError(f"{flag} {name!r} is not a stage; stages: {', '.join(names)}")
+    if source and not Path(source).is_dir():
+        raise ConfigError(f"--from {source}: not a folder; give another run of this recipe, e.g. runs/{recipe.name}")
     recipe.folder.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
     records = []
-    for i, stage in enumerate(recipe.stages):
+    last = names.index(until) if until else len(names) - 1
+    taking = True  # stages come from `source` until the first one that is this run's own
+    for i, stage in enumerate(recipe.stages[:last + 1]):
         folder = recipe.folder / stage.name
         done = folder / "done.json"
-        if redo and names.index(redo) <= i and done.exists():
+        again = redo is not None and names.index(redo) <= i
+        if again and done.exists():
             done.unlink()
-        if done.exists():
+        taken = Path(source) / stage.name / "done.json" if source else None
+        taking = taking and not again and not done.exists() and taken is not None and taken.exists()
+        if taking:
+            record = json.loads(taken.read_text()) | {"status": f"taken from {source}"}
+            print(f"r1ray: stage {i + 1}/{len(names)} {stage.name}: taken from {source}", flush=True)
+        elif done.exists():
             record = json.loads(done.read_text()) | {"status": "skipped (done)"}
             print(f"r1ray: stage {i + 1}/{len(names)} {stage.name}: done before, skipped", flush=True)
         else:
@@ -164,7 +201,7 @@ def run_recipe(recipe: Recipe, redo: str | None = None) -> list[dict]:
             record["status"] = "ran"
         outputs[stage.name] = record["output"]
         records.append(record)
-    records.insert(0, _base_record(recipe, outputs))  # evaluated last: the evaluation may read stages' data
+    records.insert(0, _base_record(recipe, outputs, source))  # evaluated last: it may read stages' data
     print_summary(recipe, records)
     return records
 
@@ -475,11 +512,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _base_record(recipe: Recipe, outputs: dict[str, str]) -> dict:
-    """The starting model, evaluated once (the table's first row)."""
+def _base_record(recipe: Recipe, outputs: dict[str, str], source: str | Path | None = None) -> dict:
+    """The starting model, evaluated once (the table's first row) or taken from `source`."""
     path = recipe.folder / "base.json"
     if path.exists():
         return json.loads(path.read_text()) | {"status": "skipped (done)"}
+    if source and (Path(source) / "base.json").exists():
+        return json.loads((Path(source) / "base.json").read_text()) | {"status": f"taken from {source}"}
     started = time.time()
     cfg = config_from_tree(recipe.config)
     record = {"stage": "base", "kind": "model", "output": _model_path(cfg), "metrics": {}}

@@ -218,7 +218,7 @@ def test_the_shipped_recipes_load():
     recipe = load_recipe(ROOT / "configs" / "r1.yaml")
     kinds = [s.kind for s in recipe.stages]
     assert kinds.index("sft") < kinds.index("rl") < kinds.index("rejection") < kinds.index("distill")
-    assert {"traces", "general", "pairs", "sft", "rl", "rejection", "reward_model", "distill"} == set(kinds)
+    assert {"traces", "general", "pairs", "sft", "rl", "rejection", "policy_pairs", "reward_model", "distill"} == set(kinds)
 
 
 def _cli(*args, timeout=300):
