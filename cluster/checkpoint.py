@@ -74,9 +74,10 @@ def due(cfg: CheckpointConfig, step: int, since_save_s: float) -> bool:
 
 
 def save(run_dir: Path, step: int, write: Callable[[Path], None], state: dict, config: Config,
-         keep: int) -> Path:
+         keep: int, also: int | None = None) -> Path:
     """Write checkpoint `step`: `write(folder)` fills in model/ and learner/, this adds the
-    config, `state` and the manifest, then publishes the folder and rotates old ones."""
+    config, `state` and the manifest, then publishes the folder and rotates old ones: the
+    newest `keep` stay, and step `also` if given."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"*{PARTIAL}"):  # left by a save that crashed
@@ -95,7 +96,8 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], state: dict, c
         shutil.rmtree(final)
     os.rename(tmp, final)
     for old in complete(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if also is None or old.name != f"{PREFIX}{also:06d}":
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -159,8 +159,9 @@ class EvalConfig:
     stop_drop: float = option(0.0, lo=0.0, hi=1.0)
     """Above 0: end RL early, at the first evaluation (`every`) where a task's held-out greedy
     accuracy is more than this below its value as RL began (reward hacking: a reward model's
-    score can rise while the answers get worse). Within a recipe the evaluation it reads holds
-    none of the questions the recipe's table reports."""
+    score can rise while the answers get worse), and go back to the last evaluation that held
+    (each saves a checkpoint). Within a recipe the evaluation it reads holds none of the
+    questions the recipe's table reports."""
 
 
 @dataclass(frozen=True)

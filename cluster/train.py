@@ -161,21 +161,31 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, reported
         stop.exit_if_asked(state["step"], run_dir, actors)
         ahead = None  # the next step's rollout, when it was started while this step learned
         rl_start = saved_at = time.monotonic()  # RL's start counts as a save for checkpoint.every_minutes
-        for step in range(state["step"] + 1, cfg.algorithm.steps + 1):
+        if cfg.eval.stop_drop and "rl/kept_step" not in results:  # what a fall at the first evaluation goes back to
+            results["rl/kept_step"] = state["step"]
+            save(cfg, actors, run_dir, model_path, state["step"], version, rng.getstate(), prompts, results,
+                 reference, logger)
+        fell = []  # held-out figures fallen below RL's start by more than eval.stop_drop
+        first = cfg.algorithm.steps + 1 if "rl/stopped_early_at" in results else state["step"] + 1  # resumed after it
+        for step in range(first, cfg.algorithm.steps + 1):
             faults.at_step(step)
             metrics, version, ahead = grpo_step(cfg, actors, prompts, rng, step, version, ahead, probe, logger)
-            fell = []  # held-out figures fallen below RL's start by more than eval.stop_drop
-            if cfg.eval.every and step % cfg.eval.every == 0 and eval_set:
+            evaluated = cfg.eval.every and step % cfg.eval.every == 0 and eval_set
+            if evaluated:
                 metrics |= evaluate(cfg, actors.rollouts, actors.rewarders, actors.prompts, eval_set, cfg.eval.k)
                 fell = fallen(metrics, results, cfg.eval.stop_drop) if cfg.eval.stop_drop else []
             logger.log({"step": step, **metrics, **account.metrics()})
             if fell:
                 print(f"r1ray: stopping RL after step {step} of {cfg.algorithm.steps}: held out, "
-                      f"{', '.join(fell)} (more than eval.stop_drop={cfg.eval.stop_drop:g} below RL's start)", flush=True)
+                      f"{', '.join(fell)} (more than eval.stop_drop={cfg.eval.stop_drop:g} below RL's start); "
+                      f"going back to step {results['rl/kept_step']}, the last evaluation that held", flush=True)
                 results["rl/stopped_early_at"] = step
+            elif evaluated and cfg.eval.stop_drop:
+                results["rl/kept_step"] = step  # saved below: a later fall comes back here
             last = step == cfg.algorithm.steps or bool(fell) \
                 or 0 < cfg.algorithm.max_minutes * 60 <= time.monotonic() - rl_start
-            if last or stop.signum or checkpoint.due(cfg.checkpoint, step, time.monotonic() - saved_at):
+            if last or stop.signum or (evaluated and cfg.eval.stop_drop) \
+                    or checkpoint.due(cfg.checkpoint, step, time.monotonic() - saved_at):
                 # an in-flight rollout is dropped: resume draws its prompts again
                 save(cfg, actors, run_dir, model_path, step, version,
                      ahead.rng_state if ahead else rng.getstate(), prompts, results, reference, logger)
@@ -185,6 +195,10 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, reported
                 break
         if ahead is not None:  # out of time with the next step's rollout generating: the engines finish it first
             ahead.wait_generated(cfg.cluster.timeout_s)
+        if "rl/stopped_early_at" in results:  # the policy of the last evaluation that held: its result and model
+            step = results["rl/kept_step"]
+            version = rewind(cfg, actors, checkpoint.checkpoints_dir(run_dir) / f"{checkpoint.PREFIX}{step:06d}",
+                             version, probe)
         results |= accuracy(cfg, actors, eval_set, "after_rl")
         ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
                 timeout=cfg.cluster.timeout_s)
@@ -537,8 +551,20 @@ def save(cfg: Config, actors: Actors, run_dir: Path, model_path: str, step: int,
 
     state = {"version": version, "rng": rng_state, "results": results, "wandb_id": logger.run_id,
              "reference": reference, "curriculum": prompts.state()}
-    path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep)
+    kept = results.get("rl/kept_step")  # eval.stop_drop's way back: not rotated out
+    path = checkpoint.save(run_dir, step, write, state, cfg, cfg.checkpoint.keep, also=kept)
     print(f"r1ray: checkpoint {path}", flush=True)
+
+
+def rewind(cfg: Config, actors: Actors, ckpt: Path, version: int, probe: np.ndarray) -> int:
+    """Take the learner back to checkpoint `ckpt` (an earlier step of this run) and send its
+    weights to the engines as the next version, which it returns."""
+    import ray
+
+    ray.get([l.load_state.remote(str(ckpt / "learner")) for l in actors.learners], timeout=cfg.cluster.timeout_s)
+    sync_weights(cfg, actors, version + 1)
+    actors.sync.check(probe)
+    return version + 1
 
 
 def restore(cfg: Config, actors: Actors, ckpt: Path, state: dict, rng: random.Random, probe: np.ndarray) -> None:
