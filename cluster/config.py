@@ -372,7 +372,11 @@ def apply_overrides(tree: dict, overrides: typing.Sequence[str]) -> None:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. learner.lr=1e-5")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:  # not YAML (e.g. "@stage"): the text itself
+            value = raw
+        _set_dotted(tree, key.strip(), value)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

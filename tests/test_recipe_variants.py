@@ -40,12 +40,14 @@ def _stand_in_base(folder):
 
 def test_overrides_change_the_name_the_config_the_evaluation_and_one_stage(recipe_file):
     recipe = load_recipe(recipe_file, ["name=second", "config.task.arithmetic.max_digits=2", "evaluate.k=4",
-                                       "preferences.rows=9", "general_data.set.task.eval_prompts=3"])
+                                       "preferences.rows=9", "general_data.set.task.eval_prompts=3",
+                                       "preferences.data=@traces"])
     assert recipe.name == "second" and recipe.folder.name == "second"
     assert recipe.config["task"]["arithmetic"] == {"weight": 1.0, "max_digits": 2}
     assert recipe.eval_k == 4
     assert [s.rows for s in recipe.stages] == [5, 6, 9]
     assert recipe.stages[1].set == {"task": {"eval_prompts": 3}}
+    assert recipe.stages[2].data == "@traces"  # not YAML: the text as given
     assert load_recipe(recipe_file).stages[2].rows == 7  # the file is not changed
 
 
