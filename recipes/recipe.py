@@ -419,7 +419,8 @@ def print_summary(recipe: Recipe, records: list[dict]) -> None:
 
 NOTES = {"rows": "rows", "sft/steps": "steps", "sft/loss_last": "loss", "rejection/kept": "kept",
          "rejection/acceptance": "acceptance", "rm/held_out_accuracy": "held-out pair acc",
-         "teacher/pass@1/greedy": "teacher acc", "student_before/pass@1/greedy": "student before"}
+         "teacher/pass@1/greedy": "teacher acc", "student_before/pass@1/greedy": "student before",
+         "pairs/policy": "own pairs", "rl/stopped_early_at": "stopped at step", "rl/kept_step": "kept step"}
 """A stage's metrics in the summary's notes column, and their short names."""
 
 

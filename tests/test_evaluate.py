@@ -1,12 +1,15 @@
 """Evaluation metrics: the pass@k estimator, majority votes, and `evaluate` on an answer key
-it must reproduce exactly; then `r1ray eval` through its real entry point."""
+it must reproduce exactly; then `r1ray eval` through its real entry point, and a run that
+stops early on a held-out fall."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cluster.config import load_config
 from cluster.evaluate import evaluate, fallen, majority_correct, pass_at_k
@@ -34,6 +37,40 @@ def test_early_stopping_names_each_held_out_figure_fallen_below_rls_start():
     assert fallen(now, start, 0.03) == ["held-out accuracy 0.800 -> 0.760", "general 0.875 -> 0.800"]
     assert fallen(now, start, 0.075) == []  # 0.075 below is not more than 0.075
     assert fallen(now, {}, 0.0) == []  # a resumed run of an older version: nothing to compare with
+
+
+@pytest.mark.slow
+def test_a_run_whose_held_out_accuracy_falls_goes_back_to_the_last_evaluation_that_held(tmp_path):
+    # A small model learns sums in the cold start (0.75 held out); RL at a learning rate that wrecks
+    # it makes held-out accuracy fall at the first evaluation. The run stops there and its
+    # model, its after-RL result and its engines are the policy RL started from.
+    from safetensors.torch import load_file
+
+    from learner.models import PROVENANCE
+    from tests.test_e2e import SHORT, read_rows, run
+
+    proc, _ = run([*SHORT, "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+                   "model.intermediate_size=256", "cold_start.steps=400", "cold_start.lr=3e-3",
+                   "rollout.engine=transformers", "rollout.max_new_tokens=32", "learner.dtype=float32",
+                   "learner.lr=0.5", "learner.warmup_steps=0", "algorithm.steps=3", "algorithm.prompts_per_step=8",
+                   "algorithm.group_size=8", "eval.every=1", "eval.k=1", "eval.stop_drop=0.01",
+                   "logging.run_name=fall"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "fall"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["accuracy/before_rl"] >= 0.5  # something to fall from
+    rows = read_rows(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["eval/pass@1/greedy"] < results["accuracy/before_rl"] - 0.01
+    assert "stopping RL after step 1 of 3" in proc.stdout and "going back to step 0" in proc.stdout
+    assert results["rl/stopped_early_at"] == 1 and results["rl/kept_step"] == 0
+    assert results["accuracy/after_rl"] == results["accuracy/before_rl"]  # greedy, the same weights
+    kept = load_file(run_dir / "checkpoints" / "step-000000" / "model" / "model.safetensors")
+    fell = load_file(run_dir / "checkpoints" / "step-000001" / "model" / "model.safetensors")
+    final = load_file(run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in kept)
+    assert not all(torch.equal(fell[k], kept[k]) for k in kept)
+    assert json.loads((run_dir / "model" / PROVENANCE).read_text())["step"] == 0
 
 
 def test_majority_vote_takes_the_most_common_answer_first_seen_on_ties():
