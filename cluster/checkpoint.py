@@ -82,7 +82,7 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], state: dict, c
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"*{PARTIAL}"):  # left by a save that crashed
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"{PREFIX}{step:06d}"
+    final = step_folder(run_dir, step)
     tmp = root / f"{final.name}{PARTIAL}"
     tmp.mkdir()
     write(tmp)
@@ -96,9 +96,14 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], state: dict, c
         shutil.rmtree(final)
     os.rename(tmp, final)
     for old in complete(run_dir)[:-keep]:
-        if also is None or old.name != f"{PREFIX}{also:06d}":
+        if also is None or old != step_folder(run_dir, also):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_folder(run_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` of the run is published."""
+    return checkpoints_dir(run_dir) / f"{PREFIX}{step:06d}"
 
 
 def complete(run_dir: Path) -> list[Path]:

@@ -197,8 +197,7 @@ def attempt(cfg: Config, resume: Path | None, held_out: HeldOut | None, reported
             ahead.wait_generated(cfg.cluster.timeout_s)
         if "rl/stopped_early_at" in results:  # the policy of the last evaluation that held: its result and model
             step = results["rl/kept_step"]
-            version = rewind(cfg, actors, checkpoint.checkpoints_dir(run_dir) / f"{checkpoint.PREFIX}{step:06d}",
-                             version, probe)
+            version = rewind(cfg, actors, checkpoint.step_folder(run_dir, step), version, probe)
         results |= accuracy(cfg, actors, eval_set, "after_rl")
         ray.get([learner.save.remote(str(run_dir / "model"), model_path) for learner in actors.learners],
                 timeout=cfg.cluster.timeout_s)
