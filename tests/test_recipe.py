@@ -2,7 +2,7 @@
 engines; a rerun skips what is done; bad input stops with the stage and the path.
 
 The stages' engines are the transformers one except the distillation's, which is vLLM: a stage
-starts engines of its own for each evaluation and each sampling (thirteen here), and a vLLM
+starts engines of its own for each evaluation and each sampling (twelve here), and a vLLM
 engine takes twice as long to start (~25 s against ~11 s on these machines). Both engines
 sit behind the same rollout pool, so a stage's code is the same with either (vLLM in the
 loop: tests/test_e2e.py)."""
@@ -58,12 +58,11 @@ STAGES = [
     {"name": "reasoning_rl", "kind": "rl", "model": "@cold_start", "set": {"rewards": {"language_weight": 0.1}}},
     {"name": "rejection", "kind": "rejection", "model": "@reasoning_rl",
      "set": {"rejection": {"prompts": 48, "k": 4}}},
+    # Four general rows per reasoning row: the SFT model learns enough sorting to be right
+    # sometimes, so its own answers make pairs, as in configs/r1.yaml.
     {"name": "sft", "kind": "sft", "data": "@rejection",
-     "set": {"sft": {"mix_path": "@general_data", "mix_ratio": 0.5}}},
-    # The SFT model above learns too little sorting to be ever right; this one, on the general
-    # data alone, is right sometimes, so its own answers make pairs.
-    {"name": "sorter", "kind": "sft", "data": "@general_data", "set": {"sft": {"epochs": 20}}},
-    {"name": "policy_pairs", "kind": "policy_pairs", "model": "@sorter", "data": "@preferences",
+     "set": {"sft": {"mix_path": "@general_data", "mix_ratio": 4, "epochs": 12}}},
+    {"name": "policy_pairs", "kind": "policy_pairs", "model": "@sft", "data": "@preferences",
      "set": {"task": {"general": {"weight": 0.5, "path": "@general_data"}}, "rejection": {"prompts": 64, "k": 4},
              "rollout": {"max_new_tokens": 24}}},  # a sorted answer is 18 tokens
     {"name": "reward_model", "kind": "reward_model", "data": "@policy_pairs", "set": {"reward_model": {"epochs": 1}}},
