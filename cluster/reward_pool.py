@@ -187,5 +187,6 @@ def _start_preference(cfg: Config, tasks: dict, render: Callable[[str], str] | N
     # (a reservation here would not fit the default 2-CPU layout).
     name = f"r1ray-preference-{uuid.uuid4().hex[:12]}"
     start = lambda: faults.remote(PreferenceScorer).options(num_cpus=0, name=name).remote(  # noqa: E731
-        r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len)
+        r.preference_model, r.preference_normalize, r.preference_batch, cfg.rollout.max_model_len,
+        clip=r.preference_clip)
     return RemotePreference(name, start, render, cfg.cluster.timeout_s)

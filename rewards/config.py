@@ -190,5 +190,10 @@ class RewardsConfig:
     """How a raw preference score becomes a reward before it mixes with rule rewards:
     calibrated = sigmoid((s - mean) / std) with the mean and std of the model's scores on its
     held-out pairs (saved by train-rm), sigmoid = sigmoid(s), none = s as is."""
+    preference_clip: float = option(0.0, lo=0.0)
+    """Upper bound on the normalised preference reward (0: none). Answers the reward model
+    scores above it tie, so RL is not pulled toward what the reward model alone prefers among
+    answers it already rates well, where its errors are (reward hacking); answers below it
+    are still pushed up. With `calibrated`, 0.5 is the reward model's mean on held-out pairs."""
     preference_batch: int = option(32, lo=1)
     """Answers per forward pass of the preference model."""

@@ -31,20 +31,21 @@ CALIBRATION_FILE = "r1ray_reward_model.json"
 RULES = ("calibrated", "sigmoid", "none")
 
 
-def normalize(scores: np.ndarray, rule: str, stats: dict | None) -> np.ndarray:
+def normalize(scores: np.ndarray, rule: str, stats: dict | None, clip: float = 0.0) -> np.ndarray:
     """Rewards from raw scores [N]: "calibrated" = sigmoid((s - mean) / std) with the held-out
-    statistics `stats` (std floored at 1e-6), "sigmoid" = sigmoid(s), "none" = s."""
+    statistics `stats` (std floored at 1e-6), "sigmoid" = sigmoid(s), "none" = s; then, if
+    `clip` > 0, min(reward, clip)."""
     if rule not in RULES:
         raise ValueError(f"preference normalisation {rule!r} is not known; choose one of {', '.join(RULES)}")
     scores = np.asarray(scores, dtype=np.float64)
-    if rule == "none":
-        return scores
     if rule == "sigmoid":
-        return _sigmoid(scores)
-    if stats is None:
-        raise ValueError(f"preference normalisation 'calibrated' needs the statistics in {CALIBRATION_FILE}, "
-                         "which `r1ray train-rm` writes into the model folder; or use sigmoid or none")
-    return _sigmoid((scores - stats["mean"]) / max(float(stats["std"]), 1e-6))
+        scores = _sigmoid(scores)
+    elif rule == "calibrated":
+        if stats is None:
+            raise ValueError(f"preference normalisation 'calibrated' needs the statistics in {CALIBRATION_FILE}, "
+                             "which `r1ray train-rm` writes into the model folder; or use sigmoid or none")
+        scores = _sigmoid((scores - stats["mean"]) / max(float(stats["std"]), 1e-6))
+    return np.minimum(scores, clip) if clip > 0 else scores
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -115,7 +116,7 @@ class PreferenceScorer:
     Ray actor. `batch_size` answers per forward pass; at most `max_len` tokens per answer
     (prompt + response; a longer prompt loses its beginning)."""
 
-    def __init__(self, model_dir: str, rule: str, batch_size: int, max_len: int, threads: int = 1):
+    def __init__(self, model_dir: str, rule: str, batch_size: int, max_len: int, threads: int = 1, clip: float = 0.0):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -130,7 +131,7 @@ class PreferenceScorer:
             raise FileNotFoundError(f"{folder} has no {CALIBRATION_FILE}: rewards.preference_normalize=calibrated "
                                     "needs a folder written by `r1ray train-rm` (or use sigmoid or none)")
         torch.set_num_threads(threads)
-        self.rule, self.batch_size, self.max_len = rule, batch_size, max_len
+        self.rule, self.batch_size, self.max_len, self.clip = rule, batch_size, max_len, clip
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
         self.pad_id = set_pad_token(self.model, self.tokenizer)
@@ -154,4 +155,4 @@ class PreferenceScorer:
                 rows = order[start:start + self.batch_size]
                 ids, mask = pad_right([seqs[i] for i in rows], self.pad_id)  # [n, L]
                 raw[rows] = sequence_scores(self.model, ids, mask).numpy()
-        return normalize(raw, self.rule, self.stats).tolist()
+        return normalize(raw, self.rule, self.stats, self.clip).tolist()

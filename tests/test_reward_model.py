@@ -110,6 +110,23 @@ def test_normalize_rules():
         normalize(s, "softmax", None)
 
 
+def test_a_clipped_preference_reward_gives_answers_above_the_clip_no_advantage_over_each_other():
+    from learner.grpo import group_advantages
+
+    s = np.array([-2.0, 0.0, 3.0])
+    assert normalize(s, "none", None, clip=1.0).tolist() == [-2.0, 0.0, 1.0]
+    assert normalize(s, "none", None, clip=0.0).tolist() == [-2.0, 0.0, 3.0]  # 0: no clip
+    # Clipped after the calibration: sigmoid(-1.5), sigmoid(-0.5), then 0.5 for sigmoid(1.0).
+    assert normalize(s, "calibrated", {"mean": 1.0, "std": 2.0}, clip=0.5) == pytest.approx(
+        [1 / (1 + np.exp(1.5)), 1 / (1 + np.exp(0.5)), 0.5])
+    # Two groups of a prompt's answers: all rated above the clip (no signal), and one below it.
+    rewards = torch.tensor(normalize(np.array([1.0, 2.0, 3.0, 4.0, -3.0, 2.0, 3.0, 4.0]), "sigmoid", None,
+                                     clip=0.7).tolist())
+    adv = group_advantages(rewards, 4)
+    assert adv[:4].tolist() == [0.0] * 4
+    assert adv[4] < 0 and adv[5] == adv[6] == adv[7] > 0
+
+
 # ---- the model ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -281,4 +298,13 @@ def test_a_dead_preference_scorer_is_replaced_and_the_answers_scored_again(train
     os.kill(actor_pid(pool.preference.actor), signal.SIGKILL)  # one more than rewards.max_restarts=1
     with pytest.raises(RestartsExhausted, match=r"^preference died while scoring: .+; rewards.max_restarts=1"):
         scored()
+    pool.shutdown()
+    # rewards.preference_clip caps the rewards: those above it tie, those below are unchanged.
+    clip = float(np.median(before))
+    cfg = load_config(None, [f"rewards.preference_model={out}", "rewards.preference_normalize=sigmoid",
+                             "rollout.max_model_len=128", f"rewards.preference_clip={clip!r}",
+                             "logging.wandb_mode=disabled"])
+    pool = RewardPool(cfg, {"general": General(tuple(problems.values()), ())},
+                      prompt_format(cfg, str(out)).render, Faults.of(cfg))
+    assert scored() == [min(b, clip) for b in before] and sum(b > clip for b in before) == 6
     pool.shutdown()
