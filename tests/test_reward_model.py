@@ -277,34 +277,33 @@ def test_a_dead_preference_scorer_is_replaced_and_the_answers_scored_again(train
     from rewards.tasks import General, Problem
 
     _, _, out, data = trained
-    cfg = load_config(None, [f"rewards.preference_model={out}", "rewards.preference_normalize=sigmoid",
-                             "rollout.max_model_len=128", "rewards.max_restarts=1", "logging.wandb_mode=disabled"])
     pairs = load_pairs(data, "test")[:6]
     problems = {f"g{i}": Problem(f"g{i}", "general", p.prompt, None) for i, p in enumerate(pairs)}
-    pool = RewardPool(cfg, {"general": General(tuple(problems.values()), ())},
-                      prompt_format(cfg, str(out)).render, Faults.of(cfg))
 
-    def scored() -> list[float]:
+    def start(*overrides) -> RewardPool:
+        cfg = load_config(None, [f"rewards.preference_model={out}", "rewards.preference_normalize=sigmoid",
+                                 "rollout.max_model_len=128", "logging.wandb_mode=disabled", *overrides])
+        return RewardPool(cfg, {"general": General(tuple(problems.values()), ())},
+                          prompt_format(cfg, str(out)).render, Faults.of(cfg))
+
+    def scored(pool: RewardPool) -> list[float]:
         ids = np.arange(4, dtype=np.int32)
         samples = [Sample(pid, ids, ids, np.zeros(4, np.float32), text, "stop", 0)
                    for pid, p in zip(problems, pairs) for text in (p.chosen, p.rejected)]
         pool.score(samples, problems, timeout_s=300)
         return [s.reward_breakdown["preference"] for s in samples]
 
-    before = scored()
+    pool = start("rewards.max_restarts=1")
+    before = scored(pool)
     os.kill(actor_pid(pool.preference.actor), signal.SIGKILL)
-    assert scored() == before and pool.faults.counts["preference"] == 1
+    assert scored(pool) == before and pool.faults.counts["preference"] == 1
     assert np.mean(np.array(before[::2]) > np.array(before[1::2])) >= 5 / 6  # chosen above rejected
     os.kill(actor_pid(pool.preference.actor), signal.SIGKILL)  # one more than rewards.max_restarts=1
     with pytest.raises(RestartsExhausted, match=r"^preference died while scoring: .+; rewards.max_restarts=1"):
-        scored()
+        scored(pool)
     pool.shutdown()
     # rewards.preference_clip caps the rewards: those above it tie, those below are unchanged.
     clip = float(np.median(before))
-    cfg = load_config(None, [f"rewards.preference_model={out}", "rewards.preference_normalize=sigmoid",
-                             "rollout.max_model_len=128", f"rewards.preference_clip={clip!r}",
-                             "logging.wandb_mode=disabled"])
-    pool = RewardPool(cfg, {"general": General(tuple(problems.values()), ())},
-                      prompt_format(cfg, str(out)).render, Faults.of(cfg))
-    assert scored() == [min(b, clip) for b in before] and sum(b > clip for b in before) == 6
+    pool = start(f"rewards.preference_clip={clip!r}")
+    assert scored(pool) == [min(b, clip) for b in before] and sum(b > clip for b in before) == 6
     pool.shutdown()
